@@ -1,0 +1,150 @@
+"""Load torchvision's fasterrcnn_resnet50_fpn from a checkpoint, COCO weights or a seed.
+
+The detector's settings (transform sizes, RPN and box-head thresholds) are read from the
+loaded model object into :class:`~python_backend.settings.DetectorSettings`, which travels with
+the exported artifacts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
+
+from python_backend.settings import DetectorSettings, coco_class_names
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit fasterrcnn_resnet50_fpn; the message says why."""
+
+
+def _settings_kwargs(kwargs: dict) -> dict:
+    # fasterrcnn_resnet50_fpn forwards these keyword arguments to FasterRCNN
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def random_model(num_classes: int = 91, seed: int = 0, peaky: float = 0.0, **model_kwargs) -> FasterRCNN:
+    """Seeded random weights (no download).
+
+    ``peaky > 0`` scales the box predictor's class weights so that softmax scores are far from
+    uniform: with plain random init every class scores about 1/C, below the 0.05 threshold, and
+    a test would see no detections.  Scaling the classifier by ``peaky`` multiplies the logits'
+    spread, giving many detections with distinct scores.
+    """
+    torch.manual_seed(seed)
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                    **_settings_kwargs(model_kwargs))
+    if peaky:
+        with torch.no_grad():
+            model.roi_heads.box_predictor.cls_score.weight.mul_(peaky)
+            model.roi_heads.box_predictor.cls_score.bias.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def coco_model(**model_kwargs) -> FasterRCNN:
+    """torchvision's COCO weights, through torchvision's own download and cache."""
+    weights = FasterRCNN_ResNet50_FPN_Weights.DEFAULT
+    return fasterrcnn_resnet50_fpn(weights=weights, **_settings_kwargs(model_kwargs)).eval()
+
+
+def coco_weights_cached() -> Path | None:
+    """Path of torchvision's COCO checkpoint in torch's hub cache, or None."""
+    url = FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return path if path.is_file() else None
+
+
+def checkpoint_model(path: str | os.PathLike, **model_kwargs) -> FasterRCNN:
+    """A state_dict saved from fasterrcnn_resnet50_fpn; the number of classes comes from it.
+
+    Accepts a bare state_dict or a dict holding one under ``"model"`` or ``"state_dict"``.
+    Raises :class:`CheckpointError` for an unreadable file, missing/unexpected keys or shapes
+    that don't fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} is not a state_dict of tensors")
+    key = "roi_heads.box_predictor.cls_score.weight"
+    if key not in state:
+        raise CheckpointError(f"checkpoint {path} has no {key!r}: not a fasterrcnn_resnet50_fpn state_dict")
+    num_classes = int(state[key].shape[0])
+    bbox = state.get("roi_heads.box_predictor.bbox_pred.weight")
+    if bbox is None or bbox.shape[0] != 4 * num_classes:
+        got = None if bbox is None else int(bbox.shape[0])
+        raise CheckpointError(
+            f"checkpoint {path}: bbox_pred has {got} outputs, expected 4 x {num_classes} classes"
+        )
+    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                    **_settings_kwargs(model_kwargs))
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit fasterrcnn_resnet50_fpn: "
+            f"missing keys {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
+            f"unexpected keys {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
+        )
+    return model.eval()
+
+
+def read_class_names(path: str | os.PathLike | None, num_classes: int) -> tuple[str, ...]:
+    """Class names, one per line, background first; COCO's names when ``path`` is None and the
+    model has COCO's 91 classes; ``class_<i>`` otherwise."""
+    if path is not None:
+        names = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+        if len(names) != num_classes:
+            raise CheckpointError(
+                f"class names file {path} has {len(names)} names, expected {num_classes} (background first)"
+            )
+        return names
+    if num_classes == 91:
+        return coco_class_names()
+    return ("__background__",) + tuple(f"class_{i}" for i in range(1, num_classes))
+
+
+def settings_from_model(model: FasterRCNN, canvas: Sequence[int] = (800, 1344),
+                        class_names: Sequence[str] = ()) -> DetectorSettings:
+    """Read every setting the serving pipeline needs from the model object."""
+    t = model.transform
+    rpn = model.rpn
+    heads = model.roi_heads
+    pooler = heads.box_roi_pool
+    min_size = t.min_size[-1] if isinstance(t.min_size, (tuple, list)) else t.min_size
+    if t.fixed_size is not None:
+        raise ValueError("models with a fixed_size transform are not supported")
+    num_classes = int(heads.box_predictor.cls_score.out_features)
+    return DetectorSettings(
+        num_classes=num_classes,
+        canvas_height=int(canvas[0]),
+        canvas_width=int(canvas[1]),
+        min_size=int(min_size),
+        max_size=int(t.max_size),
+        image_mean=tuple(float(v) for v in t.image_mean),
+        image_std=tuple(float(v) for v in t.image_std),
+        rpn_pre_nms_top_n=int(rpn._pre_nms_top_n["testing"]),
+        rpn_post_nms_top_n=int(rpn._post_nms_top_n["testing"]),
+        rpn_nms_thresh=float(rpn.nms_thresh),
+        rpn_score_thresh=float(rpn.score_thresh),
+        rpn_min_size=float(rpn.min_size),
+        box_score_thresh=float(heads.score_thresh),
+        box_nms_thresh=float(heads.nms_thresh),
+        box_detections_per_img=int(heads.detections_per_img),
+        roi_output_size=int(pooler.output_size[0]),
+        roi_sampling_ratio=int(pooler.sampling_ratio),
+        canonical_scale=int(getattr(pooler, "canonical_scale", 224)),
+        canonical_level=int(getattr(pooler, "canonical_level", 4)),
+        box_coder_weights=tuple(float(w) for w in heads.box_coder.weights),
+        class_names=tuple(class_names),
+    )

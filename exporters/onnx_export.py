@@ -1,0 +1,83 @@
+"""Export the split networks to ONNX, simplify them and check they are TensorRT-ready."""
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+
+from python_backend import names
+from python_backend.settings import DetectorSettings
+
+from .split import HeaderNetwork, RpnNetwork
+from .trt_check import check_tensorrt_ready
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+BATCH = "batch"
+NUM_ROIS = "num_rois"
+
+
+def _export(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_axes) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(module, args, buf, input_names=list(input_names), output_names=list(output_names),
+                          dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True, dynamo=False)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxsim, then an onnx-graphsurgeon pass that folds constants, drops dead nodes and sorts."""
+    import onnx_graphsurgeon as gs
+    import onnxsim
+
+    simplified, ok = onnxsim.simplify(model)
+    if not ok:
+        raise RuntimeError("onnxsim could not validate the simplified model")
+    graph = gs.import_onnx(simplified)
+    graph.fold_constants().cleanup().toposort()
+    out = gs.export_onnx(graph)
+    out.opset_import[0].version = max(out.opset_import[0].version, OPSET)
+    return out
+
+
+def export_rpn(model, settings: DetectorSettings, batch: int = 2) -> onnx.ModelProto:
+    """``images [B,3,H,W], image_sizes [B,2] -> proposals [B,K,6], P2..P5``; B dynamic."""
+    net = RpnNetwork(model, settings).eval()
+    h, w = settings.canvas
+    images = torch.zeros(batch, 3, h, w)
+    sizes = torch.tensor([[h, w]] * batch, dtype=torch.float32)
+    outputs = (names.PROPOSALS, *names.FEATURES)
+    axes = {n: {0: BATCH} for n in (names.IMAGES, names.IMAGE_SIZES, *outputs)}
+    onnx_model = _export(net, (images, sizes), (names.IMAGES, names.IMAGE_SIZES), outputs, axes)
+    return simplify(onnx_model)
+
+
+def export_header(model, settings: DetectorSettings, rois: int = 8) -> onnx.ModelProto:
+    """``roi_features [R,256,7,7], rois [R,4] -> class_scores [R,C], class_boxes [R,C,4]``; R dynamic."""
+    net = HeaderNetwork(model).eval()
+    s = settings.roi_output_size
+    feats = torch.zeros(rois, 256, s, s)
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * rois)
+    outputs = (names.CLASS_SCORES, names.CLASS_BOXES)
+    axes = {n: {0: NUM_ROIS} for n in (names.ROI_FEATURES, names.ROIS, *outputs)}
+    onnx_model = _export(net, (feats, boxes), (names.ROI_FEATURES, names.ROIS), outputs, axes)
+    return simplify(onnx_model)
+
+
+def export_all(model, settings: DetectorSettings, out_dir: Path) -> dict[str, Path]:
+    """Write ``rpn.onnx`` and ``header.onnx`` into ``out_dir`` after the TensorRT-readiness check."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fn in ((names.RPN, export_rpn), (names.HEADER, export_header)):
+        log.info("exporting %s to ONNX (opset %d)", name, OPSET)
+        m = fn(model, settings)
+        check_tensorrt_ready(m)
+        path = out_dir / f"{name}.onnx"
+        onnx.save(m, str(path))
+        paths[name] = path
+    return paths

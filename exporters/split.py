@@ -1,0 +1,183 @@
+"""Faster R-CNN split into the two dense networks that TensorRT can take.
+
+``RpnNetwork``: backbone + FPN + RPN head, anchors decoded, top-k per level, on a fixed canvas.
+``HeaderNetwork``: box head + predictor + box decode over a dynamic number of RoIs.
+
+Why the canvas needs care: torchvision pads each batch only to the largest image rounded up
+to 32, so an image served alone sees zeros (conv padding) right after its own padded extent.
+On a larger canvas it would see activations of the padding instead, and its results would
+depend on the canvas and the batch.  ``RpnNetwork`` therefore zeroes every activation outside
+the image's own padded extent before each spatial conv or pool, and anchors outside that
+extent are kept out of top-k.  With that, an image's proposals and FPN maps (inside its
+extent) are the ones torchvision computes for that image alone.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN
+
+from python_backend.settings import RPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings
+
+
+class _ExtentMasks:
+    """Per-forward cache of {(h, w): [B, 1, h, w] float mask} for one canvas."""
+
+    def __init__(self, canvas: tuple[int, int]):
+        self.canvas = canvas
+        self.padded: Tensor | None = None  # [B, 2] float: each image's padded (h, w)
+        self.cache: dict[tuple[int, int], Tensor] = {}
+
+    def reset(self, image_sizes: Tensor) -> None:
+        self.padded = torch.ceil(image_sizes / SIZE_DIVISIBLE) * SIZE_DIVISIBLE
+        self.cache = {}
+
+    def valid_extent(self, h: int, w: int) -> tuple[Tensor, Tensor]:
+        """Each image's valid rows and columns on a map of size (h, w) on this canvas.
+
+        A map at stride s holds ceil(padded / s) valid cells: exact for P2..P5 (padded is a
+        multiple of 32) and LastLevelMaxPool's round-up for P6."""
+        assert self.padded is not None
+        sh = 2 ** round(math.log2(self.canvas[0] / h))
+        sw = 2 ** round(math.log2(self.canvas[1] / w))
+        return torch.ceil(self.padded[:, 0] / sh), torch.ceil(self.padded[:, 1] / sw)
+
+    def mask(self, h: int, w: int) -> Tensor:
+        key = (int(h), int(w))  # static under tracing: the canvas fixes every map size
+        if key not in self.cache:
+            vh, vw = self.valid_extent(*key)
+            rows = torch.arange(key[0], dtype=torch.float32)[None, :] < vh[:, None]
+            cols = torch.arange(key[1], dtype=torch.float32)[None, :] < vw[:, None]
+            self.cache[key] = (rows[:, None, :, None] & cols[:, None, None, :]).to(torch.float32)
+        return self.cache[key]
+
+
+def _mask_spatial_inputs(module: nn.Module, masks: _ExtentMasks) -> int:
+    """Zero the input outside each image's extent for every conv wider than 1x1 and every max pool."""
+    count = 0
+
+    def hook(_mod, args):
+        x = args[0]
+        return (x * masks.mask(x.shape[-2], x.shape[-1]),) + tuple(args[1:])
+
+    for m in module.modules():
+        spatial_conv = isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)
+        if spatial_conv or isinstance(m, nn.MaxPool2d):
+            m.register_forward_pre_hook(hook)
+            count += 1
+    return count
+
+
+class RpnNetwork(nn.Module):
+    """Backbone + FPN + RPN head with anchors decoded and top-k per level.
+
+    Inputs:
+        images ``[B, 3, H, W]`` float32: normalized, resized images zero-padded onto the canvas.
+        image_sizes ``[B, 2]`` float32: each image's resized (height, width).
+    Outputs:
+        proposals ``[B, K, 6]``: ``x1 y1 x2 y2`` clipped to the image, objectness probability,
+            FPN level index (0 = P2 ... 4 = P6, -1 = padding row).  Rows come level by level,
+            each level by descending objectness logit, as torchvision's ``_get_top_n_idx``.
+        P2..P5 ``[B, 256, H/s, W/s]``: FPN maps (valid inside each image's padded extent).
+    """
+
+    def __init__(self, model: FasterRCNN, settings: DetectorSettings):
+        super().__init__()
+        self.settings = settings
+        self.backbone = copy.deepcopy(model.backbone).eval()
+        self.head = copy.deepcopy(model.rpn.head).eval()
+        self.box_coder = model.rpn.box_coder
+        self.masks = _ExtentMasks(settings.canvas)
+        _mask_spatial_inputs(self.backbone, self.masks)
+        _mask_spatial_inputs(self.head, self.masks)
+        gen = model.rpn.anchor_generator
+        cells = gen.cell_anchors if gen.cell_anchors is not None else []
+        if len(cells) != len(RPN_STRIDES):
+            raise ValueError(f"expected anchors for {len(RPN_STRIDES)} FPN levels, got {len(cells)}")
+        for i, c in enumerate(cells):
+            self.register_buffer(f"cell_anchors_{i}", c.to(torch.float32).clone(), persistent=False)
+        self.level_topk = settings.rpn_level_topk()
+
+    def _anchors(self, level: int, gh: int, gw: int, padded: Tensor) -> Tensor:
+        """``[B, gh*gw*A, 4]`` anchors of one level, torchvision AnchorGenerator order (y, x, a).
+
+        torchvision's stride is ``padded_size // grid_size`` per image: 4..32 exactly for P2..P5,
+        and for P6 (grid ceil(padded/64)) whatever that integer division gives."""
+        base = getattr(self, f"cell_anchors_{level}")  # [A, 4]
+        s = RPN_STRIDES[level]
+        grid = torch.ceil(padded / s)
+        stride = torch.floor(padded / grid)  # [B, 2] (h, w)
+        ys = torch.arange(gh, dtype=torch.float32)[None, :] * stride[:, 0:1]  # [B, gh]
+        xs = torch.arange(gw, dtype=torch.float32)[None, :] * stride[:, 1:2]  # [B, gw]
+        sy = ys[:, :, None].expand(-1, gh, gw)
+        sx = xs[:, None, :].expand(-1, gh, gw)
+        shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, gh * gw, 1, 4)
+        return (shifts + base[None, None]).reshape(-1, gh * gw * base.shape[0], 4)
+
+    def _valid_anchors(self, gh: int, gw: int, num_cell: int) -> Tensor:
+        vh, vw = self.masks.valid_extent(gh, gw)
+        rows = torch.arange(gh, dtype=torch.float32)[None, :] < vh[:, None]
+        cols = torch.arange(gw, dtype=torch.float32)[None, :] < vw[:, None]
+        cells = rows[:, :, None] & cols[:, None, :]  # [B, gh, gw]
+        return cells[:, :, :, None].expand(-1, gh, gw, num_cell).reshape(-1, gh * gw * num_cell)
+
+    def forward(self, images: Tensor, image_sizes: Tensor):
+        self.masks.reset(image_sizes)
+        feats = self.backbone(images)
+        maps = list(feats.values())  # P2, P3, P4, P5, P6 ('pool')
+        logits, deltas = self.head(maps)
+        padded = self.masks.padded
+        assert padded is not None
+        # Reshapes keep the batch as -1 and every other dimension a Python int, so the ONNX
+        # graph has static shapes except the batch.
+        w_img = image_sizes[:, None, 1:2]  # [B, 1, 1]
+        h_img = image_sizes[:, None, 0:1]
+        zero = torch.zeros((), dtype=torch.float32)
+        out = []
+        for level, (lg, dl) in enumerate(zip(logits, deltas)):
+            a, gh, gw = int(lg.shape[1]), int(lg.shape[2]), int(lg.shape[3])
+            k = self.level_topk[level]
+            # torchvision concat_box_prediction_layers: [B, A, H, W] -> [B, H*W*A]
+            lg = lg.permute(0, 2, 3, 1).reshape(-1, gh * gw * a)
+            dl = dl.reshape(-1, a, 4, gh, gw).permute(0, 3, 4, 1, 2).reshape(-1, gh * gw * a, 4)
+            anchors = self._anchors(level, gh, gw, padded).reshape(-1, gh * gw * a, 4)
+            valid = self._valid_anchors(gh, gw, a).reshape(-1, gh * gw * a)
+            masked = torch.where(valid, lg, torch.tensor(float("-inf")))
+            top, idx = masked.topk(k, dim=1)
+            idx4 = idx[:, :, None].expand(-1, k, 4)
+            sel_valid = torch.gather(valid, 1, idx)
+            sel_deltas = torch.gather(dl, 1, idx4).reshape(-1, 4)
+            sel_anchors = torch.gather(anchors, 1, idx4).reshape(-1, 4)
+            boxes = self.box_coder.decode_single(sel_deltas, sel_anchors).reshape(-1, k, 4)
+            # torchvision clip_boxes_to_image with each image's resized size
+            x = torch.minimum(torch.maximum(boxes[:, :, 0::2], zero), w_img)
+            y = torch.minimum(torch.maximum(boxes[:, :, 1::2], zero), h_img)
+            prob = torch.where(sel_valid, torch.sigmoid(top), zero)
+            lvl = torch.where(sel_valid, torch.tensor(float(level)), torch.tensor(-1.0))
+            out.append(torch.stack((x[:, :, 0], y[:, :, 0], x[:, :, 1], y[:, :, 1], prob, lvl), dim=2))
+        return (torch.cat(out, dim=1), *maps[:4])
+
+
+class HeaderNetwork(nn.Module):
+    """Box head + predictor + box decode over R RoIs (R is the dynamic batch axis).
+
+    Inputs: roi_features ``[R, 256, 7, 7]``, rois ``[R, 4]`` (x1 y1 x2 y2 on the resized image).
+    Outputs: class_scores ``[R, C]`` softmax; class_boxes ``[R, C, 4]`` decoded, not clipped.
+    """
+
+    def __init__(self, model: FasterRCNN):
+        super().__init__()
+        self.box_head = copy.deepcopy(model.roi_heads.box_head).eval()
+        self.box_predictor = copy.deepcopy(model.roi_heads.box_predictor).eval()
+        self.box_coder = model.roi_heads.box_coder
+        self.num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+
+    def forward(self, roi_features: Tensor, rois: Tensor):
+        x = self.box_head(roi_features)
+        class_logits, box_regression = self.box_predictor(x)
+        scores = torch.softmax(class_logits, dim=-1)
+        boxes = self.box_coder.decode_single(box_regression, rois)
+        return scores, boxes.reshape(-1, self.num_classes, 4)

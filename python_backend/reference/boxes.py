@@ -1,0 +1,108 @@
+"""Box operations in NumPy, written to follow torchvision.ops float32 arithmetic.
+
+Boxes are ``(x1, y1, x2, y2)`` float32 arrays of shape ``[N, 4]``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    """``[N, 4] -> [N]``: (x2 - x1) * (y2 - y1), as torchvision.ops.box_area."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def clip_boxes(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
+    """torchvision.ops.clip_boxes_to_image: x into [0, width], y into [0, height]. Any ``[..., 4]``."""
+    out = boxes.copy()
+    out[..., 0::2] = np.clip(out[..., 0::2], np.float32(0), np.float32(width))
+    out[..., 1::2] = np.clip(out[..., 1::2], np.float32(0), np.float32(height))
+    return out
+
+
+def small_box_mask(boxes: np.ndarray, min_size: float) -> np.ndarray:
+    """torchvision.ops.remove_small_boxes as a mask: both sides ``>= min_size``."""
+    ws = boxes[:, 2] - boxes[:, 0]
+    hs = boxes[:, 3] - boxes[:, 1]
+    return (ws >= min_size) & (hs >= min_size)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy NMS, torchvision.ops.nms semantics.
+
+    Boxes are visited in descending score order; ties keep input order (a stable sort, as
+    torchvision's CPU kernel does).  A box is suppressed when its IoU with a kept box is
+    strictly greater than ``iou_threshold``, so a box exactly at the threshold survives.
+
+    Args:
+        boxes: ``[N, 4]`` float32.
+        scores: ``[N]`` float32.
+    Returns:
+        int64 indices of kept boxes, in descending score order.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32)
+    scores = np.asarray(scores, dtype=np.float32)
+    n = boxes.shape[0]
+    if n == 0:
+        return np.zeros((0,), dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    b = boxes[order]
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    suppressed = np.zeros(n, dtype=bool)
+    keep = []
+    thr = np.float32(iou_threshold)
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        rest = np.arange(i + 1, n)
+        rest = rest[~suppressed[rest]]
+        if rest.size == 0:
+            continue
+        # Same operation order as torchvision's nms_kernel: inter / (area_i + area_j - inter)
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter)
+        suppressed[rest[iou > thr]] = True
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """NMS within each category ``idxs``, torchvision.ops.batched_nms semantics (its per-class
+    path, which computes IoUs on the boxes as given).
+
+    Returns int64 indices of kept boxes, sorted by descending score (stable on ties).
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    idxs = np.asarray(idxs)
+    keep_mask = np.zeros(scores.shape[0], dtype=bool)
+    for c in np.unique(idxs):
+        members = np.flatnonzero(idxs == c)
+        keep_mask[members[nms(boxes[members], scores[members], iou_threshold)]] = True
+    kept = np.flatnonzero(keep_mask)
+    return kept[np.argsort(-scores[kept], kind="stable")].astype(np.int64)
+
+
+def decode_boxes(deltas: np.ndarray, boxes: np.ndarray, weights: tuple[float, float, float, float],
+                 bbox_xform_clip: float) -> np.ndarray:
+    """torchvision BoxCoder.decode_single: ``deltas [N, 4k]`` against ``boxes [N, 4]`` -> ``[N, 4k]``."""
+    boxes = boxes.astype(np.float32)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + np.float32(0.5) * widths
+    ctr_y = boxes[:, 1] + np.float32(0.5) * heights
+    wx, wy, ww, wh = (np.float32(w) for w in weights)
+    dx = deltas[:, 0::4] / wx
+    dy = deltas[:, 1::4] / wy
+    dw = np.minimum(deltas[:, 2::4] / ww, np.float32(bbox_xform_clip))
+    dh = np.minimum(deltas[:, 3::4] / wh, np.float32(bbox_xform_clip))
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    pred_w = np.exp(dw) * widths[:, None]
+    pred_h = np.exp(dh) * heights[:, None]
+    half_w = np.float32(0.5) * pred_w
+    half_h = np.float32(0.5) * pred_h
+    out = np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=2)
+    return out.reshape(deltas.shape[0], -1).astype(np.float32)

@@ -1,0 +1,120 @@
+"""Image decoding and torchvision's GeneralizedRCNNTransform (normalize, resize, pad) in NumPy."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+from ..settings import DetectorSettings, padded_extent
+
+
+class BadImageError(ValueError):
+    """An input that cannot be served as an image; the message says what was wrong."""
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
+    """Encoded JPEG/PNG/... bytes -> ``[H, W, 3]`` uint8 RGB.
+
+    Raises :class:`BadImageError` for empty, non-image, truncated or oversized input.  The
+    pixel limit is checked from the header, before any pixel is decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BadImageError(f"expected encoded image bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise BadImageError("empty input: expected encoded image bytes (JPEG, PNG, ...), got 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(bytes(data)))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImageError(f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+            img.load()
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"not a decodable image ({len(data)} bytes): {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImageError(f"corrupt or truncated image ({len(data)} bytes): {e}") from None
+    arr = np.asarray(img.convert("RGB"))
+    check_image_array(arr, max_pixels, min_side)
+    return arr
+
+
+def check_image_array(image: np.ndarray, max_pixels: int, min_side: int) -> None:
+    """Validate a decoded ``[H, W, 3]`` uint8 image."""
+    if image.dtype != np.uint8:
+        raise BadImageError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise BadImageError(f"expected an HWC image with 3 channels, got shape {list(image.shape)}")
+    h, w = image.shape[:2]
+    if min(h, w) < min_side:
+        raise BadImageError(f"image of {w}x{h} pixels is smaller than the minimum side of {min_side} pixels")
+    if h * w > max_pixels:
+        raise BadImageError(f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+
+
+def _linear_taps(in_size: int, out_size: int):
+    """Source indices and weights of torch's bilinear resize (align_corners=False, scale in/out)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.maximum(scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = src.astype(np.int64)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    l1 = src - i0.astype(np.float32)
+    return i0, i1, np.float32(1) - l1, l1
+
+
+def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """``[C, H, W]`` float32 -> ``[C, out_h, out_w]``, as ``F.interpolate(mode="bilinear",
+    align_corners=False)`` with the scale recomputed from the sizes."""
+    y0, y1, hy0, hy1 = _linear_taps(image.shape[1], out_h)
+    x0, x1, wx0, wx1 = _linear_taps(image.shape[2], out_w)
+    # torch: h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d)
+    rows0 = image[:, y0]
+    rows1 = image[:, y1]
+    top = wx0 * rows0[:, :, x0] + wx1 * rows0[:, :, x1]
+    bottom = wx0 * rows1[:, :, x0] + wx1 * rows1[:, :, x1]
+    return (hy0[None, :, None] * top + hy1[None, :, None] * bottom).astype(np.float32)
+
+
+def transform_image(image: np.ndarray, settings: DetectorSettings) -> np.ndarray:
+    """``[H, W, 3]`` uint8 -> normalized, resized ``[3, h, w]`` float32 (GeneralizedRCNNTransform
+    order: scale to [0, 1], normalize, then resize)."""
+    x = image.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    mean = np.asarray(settings.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(settings.image_std, dtype=np.float32)[:, None, None]
+    x = (x - mean) / std
+    out_h, out_w = settings.resized_size(*image.shape[:2])
+    return resize_bilinear(x, out_h, out_w)
+
+
+def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
+    """Decoded images -> canvas batch.
+
+    Returns ``images [B, 3, H, W]`` float32 zero-padded onto the canvas, ``image_sizes [B, 2]``
+    (resized h, w) and ``original_sizes [B, 2]`` float32.  Raises :class:`BadImageError` when a
+    resized image does not fit the canvas.
+    """
+    ch, cw = settings.canvas
+    batch = np.zeros((len(images), 3, ch, cw), dtype=np.float32)
+    sizes = np.zeros((len(images), 2), dtype=np.float32)
+    originals = np.zeros((len(images), 2), dtype=np.float32)
+    for i, image in enumerate(images):
+        h, w = settings.resized_size(*image.shape[:2])
+        check_fits_canvas(image.shape[0], image.shape[1], h, w, settings)
+        batch[i, :, :h, :w] = transform_image(image, settings)
+        sizes[i] = (h, w)
+        originals[i] = image.shape[:2]
+    return batch, sizes, originals
+
+
+def check_fits_canvas(orig_h: int, orig_w: int, h: int, w: int, settings: DetectorSettings) -> None:
+    ch, cw = settings.canvas
+    if padded_extent(h) > ch or padded_extent(w) > cw:
+        raise BadImageError(
+            f"image of {orig_w}x{orig_h} resizes to {w}x{h}, which does not fit the {cw}x{ch} canvas "
+            f"(width x height); export with a larger --canvas, e.g. {max(cw, padded_extent(w))}x{max(ch, padded_extent(h))}"
+        )

@@ -1,0 +1,111 @@
+"""Multi-level ROIAlign in NumPy: torchvision LevelMapper + roi_align(aligned=False).
+
+Feature maps live on a fixed canvas, but each image only owns the top-left part of it that
+torchvision would have allocated for that image alone (its resized size rounded up to 32).
+Sampling clamps at that extent, exactly as torchvision's kernel clamps at the edge of a
+single-image tensor, so no value from another image's padding is ever read.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def map_levels(rois: np.ndarray, canonical_scale: float = 224, canonical_level: int = 4,
+               eps: float = 1e-6, k_min: int = 2, k_max: int = 5) -> np.ndarray:
+    """torchvision LevelMapper: ``floor(lvl0 + log2(sqrt(area) / s0) + eps)`` clamped to
+    ``[k_min, k_max]``, returned as an index from 0 (``k_min``).  ``rois [R, 4] -> [R] int64``."""
+    w = rois[:, 2] - rois[:, 0]
+    h = rois[:, 3] - rois[:, 1]
+    s = np.sqrt((w * h).astype(np.float32))
+    with np.errstate(divide="ignore"):
+        lvl = np.floor(np.float32(canonical_level) + np.log2(s / np.float32(canonical_scale)) + np.float32(eps))
+    lvl = np.clip(lvl, k_min, k_max)
+    return (lvl.astype(np.int64) - k_min)
+
+
+def _axis_samples(start: np.ndarray, bin_size: np.ndarray, pooled: int, grid: int, extent: np.ndarray):
+    """Sample coordinates along one axis and their bilinear weights.
+
+    Returns ``lo, hi`` int64 indices ``[R, pooled*grid]``, weights ``w_lo, w_hi`` and a
+    validity mask (torchvision zeroes samples outside ``[-1, extent]``)."""
+    p = np.arange(pooled, dtype=np.float32)[:, None]
+    g = (np.arange(grid, dtype=np.float32) + np.float32(0.5))[None, :]
+    # torchvision: start + ph * bin_size + (iy + .5) * bin_size / grid
+    coord = (start[:, None, None] + p[None] * bin_size[:, None, None]
+             + g[None] * bin_size[:, None, None] / np.float32(grid)).reshape(start.shape[0], -1)
+    ext = extent[:, None].astype(np.float32)
+    valid = ~((coord < -1.0) | (coord > ext))
+    c = np.maximum(coord, np.float32(0))
+    lo = c.astype(np.int64)
+    at_edge = lo >= extent[:, None] - 1
+    lo = np.where(at_edge, extent[:, None] - 1, lo)
+    hi = np.where(at_edge, lo, lo + 1)
+    c = np.where(at_edge, lo.astype(np.float32), c)
+    frac = c - lo.astype(np.float32)
+    return lo, hi, np.float32(1) - frac, frac, valid
+
+
+def roi_align_level(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray, extents: np.ndarray,
+                    spatial_scale: float, output_size: int, sampling_ratio: int) -> np.ndarray:
+    """ROIAlign (aligned=False) of ``rois [R, 4]`` on one level ``feature [B, C, H, W]``.
+
+    ``extents [B, 2]`` int: each image's valid (height, width) on this level.
+    Returns ``[R, C, output_size, output_size]`` float32.
+    """
+    if sampling_ratio <= 0:
+        raise ValueError(f"sampling_ratio must be positive (adaptive sampling is not supported), got {sampling_ratio}")
+    r = rois.shape[0]
+    c = feature.shape[1]
+    if r == 0:
+        return np.zeros((0, c, output_size, output_size), dtype=np.float32)
+    scale = np.float32(spatial_scale)
+    x1 = rois[:, 0] * scale
+    y1 = rois[:, 1] * scale
+    roi_w = np.maximum(rois[:, 2] * scale - x1, np.float32(1))
+    roi_h = np.maximum(rois[:, 3] * scale - y1, np.float32(1))
+    bin_w = roi_w / np.float32(output_size)
+    bin_h = roi_h / np.float32(output_size)
+    ext = extents[batch_idx]
+    ylo, yhi, wylo, wyhi, yvalid = _axis_samples(y1, bin_h, output_size, sampling_ratio, ext[:, 0])
+    xlo, xhi, wxlo, wxhi, xvalid = _axis_samples(x1, bin_w, output_size, sampling_ratio, ext[:, 1])
+    fmap = np.ascontiguousarray(feature.transpose(0, 2, 3, 1))  # [B, H, W, C]: channels contiguous
+    b = batch_idx[:, None, None]
+    out = np.zeros((r, ylo.shape[1], xlo.shape[1], c), dtype=np.float32)
+    for yi, wy in ((ylo, wylo), (yhi, wyhi)):
+        for xi, wx in ((xlo, wxlo), (xhi, wxhi)):
+            w = (wy[:, :, None] * wx[:, None, :]) * (yvalid[:, :, None] & xvalid[:, None, :])
+            out += w[..., None] * fmap[b, yi[:, :, None], xi[:, None, :]]
+    g = sampling_ratio
+    out = out.reshape(r, output_size, g, output_size, g, c).sum(axis=(2, 4)) / np.float32(g * g)
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2)).astype(np.float32)
+
+
+def multilevel_roi_align(features: list[np.ndarray], rois: np.ndarray, batch_idx: np.ndarray,
+                         padded_sizes: np.ndarray, strides: tuple[int, ...], output_size: int,
+                         sampling_ratio: int, canonical_scale: float = 224, canonical_level: int = 4,
+                         eps: float = 1e-6) -> np.ndarray:
+    """torchvision MultiScaleRoIAlign for RoIs of several images on canvas-sized FPN maps.
+
+    Args:
+        features: per level ``[B, C, H/s, W/s]`` float32 (P2..P5).
+        rois: ``[R, 4]`` x1 y1 x2 y2 on the resized image.
+        batch_idx: ``[R]`` image index of each RoI.
+        padded_sizes: ``[B, 2]`` each image's resized (h, w) rounded up to 32.
+        strides: stride of each level, e.g. (4, 8, 16, 32).
+    Returns:
+        ``[R, C, output_size, output_size]`` float32.
+    """
+    rois = np.asarray(rois, dtype=np.float32)
+    batch_idx = np.asarray(batch_idx, dtype=np.int64)
+    padded_sizes = np.asarray(padded_sizes, dtype=np.int64)
+    c = features[0].shape[1]
+    out = np.zeros((rois.shape[0], c, output_size, output_size), dtype=np.float32)
+    k_min = int(round(np.log2(strides[0])))
+    levels = map_levels(rois, canonical_scale, canonical_level, eps, k_min, k_min + len(strides) - 1)
+    for level, (feature, stride) in enumerate(zip(features, strides)):
+        sel = np.flatnonzero(levels == level)
+        for chunk in np.array_split(sel, max(1, -(-sel.size // 128))):
+            if chunk.size:
+                out[chunk] = roi_align_level(feature, rois[chunk], batch_idx[chunk], padded_sizes // stride,
+                                             1.0 / stride, output_size, sampling_ratio)
+    return out
