@@ -1,0 +1,174 @@
+"""Start a tritonserver on a model repository and wait until it is ready.
+
+Finds the binary in this order: an explicit path, the nvidia-pytriton wheel's tritonserver
+(python backend + ensembles), ``tritonserver`` on PATH (NVIDIA's Triton image).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """The server could not be started or did not become ready; the message says why."""
+
+
+@dataclass
+class TritonBinary:
+    path: Path
+    backend_dir: Path | None  # None: the binary's default (/opt/tritonserver/backends)
+
+
+def _wheel_binary() -> TritonBinary | None:
+    try:
+        import pytriton
+    except ImportError:
+        return None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    binary = root / "bin" / "tritonserver"
+    if not binary.is_file():
+        return None
+    backends = root / "backends"
+    _install_python_stub(root)
+    return TritonBinary(binary, backends)
+
+
+def _install_python_stub(root: Path) -> None:
+    """The wheel ships one python-backend stub per Python version; the backend wants the one
+    matching the Python that runs the models, next to libtriton_python.so."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    target = root / "backends" / "python" / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the nvidia-pytriton wheel has no python backend stub for Python {version}")
+    if not target.is_file() or target.stat().st_size != stub.stat().st_size:
+        shutil.copy2(stub, target)
+
+
+def find_tritonserver(explicit: str | os.PathLike | None = None) -> TritonBinary:
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise ServerError(f"tritonserver binary {p} does not exist")
+        return TritonBinary(p, Path(os.environ["TRITON_BACKEND_DIR"]) if os.environ.get("TRITON_BACKEND_DIR") else None)
+    if os.environ.get("TRITONSERVER_BIN"):
+        return find_tritonserver(os.environ["TRITONSERVER_BIN"])
+    found = _wheel_binary()
+    if found:
+        return found
+    on_path = shutil.which("tritonserver")
+    if on_path:
+        return TritonBinary(Path(on_path), None)
+    raise ServerError("no tritonserver found: pip install nvidia-pytriton==0.7.0, put tritonserver on PATH, "
+                      "or pass --tritonserver PATH")
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """A running tritonserver process; use as a context manager or call :meth:`stop`."""
+
+    repository: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    binary: str | None = None
+    cuda_pool_bytes: int = 0  # 0: Triton's default; the GPU path needs room for FPN maps
+    log_verbose: int = 0
+    process: subprocess.Popen | None = field(default=None, init=False)
+    log_path: Path | None = field(default=None, init=False)
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
+            if not port_free(port):
+                raise ServerError(f"{name} port {port} is already in use; pick another with --{name.lower()}-port "
+                                  "or stop what holds it")
+        if not Path(self.repository).is_dir():
+            raise ServerError(f"model repository {self.repository} does not exist")
+        tb = find_tritonserver(self.binary)
+        cmd = [str(tb.path), f"--model-repository={Path(self.repository).resolve()}",
+               f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
+               f"--metrics-port={self.metrics_port}", "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
+               f"--log-verbose={self.log_verbose}"]
+        if tb.backend_dir:
+            cmd.append(f"--backend-directory={tb.backend_dir}")
+        if self.cuda_pool_bytes:
+            cmd.append(f"--cuda-memory-pool-byte-size=0:{self.cuda_pool_bytes}")
+        env = dict(os.environ)
+        # The python backend stub finds its environment through the first python3 on PATH.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        fd, log_name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+        self.log_path = Path(log_name)
+        self.process = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        os.close(fd)
+        self._wait_ready(timeout)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def _load_errors(self) -> str:
+        lines = [ln for ln in self.log_text().splitlines()
+                 if "failed to load" in ln or "UNAVAILABLE" in ln or "Error" in ln or "error:" in ln]
+        return "\n".join(lines[-15:]) or self.log_text()[-3000:]
+
+    def _wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
+                                  f"model errors:\n{self._load_errors()}\n(full log: {self.log_path})")
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self._load_errors()}\n(full log: {self.log_path})")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

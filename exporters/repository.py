@@ -1,0 +1,236 @@
+"""Write the Triton model repository: one folder per step plus the ensembles.
+
+Targets (how the two dense networks are served; every other step is the same for all):
+  python       python-backend models running the ONNX with ONNX Runtime (any tritonserver,
+               including the nvidia-pytriton wheel's, which has no other backend)
+  onnxruntime  ``platform: onnxruntime_onnx`` (NVIDIA's Triton image)
+  tensorrt     ``platform: tensorrt_plan`` with ``model.plan`` engines (NVIDIA's Triton image)
+
+Configs are built as ``ModelConfig`` protos and written with ``text_format``, so what is
+written is what the tests parse back.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from python_backend import names
+from python_backend.settings import FPN_STRIDES, DetectorSettings
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("python", "onnxruntime", "tensorrt")
+DEVICES = ("cpu", "gpu")
+TRITON_MODELS_DIR = Path(__file__).resolve().parent.parent / "python_backend" / "triton_models"
+
+FP32, INT32, UINT8, STRING = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8, mc.TYPE_STRING
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    target: str = "python"
+    device: str = "cpu"  # where python-backend steps run (KIND_CPU / KIND_GPU)
+    max_batch_size: int = 8  # images per batch
+    instances: int = 1
+    queue_delay_us: int = 2000  # dynamic batcher max_queue_delay_microseconds
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not 1 <= self.max_batch_size <= 64:
+            raise ValueError(f"max_batch_size must be in 1..64, got {self.max_batch_size}")
+
+
+def max_rois(settings: DetectorSettings, options: RepositoryOptions) -> int:
+    """The header's batch limit: every RoI of a full batch of images."""
+    return options.max_batch_size * settings.rpn_post_nms_top_n
+
+
+def _io(name: str, dtype: int, dims, **kw):
+    return dict(name=name, data_type=dtype, dims=list(dims), **kw)
+
+
+def _tensor_specs(settings: DetectorSettings):
+    """(inputs, outputs) of every step, without the batch axis, as the ONNX carries them."""
+    h, w = settings.canvas
+    c = settings.num_classes
+    s = settings.roi_output_size
+    feats = [_io(n, FP32, [256, h // st, w // st]) for n, st in zip(names.FEATURES, FPN_STRIDES)]
+    rpn_in = [_io(names.IMAGES, FP32, [3, h, w]), _io(names.IMAGE_SIZES, FP32, [2])]
+    rpn_out = [_io(names.PROPOSALS, FP32, [settings.num_proposals, 6])] + feats
+    header_in = [_io(names.ROI_FEATURES, FP32, [256, s, s]), _io(names.ROIS, FP32, [4])]
+    header_out = [_io(names.CLASS_SCORES, FP32, [c]), _io(names.CLASS_BOXES, FP32, [c, 4])]
+    return {
+        names.RPN: (rpn_in, rpn_out),
+        names.HEADER: (header_in, header_out),
+        names.PREPROCESS: ([_io(names.IMAGE_BYTES, STRING, [1])],
+                           [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
+        names.PREPROCESS_RAW: ([_io(names.IMAGE_RAW, UINT8, [-1, -1, 3])],
+                               [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
+        names.ROI: ([rpn_out[0], *feats, _io(names.IMAGE_SIZES, FP32, [2])],
+                    [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [256, s, s]),
+                     _io(names.NUM_ROIS, INT32, [1])]),
+        # non-batching: shapes carry their own leading axis
+        names.POSTPROCESS: ([_io(names.CLASS_SCORES, FP32, [-1, c]), _io(names.CLASS_BOXES, FP32, [-1, c, 4]),
+                             _io(names.NUM_ROIS, INT32, [-1, 1]), _io(names.IMAGE_SIZES, FP32, [-1, 2]),
+                             _io(names.ORIGINAL_SIZES, FP32, [-1, 2])],
+                            [_io(names.DETECTION_BOXES, FP32, [-1, settings.box_detections_per_img, 4]),
+                             _io(names.DETECTION_SCORES, FP32, [-1, settings.box_detections_per_img]),
+                             _io(names.DETECTION_LABELS, INT32, [-1, settings.box_detections_per_img]),
+                             _io(names.NUM_DETECTIONS, INT32, [-1, 1])]),
+    }
+
+
+def _params(config: mc.ModelConfig, values: dict[str, str]) -> None:
+    for k, v in values.items():
+        config.parameters[k].string_value = v
+
+
+def _base(name: str, specs, max_batch: int, backend: str | None = None, platform: str | None = None) -> mc.ModelConfig:
+    inputs, outputs = specs
+    cfg = mc.ModelConfig(name=name, max_batch_size=max_batch)
+    if backend:
+        cfg.backend = backend
+    if platform:
+        cfg.platform = platform
+    for i in inputs:
+        cfg.input.add(**i)
+    for o in outputs:
+        cfg.output.add(**o)
+    return cfg
+
+
+def _batching(cfg: mc.ModelConfig, options: RepositoryOptions) -> None:
+    cfg.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
+
+
+def _instances(cfg: mc.ModelConfig, options: RepositoryOptions, gpu: bool) -> None:
+    group = cfg.instance_group.add(count=options.instances)
+    group.kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+
+
+def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
+    specs = _tensor_specs(settings)[name]
+    batching = name != names.POSTPROCESS
+    max_batch = {names.HEADER: max_rois(settings, options)}.get(name, options.max_batch_size) if batching else 0
+    cfg = _base(name, specs, max_batch, backend="python")
+    if batching:
+        _batching(cfg, options)
+    gpu = options.device == "gpu"
+    _instances(cfg, options, gpu)
+    params = settings.to_parameters()
+    params["device"] = options.device
+    if name in (names.RPN, names.HEADER):
+        params["onnx_file"] = "model.onnx"
+    if gpu:
+        # keep GPU tensors on the GPU between steps (DLPack, no host round trip)
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    _params(cfg, params)
+    return cfg
+
+
+def network_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
+    """rpn / header for the chosen target."""
+    if options.target == "python":
+        return python_step_config(name, settings, options)
+    specs = _tensor_specs(settings)[name]
+    max_batch = max_rois(settings, options) if name == names.HEADER else options.max_batch_size
+    platform = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}[options.target]
+    cfg = _base(name, specs, max_batch, platform=platform)
+    _batching(cfg, options)
+    _instances(cfg, options, gpu=True)
+    return cfg
+
+
+def _step(ens: mc.ModelConfig, model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    step = ens.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+    for k, v in inputs.items():
+        step.input_map[k] = v
+    for k, v in outputs.items():
+        step.output_map[k] = v
+
+
+def ensemble_config(raw: bool, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
+    """``fasterrcnn`` (encoded bytes) or ``fasterrcnn_raw`` (uint8 HWC). Ensemble tensors keep the
+    step tensor names, so each map is ``{name: name}``."""
+    d = settings.box_detections_per_img
+    pre = names.PREPROCESS_RAW if raw else names.PREPROCESS
+    image = _io(names.IMAGE_RAW, UINT8, [-1, -1, 3]) if raw else _io(names.IMAGE_BYTES, STRING, [1])
+    outputs = [_io(names.DETECTION_BOXES, FP32, [d, 4]), _io(names.DETECTION_SCORES, FP32, [d]),
+               _io(names.DETECTION_LABELS, INT32, [d]), _io(names.NUM_DETECTIONS, INT32, [1])]
+    ens = _base(names.ENSEMBLE_RAW if raw else names.ENSEMBLE, ([image], outputs), options.max_batch_size,
+                platform="ensemble")
+    same = lambda *ts: {t: t for t in ts}  # noqa: E731
+    _step(ens, pre, same(image["name"]), same(names.IMAGES, names.IMAGE_SIZES, names.ORIGINAL_SIZES))
+    _step(ens, names.RPN, same(names.IMAGES, names.IMAGE_SIZES), same(names.PROPOSALS, *names.FEATURES))
+    _step(ens, names.ROI, same(names.PROPOSALS, *names.FEATURES, names.IMAGE_SIZES),
+          same(names.ROIS, names.ROI_FEATURES, names.NUM_ROIS))
+    _step(ens, names.HEADER, same(names.ROI_FEATURES, names.ROIS), same(names.CLASS_SCORES, names.CLASS_BOXES))
+    _step(ens, names.POSTPROCESS,
+          same(names.CLASS_SCORES, names.CLASS_BOXES, names.NUM_ROIS, names.IMAGE_SIZES, names.ORIGINAL_SIZES),
+          same(names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS))
+    _params(ens, {"class_names": settings.to_parameters()["class_names"],
+                  "canvas": f"{settings.canvas_height}x{settings.canvas_width}"})
+    return ens
+
+
+def all_configs(settings: DetectorSettings, options: RepositoryOptions) -> dict[str, mc.ModelConfig]:
+    cfgs = {n: python_step_config(n, settings, options)
+            for n in (names.PREPROCESS, names.PREPROCESS_RAW, names.ROI, names.POSTPROCESS)}
+    cfgs[names.RPN] = network_config(names.RPN, settings, options)
+    cfgs[names.HEADER] = network_config(names.HEADER, settings, options)
+    cfgs[names.ENSEMBLE] = ensemble_config(False, settings, options)
+    cfgs[names.ENSEMBLE_RAW] = ensemble_config(True, settings, options)
+    return cfgs
+
+
+# which adapter serves each python-backend model
+_ADAPTERS = {names.PREPROCESS: "preprocess.py", names.PREPROCESS_RAW: "preprocess.py", names.ROI: "roi.py",
+             names.POSTPROCESS: "postprocess.py", names.RPN: "onnx_runner.py", names.HEADER: "onnx_runner.py"}
+
+
+def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str, Path],
+                     options: RepositoryOptions, plans: dict[str, Path] | None = None) -> Path:
+    """Write every model folder under ``out`` (created if needed; stale model folders replaced).
+
+    ``onnx_paths``: {"rpn": path, "header": path}.  ``plans``: TensorRT engines for the
+    tensorrt target ({"rpn": path, "header": path}).
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"cannot write the model repository to {out}: {e.strerror or e}") from None
+    if options.target == "tensorrt" and not plans:
+        raise ValueError("the tensorrt target needs engines: build them with exporters.tensorrt_build first")
+    for name, cfg in all_configs(settings, options).items():
+        folder = out / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        version = folder / "1"
+        version.mkdir(parents=True)
+        (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+        if cfg.backend == "python":
+            shutil.copy(TRITON_MODELS_DIR / _ADAPTERS[name], version / "model.py")
+        if name in (names.RPN, names.HEADER):
+            if cfg.platform == "tensorrt_plan":
+                shutil.copy(plans[name], version / "model.plan")
+            else:
+                shutil.copy(onnx_paths[name], version / "model.onnx")
+        log.info("wrote %s", folder)
+    return out
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    """Parse a ``config.pbtxt`` back into a ModelConfig."""
+    return text_format.Parse(Path(path).read_text(), mc.ModelConfig())

@@ -1,0 +1,72 @@
+"""Tensor conversion between Triton's python backend and NumPy/CuPy.
+
+The python backend of Triton 24.10 was built against numpy 1: under numpy 2 its numpy path
+(``as_numpy()``, ``Tensor(name, ndarray)``) reads or sends garbage, and under numpy 1 its
+DLPack import of a numpy capsule fails ("PyCapsule_GetPointer called with incorrect name").
+So host arrays use the numpy path under numpy 1 and DLPack under numpy 2; GPU (CuPy) arrays
+always use DLPack, which keeps them on the GPU.  String tensors, which DLPack can't carry,
+always go through ``as_numpy()``.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+NUMPY2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
+
+
+class _HostCapsule:
+    """Lets ``np.from_dlpack`` take a CPU capsule from ``Tensor.to_dlpack()``."""
+
+    def __init__(self, capsule):
+        self._capsule = capsule
+
+    def __dlpack__(self, stream=None, **_):
+        return self._capsule
+
+    def __dlpack_device__(self):
+        return (1, 0)  # kDLCPU
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A Triton input tensor as a NumPy array (copied to host if it lives on the GPU)."""
+    if tensor.is_cpu():
+        return np.from_dlpack(_HostCapsule(tensor.to_dlpack())) if NUMPY2 else tensor.as_numpy()
+    import cupy as cp
+
+    return cp.asnumpy(cp.from_dlpack(tensor.to_dlpack()))
+
+
+def to_device_array(tensor):
+    """A Triton input tensor as CuPy (GPU) or NumPy (CPU), without copying."""
+    if tensor.is_cpu():
+        return to_numpy(tensor)
+    import cupy as cp
+
+    return cp.from_dlpack(tensor.to_dlpack())
+
+
+def output(pb_utils, name: str, array):
+    """A Triton output tensor from a NumPy or CuPy array."""
+    if isinstance(array, np.ndarray):
+        array = np.ascontiguousarray(array)
+        if not NUMPY2:
+            return pb_utils.Tensor(name, array)
+    return pb_utils.Tensor.from_dlpack(name, array)
+
+
+def bytes_items(tensor) -> list[bytes]:
+    """A TYPE_STRING input as a list of bytes objects, one per batch item."""
+    arr = tensor.as_numpy()
+    return [bytes(x) for x in arr.reshape(-1)]
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """``parameters`` of the model config given to ``initialize``, as {key: string_value}."""
+    config = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+
+
+def error_response(pb_utils, message: str):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))

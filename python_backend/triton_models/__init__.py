@@ -1,0 +1,1 @@
+"""model.py adapters copied into the model repository by exporters.repository."""

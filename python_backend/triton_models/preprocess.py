@@ -1,0 +1,45 @@
+"""Triton model: decode (or take decoded) images, resize, normalize, pad onto the canvas.
+
+Thin adapter over python_backend.reference.image; serves ``preprocess`` (encoded bytes) and
+``preprocess_raw`` (uint8 HWC) depending on the configured input.  A bad image fails only
+its own request.
+"""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from python_backend import names
+from python_backend.reference.image import BadImageError, check_image_array, decode_image, preprocess_batch
+from python_backend.settings import DetectorSettings
+from python_backend.triton_io import bytes_items, error_response, model_parameters, output, to_numpy
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.settings = DetectorSettings.from_parameters(model_parameters(args))
+        self.raw = args["model_name"] == names.PREPROCESS_RAW
+
+    def _images(self, request) -> list[np.ndarray]:
+        s = self.settings
+        if self.raw:
+            arr = to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_RAW))
+            images = list(arr)
+            for im in images:
+                check_image_array(im, s.max_input_pixels, s.min_input_side)
+            return images
+        items = bytes_items(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES))
+        return [decode_image(b, s.max_input_pixels, s.min_input_side) for b in items]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                images, sizes, originals = preprocess_batch(self._images(request), self.settings)
+            except BadImageError as e:
+                responses.append(error_response(pb_utils, f"bad input image: {e}"))
+                continue
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                output(pb_utils, names.IMAGES, images),
+                output(pb_utils, names.IMAGE_SIZES, sizes),
+                output(pb_utils, names.ORIGINAL_SIZES, originals),
+            ]))
+        return responses
