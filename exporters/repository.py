@@ -28,6 +28,7 @@ TARGETS = ("python", "onnxruntime", "tensorrt")
 DEVICES = ("cpu", "gpu")
 TRITON_MODELS_DIR = Path(__file__).resolve().parent.parent / "python_backend" / "triton_models"
 
+TRT_PRECISIONS = ("fp32", "fp16")
 FP32, INT32, UINT8, STRING = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8, mc.TYPE_STRING
 
 
@@ -38,6 +39,12 @@ class RepositoryOptions:
     max_batch_size: int = 8  # images per batch
     instances: int = 1
     queue_delay_us: int = 2000  # dynamic batcher max_queue_delay_microseconds
+    # onnxruntime target only: run the networks through ONNX Runtime's TensorRT execution
+    # provider (Triton's gpu_execution_accelerator "tensorrt"), with these settings.
+    ort_tensorrt: bool = False
+    trt_precision: str = "fp16"  # precision_mode: fp32 | fp16
+    trt_workspace_bytes: int = 1 << 30  # max_workspace_size_bytes
+    ort_trt_cache_dir: str = ""  # trt_engine_cache_path; empty: ONNX Runtime rebuilds at every load
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -46,6 +53,12 @@ class RepositoryOptions:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if not 1 <= self.max_batch_size <= 64:
             raise ValueError(f"max_batch_size must be in 1..64, got {self.max_batch_size}")
+        if self.ort_tensorrt and self.target != "onnxruntime":
+            raise ValueError(f"ort_tensorrt applies to the onnxruntime target only, got target {self.target!r}")
+        if self.trt_precision not in TRT_PRECISIONS:
+            raise ValueError(f"trt_precision must be one of {TRT_PRECISIONS}, got {self.trt_precision!r}")
+        if self.trt_workspace_bytes < 1:
+            raise ValueError(f"trt_workspace_bytes must be positive, got {self.trt_workspace_bytes}")
 
 
 def max_rois(settings: DetectorSettings, options: RepositoryOptions) -> int:
@@ -146,7 +159,35 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
     cfg = _base(name, specs, max_batch, platform=platform)
     _batching(cfg, options)
     _instances(cfg, options, gpu=True)
+    if options.ort_tensorrt:
+        _ort_tensorrt_accelerator(cfg, name, settings, options)
     return cfg
+
+
+def _ort_tensorrt_accelerator(cfg: mc.ModelConfig, name: str, settings: DetectorSettings,
+                              options: RepositoryOptions) -> None:
+    """``optimization { execution_accelerators { gpu_execution_accelerator { name: "tensorrt" ... } } }``.
+
+    Keys are the Triton onnxruntime backend's (its README maps them to the TensorRT EP options).
+    The profile shapes are the tensorrt target's, so both targets accept the same batches; without
+    them the EP rebuilds its engine whenever a larger batch arrives.
+    """
+    from .tensorrt_build import optimization_profiles, shapes_string  # tensorrt_build imports this module
+
+    profile = optimization_profiles(settings, options)[name]
+    acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    params = {
+        "precision_mode": options.trt_precision.upper(),
+        "max_workspace_size_bytes": str(options.trt_workspace_bytes),
+        "trt_profile_min_shapes": shapes_string(profile, 0),
+        "trt_profile_opt_shapes": shapes_string(profile, 1),
+        "trt_profile_max_shapes": shapes_string(profile, 2),
+    }
+    if options.ort_trt_cache_dir:
+        params.update({"trt_engine_cache_enable": "1", "trt_engine_cache_path": options.ort_trt_cache_dir,
+                       "trt_timing_cache_enable": "1", "trt_timing_cache_path": options.ort_trt_cache_dir})
+    for k, v in params.items():
+        acc.parameters[k] = v
 
 
 def _step(ens: mc.ModelConfig, model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:

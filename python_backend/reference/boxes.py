@@ -51,7 +51,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     areas = (x2 - x1) * (y2 - y1)
     suppressed = np.zeros(n, dtype=bool)
     keep = []
-    thr = np.float32(iou_threshold)
+    # torchvision's kernel compares the float IoU with the *double* threshold (`ovr > iou_threshold`),
+    # so compare in float64: an IoU of float32(0.3) is suppressed at 0.3 because float32(0.3) > 0.3.
+    thr = float(iou_threshold)
     for i in range(n):
         if suppressed[i]:
             continue
@@ -64,8 +66,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
         w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
         h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
         inter = w * h
-        iou = inter / (areas[i] + areas[rest] - inter)
-        suppressed[rest[iou > thr]] = True
+        # Two degenerate (zero-area) boxes give 0 / 0 = NaN, which never suppresses, as in torchvision.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = inter / (areas[i] + areas[rest] - inter)
+        suppressed[rest[iou.astype(np.float64) > thr]] = True
     return order[np.asarray(keep, dtype=np.int64)]
 
 
@@ -73,7 +77,11 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_thr
     """NMS within each category ``idxs``, torchvision.ops.batched_nms semantics (its per-class
     path, which computes IoUs on the boxes as given).
 
-    Returns int64 indices of kept boxes, sorted by descending score (stable on ties).
+    Returns int64 indices of kept boxes, sorted by descending score (stable on ties).  On tied
+    scores torchvision's order is only defined up to 1000 CPU boxes (coordinate-trick path, one
+    stable nms, same order as here); above, its per-class path reorders the kept boxes with an
+    unstable ``Tensor.sort``.  The coordinate trick also shifts boxes before the IoU, so an IoU
+    within rounding of the threshold may decide differently there.
     """
     scores = np.asarray(scores, dtype=np.float32)
     idxs = np.asarray(idxs)
@@ -105,4 +113,5 @@ def decode_boxes(deltas: np.ndarray, boxes: np.ndarray, weights: tuple[float, fl
     half_w = np.float32(0.5) * pred_w
     half_h = np.float32(0.5) * pred_h
     out = np.stack([pred_ctr_x - half_w, pred_ctr_y - half_h, pred_ctr_x + half_w, pred_ctr_y + half_h], axis=2)
-    return out.reshape(deltas.shape[0], -1).astype(np.float32)
+    # [N, k, 4] -> [N, 4k]; explicit sizes because -1 is ambiguous when N == 0
+    return out.reshape(deltas.shape[0], deltas.shape[1]).astype(np.float32)

@@ -1,0 +1,97 @@
+"""RoIHeads.postprocess_detections + resize back to original pixels for a batch, on the GPU.
+
+GPU twin of :func:`python_backend.reference.detection.postprocess_detections`,
+``rescale_boxes`` and ``pack_detections``.
+"""
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from ._modules import EXACT, THREADS, blocks, kernel
+from .nms import SCORE_BITS, bits_for, check_key_bits, nms_sorted_segments, rank_keys
+
+
+def postprocess_detections_batched(class_scores, class_boxes, counts, image_sizes, original_sizes,
+                                   score_thresh: float, min_size: float, nms_thresh: float,
+                                   detections_per_img: int):
+    """Header outputs of a batch -> packed detections in original pixels.
+
+    Per image, as the reference: clip every class box to the resized image, keep scores
+    ``> score_thresh`` of classes >= 1, drop boxes with a side ``< min_size``, NMS per class at
+    ``nms_thresh``, keep the ``detections_per_img`` best (descending score, ties by the
+    reference's flat index r * (C - 1) + c - 1), rescale to the original size.
+
+    Pipeline: keys [img | class | -score | r | class] (dropped: ~0) -> sort -> one host sync for
+    each image's number of live candidates -> gather -> bitmask NMS over every (image, class)
+    -> keys [img | dropped | -score | r | class] -> sort -> packed outputs.
+
+    Args:
+        class_scores: ``[R, C]`` float32 softmax, class 0 the background.
+        class_boxes: ``[R, C, 4]`` float32 decoded boxes (x1, y1, x2, y2), not clipped.
+        counts: ``[B]`` host integers: RoIs of each image, rows image after image (rows past
+            their sum, such as a filler RoI, are ignored).
+        image_sizes, original_sizes: ``[B, 2]`` (h, w) resized and decoded sizes.
+    Returns:
+        boxes ``[B, D, 4]`` float32, scores ``[B, D]`` float32, labels ``[B, D]`` int32 and
+        num ``[B, 1]`` int32, ``D = detections_per_img``, unused slots zero.
+    """
+    counts = np.asarray(cp.asnumpy(counts), dtype=np.int64).reshape(-1)
+    scores = cp.ascontiguousarray(cp.asarray(class_scores, dtype=cp.float32))
+    if scores.ndim != 2:
+        raise ValueError(f"class_scores must be [R, C], got {scores.shape}")
+    r_total, c = (int(s) for s in scores.shape)
+    boxes = cp.ascontiguousarray(cp.asarray(class_boxes, dtype=cp.float32)).reshape(r_total, c, 4)
+    b = int(counts.shape[0])
+    if (counts < 0).any() or counts.sum() > r_total:
+        raise ValueError(f"counts {counts.tolist()} do not fit the {r_total} rows of class_scores")
+    image_sizes = cp.ascontiguousarray(cp.asarray(image_sizes, dtype=cp.float32).reshape(b, 2))
+    original_sizes = cp.ascontiguousarray(cp.asarray(original_sizes, dtype=cp.float32).reshape(b, 2))
+    d = int(detections_per_img)
+    out_boxes = cp.zeros((b, d, 4), dtype=cp.float32)
+    out_scores = cp.zeros((b, d), dtype=cp.float32)
+    out_labels = cp.zeros((b, d), dtype=cp.int32)
+    out_num = cp.zeros((b, 1), dtype=cp.int32)
+    n = int(counts.sum()) * (c - 1)
+    if b == 0 or n == 0 or d == 0:
+        return out_boxes, out_scores, out_labels, out_num
+
+    class_bits, row_bits, img_bits = bits_for(c), bits_for(int(counts.max())), bits_for(b)
+    check_key_bits(1 + img_bits + 2 * class_bits + SCORE_BITS + row_bits, "detection postprocessing")
+    row_shift = class_bits
+    score_shift = row_shift + row_bits
+    code_shift = score_shift + SCORE_BITS
+    img_shift = code_shift + class_bits
+    row_off = cp.asarray(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    keys = cp.empty((n,), dtype=cp.uint64)
+    kernel("postprocess", "detection_keys", EXACT)(
+        (blocks(n),), (THREADS,),
+        (scores, boxes, row_off, np.int32(b), np.int32(c), image_sizes, np.float32(score_thresh),
+         np.float32(min_size), np.int32(img_shift), np.int32(code_shift), np.int32(score_shift),
+         np.int32(row_shift), keys))
+    keys = cp.sort(keys)
+    seg = cp.zeros((b, 2), dtype=cp.int32)
+    kernel("postprocess", "segment_bounds", EXACT)(
+        (blocks(n),), (THREADS,), (keys, np.int64(n), np.int32(img_shift), seg))
+    seg = seg.get()  # the one host sync: live candidates per image size the NMS launch
+    live = (seg[:, 1] - seg[:, 0]).astype(np.int64)
+    n_live = int(live.sum())
+    if n_live == 0:
+        return out_boxes, out_scores, out_labels, out_num
+    seg_off = cp.asarray(np.concatenate([[0], np.cumsum(live)]).astype(np.int32))
+    keys = keys[:n_live]
+    sboxes = cp.empty((n_live, 4), dtype=cp.float32)
+    codes = cp.empty((n_live,), dtype=cp.int32)
+    row_mask, class_mask = np.uint64((1 << row_bits) - 1), np.uint64((1 << class_bits) - 1)
+    kernel("postprocess", "detection_gather", EXACT)(
+        (blocks(n_live),), (THREADS,),
+        (keys, boxes, row_off, np.int32(c), image_sizes, np.int64(n_live), np.int32(img_shift),
+         np.int32(row_shift), row_mask, class_mask, sboxes, codes))
+    ncodes = 1 << class_bits
+    keep, kept = nms_sorted_segments(sboxes, codes, seg_off, b, int(live.max()), ncodes, ncodes, nms_thresh)
+    rank = rank_keys(keys, keep, code_shift, class_bits)
+    kernel("postprocess", "detection_outputs", EXACT)(
+        (blocks(b * d),), (THREADS,),
+        (rank, seg_off, kept, scores, boxes, row_off, np.int32(b), np.int32(c), np.int32(d), image_sizes,
+         original_sizes, np.int32(row_shift), row_mask, class_mask, out_boxes, out_scores, out_labels, out_num))
+    return out_boxes, out_scores, out_labels, out_num
