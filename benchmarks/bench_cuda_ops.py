@@ -168,7 +168,7 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
             rows.append((op, batch, t_ours, t_tv, t_tv / t_ours, gbps))
             print(f"{op:28s} B={batch:3d}  ours {t_ours:8.3f} ms  torchvision {t_tv:8.3f} ms  "
                   f"x{t_tv / t_ours:6.1f}  {gbps:7.1f} GB/s", flush=True)
-        del props, feats, rois
+        props = feats = rois = None  # free this batch size before the next one
         cp.get_default_memory_pool().free_all_blocks()
         torch.cuda.empty_cache()
     return rows

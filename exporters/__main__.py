@@ -45,8 +45,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "'random' (seeded random weights, offline) or a state_dict checkpoint path")
     g.add_argument("--num-classes", type=int, default=91, help="classes incl. background, for --weights random")
     g.add_argument("--seed", type=int, default=0, help="seed for --weights random")
-    g.add_argument("--peaky", type=float, default=40.0,
-                   help="for --weights random: scale of the classifier weights, so scores are not uniform")
+    g.add_argument("--peaky", type=float, default=1.0,
+                   help="for --weights random: scale of the classifier weights (see exporters.loading.random_model)")
     g.add_argument("--class-names", type=Path, help="text file, one class name per line, background first")
     g.add_argument("--min-size", type=int, help="override the model's transform min_size")
     g.add_argument("--max-size", type=int, help="override the model's transform max_size")

@@ -376,7 +376,8 @@ def import_tensorrt():
             raise TensorRTUnavailable(f"TensorRT {version} is too old: this code needs TensorRT >= "
                                       f"{MIN_TENSORRT_MAJOR} (execute_async_v3, IProgressMonitor); {INSTALL_HINT}")
         return trt
-    raise TensorRTUnavailable("the TensorRT Python package is not importable (" + "; ".join(errors) + f"); {INSTALL_HINT}")
+    raise TensorRTUnavailable(
+        "the TensorRT Python package is not importable (" + "; ".join(errors) + f"); {INSTALL_HINT}")
 
 
 def cuda_device_count() -> int:
@@ -471,12 +472,15 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profile: Profile,
         printer(f"[trt] timing cache {timing_cache_path} is from another device or TensorRT; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
-    config.progress_monitor = _progress_monitor(trt, BuildProgress(printer))
+    # TensorRT keeps a raw pointer: the monitor (like the logger) must outlive the build
+    monitor = _progress_monitor(trt, BuildProgress(printer))
+    config.progress_monitor = monitor
     printer(f"[trt] building {plan_path.name} from {onnx_path.name} ({precision}, TensorRT {trt.__version__})")
     start = time.monotonic()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"TensorRT could not build {onnx_path}:\n  " + "\n  ".join(logger.errors or ["(no error logged)"]))
+        errors = logger.errors or ["(no error logged; rerun with verbose=True)"]
+        raise EngineBuildError(f"TensorRT could not build {onnx_path}:\n  " + "\n  ".join(errors))
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     plan_path.write_bytes(bytes(serialized))
     if timing_cache_path:
@@ -530,7 +534,8 @@ class _TorchDevice:
         import torch
 
         self.torch = torch
-        self.stream = torch.cuda.Stream()
+        # the stream the uploads are queued on, so the engine runs after them
+        self.stream = torch.cuda.current_stream()
 
     def to_device(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).cuda()
@@ -557,7 +562,7 @@ class _CupyDevice:
         import cupy
 
         self.cp = cupy
-        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.stream = cupy.cuda.get_current_stream()  # the uploads' stream (see _TorchDevice)
 
     def to_device(self, a: np.ndarray):
         return self.cp.asarray(np.ascontiguousarray(a))
@@ -600,7 +605,8 @@ def run_engine(plan_path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(Path(plan_path).read_bytes())
     if engine is None:
-        raise EngineBuildError(f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)")
+        raise EngineBuildError(
+            f"TensorRT could not deserialize {plan_path} (built by another TensorRT version or GPU?)")
     context = engine.create_execution_context()
     dev = _device_arrays()
     io_names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -701,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plans = build_plans(paths, args.out, settings, options, args.precision, int(args.workspace_gib * 2**30),
                             args.timing_cache, args.header_opt_rois, args.verbose)
         if args.check:
-            for name, inputs in _random_inputs(settings).items():
+            for name, inputs in random_inputs(settings).items():
                 for out, d in compare_with_onnxruntime(plans[name], paths[name], inputs).items():
                     print(f"{name}/{out}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}")
     except (TensorRTUnavailable, EngineBuildError, ValueError, FileNotFoundError) as e:
@@ -710,7 +716,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _random_inputs(settings: DetectorSettings, batch: int = 2, rois: int = 300, seed: int = 0) -> dict[str, dict]:
+def random_inputs(settings: DetectorSettings, batch: int = 2, rois: int = 300, seed: int = 0) -> dict[str, dict]:
     """Plausible inputs for the numeric check: normalized noise images at full canvas size and
     RoIs inside the canvas."""
     rng = np.random.default_rng(seed)

@@ -140,7 +140,8 @@ def _entrypoint_env(tmp_path: Path, **extra) -> dict[str, str]:
     env = dict(os.environ)
     env.update(EXPORT_PYTHON=sys.executable, GPU_NAME="Test GPU", MODEL="random", NUM_CLASSES="5", PEAKY="50",
                MIN_SIZE="256", MAX_SIZE="320", CANVAS="320x320", MAX_BATCH_SIZE="2", CACHE_DIR=str(tmp_path / "cache"),
-               PREPARE_ONLY="1", TARGET="python", PYTHONPATH=str(ROOT))
+               PREPARE_ONLY="1", TARGET="python",
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     env.update(extra)
     return env
 

@@ -339,7 +339,8 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt_bindings", None)
     onnx_file = tmp_path / "rpn.onnx"
     onnx_file.write_bytes(b"")
-    with pytest.raises(tb.TensorRTUnavailable, match=r"not importable \(import tensorrt: .*tensorrt-cu12-bindings==10\.5\.0"):
+    expected = r"not importable \(import tensorrt: .*tensorrt-cu12-bindings==10\.5\.0"
+    with pytest.raises(tb.TensorRTUnavailable, match=expected):
         tb.build_engine(onnx_file, tmp_path / "rpn.plan", {})
     assert not (tmp_path / "rpn.plan").exists()
 
@@ -466,7 +467,7 @@ def test_engines_match_onnxruntime(precision, tiny, trt_ready, tmp_path):
     plans = tb.build_plans(paths, tmp_path, settings, options, precision, workspace_bytes=1 << 30,
                            timing_cache_path=tmp_path / "timing.cache")
     assert (tmp_path / "timing.cache").stat().st_size > 0
-    inputs = tb._random_inputs(settings, batch=2, rois=64)
+    inputs = tb.random_inputs(settings, batch=2, rois=64)
     tol = TOLERANCES[precision]
     header = tb.compare_with_onnxruntime(plans[names.HEADER], paths[names.HEADER], inputs[names.HEADER])
     assert header[names.CLASS_SCORES].max_abs < tol[names.CLASS_SCORES], header

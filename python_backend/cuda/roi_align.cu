@@ -89,9 +89,9 @@ multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1,
     const int stride = 1 << (k_min + level);
     const float scale = 1.f / (float)stride;  // a power of two: exact
     // valid extent of image b on this level: its padded size / stride (settings.padded_extent)
-    const int ph_img = ((int)image_sizes[2 * b] + size_divisible - 1) / size_divisible * size_divisible;
-    const int pw_img = ((int)image_sizes[2 * b + 1] + size_divisible - 1) / size_divisible * size_divisible;
-    const int eh = min(ph_img / stride, H), ew = min(pw_img / stride, W);
+    const int pad_h = ((int)image_sizes[2 * b] + size_divisible - 1) / size_divisible * size_divisible;
+    const int pad_w = ((int)image_sizes[2 * b + 1] + size_divisible - 1) / size_divisible * size_divisible;
+    const int eh = min(pad_h / stride, H), ew = min(pad_w / stride, W);
 
     int off[ROI_TAPS];
     float wt[ROI_TAPS];
