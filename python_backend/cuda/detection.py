@@ -69,7 +69,7 @@ def postprocess_detections_batched(class_scores, class_boxes, counts, image_size
         (scores, boxes, row_off, np.int32(b), np.int32(c), image_sizes, np.float32(score_thresh),
          np.float32(min_size), np.int32(img_shift), np.int32(code_shift), np.int32(score_shift),
          np.int32(row_shift), keys))
-    keys = cp.sort(keys)
+    keys.sort()
     seg = cp.zeros((b, 2), dtype=cp.int32)
     kernel("postprocess", "segment_bounds", EXACT)(
         (blocks(n),), (THREADS,), (keys, np.int64(n), np.int32(img_shift), seg))

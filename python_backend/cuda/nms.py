@@ -46,8 +46,11 @@ def nms_sorted_segments(sboxes: cp.ndarray, codes: cp.ndarray, seg_off: cp.ndarr
         keep ``[N]`` uint8 (1 = kept) and kept_count ``[num_segments]`` int32.
     """
     n = int(sboxes.shape[0])
-    keep = cp.zeros((n,), dtype=cp.uint8)
-    kept_count = cp.zeros((num_segments,), dtype=cp.int32)
+    # one memset for everything that must start at zero
+    ints = cp.zeros((num_segments * (1 + 2 * ncodes) + (n + 3) // 4,), dtype=cp.int32)
+    kept_count = ints[:num_segments]
+    bounds = ints[num_segments:num_segments * (1 + 2 * ncodes)].reshape(2, num_segments, ncodes)
+    keep = ints[num_segments * (1 + 2 * ncodes):].view(cp.uint8)[:n]
     if n == 0 or max_segment == 0:
         return keep, kept_count
     nb = -(-int(max_segment) // 64)
@@ -56,7 +59,6 @@ def nms_sorted_segments(sboxes: cp.ndarray, codes: cp.ndarray, seg_off: cp.ndarr
                          f"(at most {48 * 1024 // 8 * 64} boxes per segment)")
     ngroups = min(invalid_code, ncodes)
     mask = cp.empty((n, nb), dtype=cp.uint64)
-    bounds = cp.zeros((2, num_segments, ncodes), dtype=cp.int32)
     kernel("nms", "nms_mask", EXACT)(
         (nb, nb, num_segments), (64,),
         (sboxes, codes, seg_off, np.int32(nb), np.int32(invalid_code), np.int32(ncodes),
@@ -77,7 +79,8 @@ def rank_keys(keys: cp.ndarray, keep: cp.ndarray, code_shift: int, code_bits: in
         field = ((1 << code_bits) - 1) << code_shift
         kernel("nms", "rank_keys", EXACT)(
             (blocks(n),), (THREADS,), (keys, keep, np.int64(n), np.int32(code_shift), np.uint64(field), out))
-    return cp.sort(out)
+        out.sort()
+    return out
 
 
 def batched_nms(boxes, scores, idxs, iou_threshold: float) -> cp.ndarray:
@@ -111,7 +114,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float) -> cp.ndarray:
     keys = cp.empty((n,), dtype=cp.uint64)
     kernel("nms", "generic_keys", EXACT)(
         (blocks(n),), (THREADS,), (scores, codes, np.int64(n), np.int32(code_shift), np.int32(score_shift), keys))
-    keys = cp.sort(keys)
+    keys.sort()
     sboxes = cp.empty((n, 4), dtype=cp.float32)
     scodes = cp.empty((n,), dtype=cp.int32)
     kernel("nms", "generic_gather", EXACT)(

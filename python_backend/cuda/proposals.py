@@ -1,19 +1,22 @@
-"""RPN proposal filtering for a whole batch on the GPU, with no host synchronization.
+"""RPN proposal filtering for a whole batch on the GPU: four launches, no host synchronization.
 
 GPU twin of :func:`python_backend.reference.detection.filter_proposals` applied to every image.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import cupy as cp
 import numpy as np
 
-from ._modules import EXACT, THREADS, blocks, kernel
-from .nms import SCORE_BITS, bits_for, check_key_bits, nms_sorted_segments, rank_keys
+from ._modules import EXACT, kernel
+from .nms import SCORE_BITS, bits_for, nms_sorted_segments
 
 LEVEL_BITS = 4  # level codes 0..14, 15 = dropped row
 INVALID_LEVEL = (1 << LEVEL_BITS) - 1
+MAX_PROPOSALS = 8192  # per image: its keys sort in 64 KB of shared memory
+SORT_THREADS = 1024
 
 
 @dataclass
@@ -33,13 +36,14 @@ def filter_proposals_batched(proposals: cp.ndarray, rpn_min_size: float, rpn_sco
     NMS per level at ``rpn_nms_thresh``; keep the ``post_nms_top_n`` best by score, ties in
     input order (``batched_nms(...)[:post_nms_top_n]``).
 
-    Pipeline (all images at once, no host round trip):
-    keys [img | level | -score | k] -> sort -> gather boxes -> bitmask NMS over every
-    (image, level) group -> keys [img | dropped | -score | k] -> sort -> compaction.
+    Four launches for the whole batch, no host round trip: one block per image sorts the keys
+    [level | -score | k] in shared memory; a bitmask launch and a reduction launch run NMS over
+    every (image, level) group; one block per image sorts the keys [dropped | -score | k] and
+    writes its top n.
 
     Args:
-        proposals: ``[B, K, 6]`` float32 rows ``x1 y1 x2 y2 objectness level``; integer levels
-            0..14 (rpn emits 0..4), -1 for padding.
+        proposals: ``[B, K, 6]`` float32 rows ``x1 y1 x2 y2 objectness level``, ``K <= 8192``;
+            integer levels 0..14 (rpn emits 0..4), -1 for padding.
     """
     proposals = cp.ascontiguousarray(cp.asarray(proposals, dtype=cp.float32))
     if proposals.ndim != 3 or proposals.shape[2] != 6:
@@ -47,35 +51,44 @@ def filter_proposals_batched(proposals: cp.ndarray, rpn_min_size: float, rpn_sco
     if post_nms_top_n < 1:
         raise ValueError(f"post_nms_top_n must be positive, got {post_nms_top_n}")
     b, k = int(proposals.shape[0]), int(proposals.shape[1])
+    if k > MAX_PROPOSALS:
+        raise ValueError(f"{k} proposals per image, expected at most {MAX_PROPOSALS} (one image sorts in shared memory)")
     rois = cp.empty((b * post_nms_top_n, 4), dtype=cp.float32)
     roi_img = cp.empty((b * post_nms_top_n,), dtype=cp.int32)
-    counts = cp.zeros((b + 1,), dtype=cp.int32)
     if b == 0 or k == 0:
-        return ProposalRois(rois, roi_img, counts)
-    idx_bits, img_bits = bits_for(k), bits_for(b)
-    check_key_bits(img_bits + LEVEL_BITS + SCORE_BITS + idx_bits, "proposal filtering")
-    score_shift = idx_bits
-    code_shift = score_shift + SCORE_BITS
-    img_shift = code_shift + LEVEL_BITS
-    n = b * k
-    keys = cp.empty((n,), dtype=cp.uint64)
-    kernel("proposals", "proposal_keys", EXACT)(
-        (blocks(n),), (THREADS,),
-        (proposals, np.int32(b), np.int32(k), np.float32(rpn_min_size), np.float32(rpn_score_thresh),
-         np.int32(INVALID_LEVEL), np.int32(img_shift), np.int32(code_shift), np.int32(score_shift), keys))
-    keys = cp.sort(keys)
-    sboxes = cp.empty((n, 4), dtype=cp.float32)
-    codes = cp.empty((n,), dtype=cp.int32)
+        return ProposalRois(rois, roi_img, cp.zeros((b + 1,), dtype=cp.int32))
+    counts = cp.empty((b + 1,), dtype=cp.int32)
+    idx_bits = bits_for(k)
+    code_shift = idx_bits + SCORE_BITS
+    n_pow2 = 1 << max(1, (k - 1).bit_length())
     idx_mask = np.uint64((1 << idx_bits) - 1)
-    kernel("proposals", "proposal_gather", EXACT)(
-        (blocks(n),), (THREADS,),
-        (keys, proposals, np.int64(n), np.int32(k), np.int32(img_shift), np.int32(code_shift),
-         np.uint64(INVALID_LEVEL), idx_mask, sboxes, codes))
-    seg_off = cp.arange(0, n + 1, k, dtype=cp.int32)
-    keep, kept = nms_sorted_segments(sboxes, codes, seg_off, b, k, INVALID_LEVEL + 1, INVALID_LEVEL,
-                                     rpn_nms_thresh)
-    rank = rank_keys(keys, keep, code_shift, LEVEL_BITS)
-    kernel("proposals", "proposal_rois", EXACT)(
-        (blocks(b * post_nms_top_n),), (THREADS,),
-        (rank, proposals, kept, np.int32(b), np.int32(k), np.int32(post_nms_top_n), idx_mask, rois, roi_img, counts))
+    keys = cp.empty((b * k,), dtype=cp.uint64)
+    sboxes = cp.empty((b * k, 4), dtype=cp.float32)
+    codes = cp.empty((b * k,), dtype=cp.int32)
+    _sort_kernel("proposal_sort", n_pow2)(
+        (b,), (SORT_THREADS,),
+        (proposals, np.int32(k), np.int32(n_pow2), np.float32(rpn_min_size), np.float32(rpn_score_thresh),
+         np.int32(INVALID_LEVEL), np.int32(code_shift), np.int32(idx_bits), idx_mask, keys, sboxes, codes),
+        shared_mem=n_pow2 * 8)
+    keep, kept = nms_sorted_segments(sboxes, codes, _segment_offsets(b, k), b, k, INVALID_LEVEL + 1,
+                                     INVALID_LEVEL, rpn_nms_thresh)
+    _sort_kernel("proposal_topk", n_pow2)(
+        (b,), (SORT_THREADS,),
+        (proposals, keys, keep, kept, np.int32(b), np.int32(k), np.int32(n_pow2), np.int32(post_nms_top_n),
+         np.int32(code_shift), idx_mask, rois, roi_img, counts),
+        shared_mem=n_pow2 * 8)
     return ProposalRois(rois, roi_img, counts)
+
+
+
+def _sort_kernel(name: str, n_pow2: int):
+    k = kernel("proposals", name, EXACT)
+    if n_pow2 * 8 > 48 * 1024:
+        k.max_dynamic_shared_size_bytes = n_pow2 * 8  # opt in above 48 KB (sm_70+)
+    return k
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_offsets(b: int, k: int) -> cp.ndarray:
+    """[0, K, 2K, ..., BK] int32 on the device, built once per (B, K) (current device)."""
+    return cp.arange(0, b * k + 1, k, dtype=cp.int32)

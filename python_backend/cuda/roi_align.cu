@@ -11,7 +11,8 @@
 // torchvision's kernel clamps at the border of a single-image tensor: nothing outside is read.
 //
 // Work layout: block = one RoI x ROI_CH channels, thread = one output bin of ROI_CPB channels at
-// a time; the bilinear taps of the thread's bin are computed once and reused for every channel.
+// a time; the bilinear taps of the thread's bin are computed once and reused for every channel,
+// and the RoI's window of the map is staged in shared memory (see below).
 // Blocks run RoI-fastest, so at any time the chip works on the same few channels of the same
 // image: those planes stay in L2 while the RoIs of that image read them.
 //
@@ -31,6 +32,9 @@
 #endif
 #ifndef ROI_CH
 #define ROI_CH 64
+#endif
+#ifndef ROI_WIN
+#define ROI_WIN 1024  // floats of one channel's window staged in shared memory (20 KB for 5 channels)
 #endif
 
 #define ROI_BINS (ROI_OUT * ROI_OUT)
@@ -93,49 +97,95 @@ multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1,
     const int pad_w = ((int)image_sizes[2 * b + 1] + size_divisible - 1) / size_divisible * size_divisible;
     const int eh = min(pad_h / stride, H), ew = min(pad_w / stride, W);
 
+    const float x1 = __fmul_rn(roi.x, scale), y1 = __fmul_rn(roi.y, scale);
+    const float rw = fmaxf(__fsub_rn(__fmul_rn(roi.z, scale), x1), 1.f);
+    const float rh = fmaxf(__fsub_rn(__fmul_rn(roi.w, scale), y1), 1.f);
+    const float bw = __fdiv_rn(rw, (float)ROI_OUT), bh = __fdiv_rn(rh, (float)ROI_OUT);
+    // start + p * bin + (i + .5) * bin / grid, left to right as torchvision
+    auto coord = [](float start, float bin, int p, int i) {
+        return __fadd_rn(__fadd_rn(start, __fmul_rn((float)p, bin)),
+                         __fdiv_rn(__fmul_rn((float)i + 0.5f, bin), (float)ROI_SAMPLING));
+    };
+    const bool empty = eh <= 0 || ew <= 0;
+
+    // The taps of the whole RoI lie in a window [wy0, wy0 + wh) x [wx0, wx0 + ww) of the map: taps
+    // grow with the sample coordinate, so the first and last samples bound it.  When the window of
+    // ROI_CPB channels fits in shared memory, the block stages it there with coalesced row reads
+    // and interpolates from it: each feature value is read from L1/L2 once per (RoI, channel)
+    // instead of once per tap.  Larger windows (long thin RoIs) read the taps directly.
+    int wy0 = 0, wx0 = 0, wh = 0, ww = 0;
+    if (!empty) {
+        const AxisTap ya = axis_tap(coord(y1, bh, 0, 0), eh), yz = axis_tap(coord(y1, bh, ROI_OUT - 1, ROI_SAMPLING - 1), eh);
+        const AxisTap xa = axis_tap(coord(x1, bw, 0, 0), ew), xz = axis_tap(coord(x1, bw, ROI_OUT - 1, ROI_SAMPLING - 1), ew);
+        wy0 = ya.lo;
+        wh = yz.hi - ya.lo + 1;
+        wx0 = xa.lo;
+        ww = xz.hi - xa.lo + 1;
+    }
+    const bool staged = !empty && wh * ww <= ROI_WIN;
+    const int pitch = staged ? ww : W;
+    const int oy = staged ? wy0 : 0, ox = staged ? wx0 : 0;
+
     int off[ROI_TAPS];
     float wt[ROI_TAPS];
-    {
-        const float x1 = __fmul_rn(roi.x, scale), y1 = __fmul_rn(roi.y, scale);
-        const float rw = fmaxf(__fsub_rn(__fmul_rn(roi.z, scale), x1), 1.f);
-        const float rh = fmaxf(__fsub_rn(__fmul_rn(roi.w, scale), y1), 1.f);
-        const float bw = __fdiv_rn(rw, (float)ROI_OUT), bh = __fdiv_rn(rh, (float)ROI_OUT);
-        const bool empty = eh <= 0 || ew <= 0;
 #pragma unroll
-        for (int iy = 0; iy < ROI_SAMPLING; ++iy) {
-            // start + ph * bin + (iy + .5) * bin / grid, left to right as torchvision
-            const float y = __fadd_rn(__fadd_rn(y1, __fmul_rn((float)ph, bh)),
-                                      __fdiv_rn(__fmul_rn((float)iy + 0.5f, bh), (float)ROI_SAMPLING));
-            const AxisTap ty = axis_tap(y, eh);
+    for (int iy = 0; iy < ROI_SAMPLING; ++iy) {
+        const AxisTap ty = axis_tap(coord(y1, bh, ph, iy), eh);
 #pragma unroll
-            for (int ix = 0; ix < ROI_SAMPLING; ++ix) {
-                const float x = __fadd_rn(__fadd_rn(x1, __fmul_rn((float)pw, bw)),
-                                          __fdiv_rn(__fmul_rn((float)ix + 0.5f, bw), (float)ROI_SAMPLING));
-                const AxisTap tx = axis_tap(x, ew);
-                const int q = (iy * ROI_SAMPLING + ix) * 4;
-                off[q + 0] = ty.lo * W + tx.lo;
-                off[q + 1] = ty.lo * W + tx.hi;
-                off[q + 2] = ty.hi * W + tx.lo;
-                off[q + 3] = ty.hi * W + tx.hi;
-                wt[q + 0] = __fmul_rn(ty.wlo, tx.wlo);
-                wt[q + 1] = __fmul_rn(ty.wlo, tx.whi);
-                wt[q + 2] = __fmul_rn(ty.whi, tx.wlo);
-                wt[q + 3] = __fmul_rn(ty.whi, tx.whi);
-                if (empty) {
+        for (int ix = 0; ix < ROI_SAMPLING; ++ix) {
+            const AxisTap tx = axis_tap(coord(x1, bw, pw, ix), ew);
+            const int q = (iy * ROI_SAMPLING + ix) * 4;
+            off[q + 0] = (ty.lo - oy) * pitch + (tx.lo - ox);
+            off[q + 1] = (ty.lo - oy) * pitch + (tx.hi - ox);
+            off[q + 2] = (ty.hi - oy) * pitch + (tx.lo - ox);
+            off[q + 3] = (ty.hi - oy) * pitch + (tx.hi - ox);
+            wt[q + 0] = __fmul_rn(ty.wlo, tx.wlo);
+            wt[q + 1] = __fmul_rn(ty.wlo, tx.whi);
+            wt[q + 2] = __fmul_rn(ty.whi, tx.wlo);
+            wt[q + 3] = __fmul_rn(ty.whi, tx.whi);
+            if (empty) {
 #pragma unroll
-                    for (int z = 0; z < 4; ++z) { off[q + z] = 0; wt[q + z] = 0.f; }
+                for (int z = 0; z < 4; ++z) {
+                    off[q + z] = 0;
+                    wt[q + z] = 0.f;
                 }
             }
         }
     }
 
     const size_t plane = (size_t)H * W;
-    const int c_end = min(C, (int)(blockIdx.y + 1) * ROI_CH);
-    for (int c = blockIdx.y * ROI_CH + csub; c < c_end; c += ROI_CPB) {
-        const float* p = feat + ((size_t)b * C + c) * plane;
-        float acc = 0.f;
+    const int c_begin = blockIdx.y * ROI_CH, c_end = min(C, c_begin + ROI_CH);
+    const float inv_count = 1.f / (float)(ROI_SAMPLING * ROI_SAMPLING);  // 1/4: exact
+    if (staged) {
+        __shared__ float win[ROI_CPB * ROI_WIN];
+        const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, full_warps = blockDim.x >> 5;
+        for (int cb = c_begin; cb < c_end; cb += ROI_CPB) {
+            const int nc = min(ROI_CPB, c_end - cb);
+            __syncthreads();  // the previous chunk's reads are done
+            if (warp < full_warps) {
+                for (int row = warp; row < nc * wh; row += full_warps) {
+                    const int cl = row / wh, yy = row - cl * wh;
+                    const float* src = feat + ((size_t)b * C + cb + cl) * plane + (size_t)(wy0 + yy) * W + wx0;
+                    float* dst = win + cl * ROI_WIN + yy * ww;
+                    for (int xx = lane; xx < ww; xx += 32) dst[xx] = __ldg(src + xx);
+                }
+            }
+            __syncthreads();
+            if (csub < nc) {
+                const float* w = win + csub * ROI_WIN;
+                float acc = 0.f;
 #pragma unroll
-        for (int q = 0; q < ROI_TAPS; ++q) acc += wt[q] * __ldg(p + off[q]);
-        out[((size_t)r * C + c) * ROI_BINS + bin] = acc / (float)(ROI_SAMPLING * ROI_SAMPLING);
+                for (int q = 0; q < ROI_TAPS; ++q) acc += wt[q] * w[off[q]];
+                out[((size_t)r * C + cb + csub) * ROI_BINS + bin] = acc * inv_count;
+            }
+        }
+    } else {
+        for (int c = c_begin + csub; c < c_end; c += ROI_CPB) {
+            const float* p = feat + ((size_t)b * C + c) * plane;
+            float acc = 0.f;
+#pragma unroll
+            for (int q = 0; q < ROI_TAPS; ++q) acc += wt[q] * __ldg(p + off[q]);
+            out[((size_t)r * C + c) * ROI_BINS + bin] = acc * inv_count;
+        }
     }
 }

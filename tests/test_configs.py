@@ -1,0 +1,102 @@
+"""Every config.pbtxt parses with model_config_pb2 and agrees with the ONNX I/O and the ensemble maps."""
+from __future__ import annotations
+
+import onnx
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from exporters.repository import RepositoryOptions, read_config, write_repository
+from python_backend import names
+
+ONNX_TYPES = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.INT32: mc.TYPE_INT32}
+
+
+@pytest.fixture(scope="module")
+def repo(square_export, tmp_path_factory):
+    settings, paths = square_export
+    out = tmp_path_factory.mktemp("repo")
+    write_repository(out, settings, paths, RepositoryOptions(target="python", max_batch_size=4))
+    return out, settings, paths
+
+
+def _configs(out):
+    return {p.parent.name: read_config(p) for p in sorted(out.glob("*/config.pbtxt"))}
+
+
+def test_every_model_has_a_config_and_version(repo):
+    out, _, _ = repo
+    cfgs = _configs(out)
+    expected = {names.ENSEMBLE, names.ENSEMBLE_RAW, names.PREPROCESS_RAW, *names.STEPS}
+    assert set(cfgs) == expected
+    for name, cfg in cfgs.items():
+        assert cfg.name == name
+        assert (out / name / "1").is_dir()
+        if cfg.backend == "python":
+            assert (out / name / "1" / "model.py").is_file()
+
+
+@pytest.mark.parametrize("model", [names.RPN, names.HEADER])
+def test_network_configs_match_onnx_io(repo, model):
+    out, _, paths = repo
+    cfg = _configs(out)[model]
+    graph = onnx.load(str(out / model / "1" / "model.onnx")).graph
+    for proto_list, values in ((cfg.input, graph.input), (cfg.output, graph.output)):
+        assert [t.name for t in proto_list] == [v.name for v in values]
+        for t, v in zip(proto_list, values):
+            dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
+            assert list(t.dims) == dims[1:], f"{model}.{t.name}: config dims {list(t.dims)} vs ONNX {dims}"
+            assert t.data_type == ONNX_TYPES[v.type.tensor_type.elem_type]
+    assert cfg.max_batch_size >= 4
+
+
+def test_header_batch_holds_every_roi_of_a_full_batch(repo):
+    out, settings, _ = repo
+    cfg = _configs(out)
+    assert cfg[names.HEADER].max_batch_size == 4 * settings.rpn_post_nms_top_n
+    assert all(cfg[n].max_batch_size >= cfg[names.ENSEMBLE].max_batch_size
+               for n in (names.PREPROCESS, names.RPN, names.ROI, names.HEADER))
+
+
+@pytest.mark.parametrize("ensemble", [names.ENSEMBLE, names.ENSEMBLE_RAW])
+def test_ensemble_maps_agree_with_step_configs(repo, ensemble):
+    out, _, _ = repo
+    cfgs = _configs(out)
+    ens = cfgs[ensemble]
+    assert ens.platform == "ensemble"
+    produced = {t.name: (t.data_type, "ensemble input") for t in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        cfg = cfgs[step.model_name]
+        inputs = {t.name: t for t in cfg.input}
+        outputs = {t.name: t for t in cfg.output}
+        assert set(step.input_map) == set(inputs), f"{step.model_name}: every input mapped"
+        for model_tensor, ens_tensor in step.input_map.items():
+            assert ens_tensor in produced, f"{step.model_name}.{model_tensor} reads {ens_tensor!r}, which nothing produced yet"
+            assert produced[ens_tensor][0] == inputs[model_tensor].data_type, f"{ens_tensor} dtype"
+        for model_tensor, ens_tensor in step.output_map.items():
+            assert model_tensor in outputs, f"{step.model_name} has no output {model_tensor!r}"
+            produced[ens_tensor] = (outputs[model_tensor].data_type, step.model_name)
+    for t in ens.output:
+        assert t.name in produced, f"ensemble output {t.name!r} is produced by no step"
+        assert produced[t.name][0] == t.data_type
+
+
+def test_step_parameters_carry_the_model_settings(repo):
+    from python_backend.settings import DetectorSettings
+
+    out, settings, _ = repo
+    for name in (names.PREPROCESS, names.ROI, names.POSTPROCESS):
+        cfg = _configs(out)[name]
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        assert DetectorSettings.from_parameters(params) == settings
+
+
+def test_repository_errors_are_clear(square_export, tmp_path):
+    settings, paths = square_export
+    with pytest.raises(ValueError, match="target must be one of"):
+        RepositoryOptions(target="tflite")
+    with pytest.raises(ValueError, match="needs engines"):
+        write_repository(tmp_path / "r", settings, paths, RepositoryOptions(target="tensorrt"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="cannot write the model repository"):
+        write_repository(blocker / "repo", settings, paths, RepositoryOptions())
