@@ -49,7 +49,7 @@ def match(ref: Detections, ours: Detections, iou_min: float = 0.99, score_tol: f
     """
     if len(ref.scores) == 0 or len(ours.scores) == 0:
         return 0, len(ours.scores)
-    iou = box_iou(torch.from_numpy(ref.boxes).float(), torch.from_numpy(ours.boxes).float()).numpy()
+    iou = box_iou(torch.tensor(ref.boxes, dtype=torch.float32), torch.tensor(ours.boxes, dtype=torch.float32)).numpy()
     ok = ((iou >= iou_min) & (ref.labels[:, None] == ours.labels[None, :])
           & (np.abs(ref.scores[:, None] - ours.scores[None, :]) <= score_tol))
     used = np.zeros(len(ours.scores), bool)

@@ -195,6 +195,8 @@ class TestNms:
             gpu_nms.nms(cp.zeros((3, 5), cp.float32), cp.zeros(3, cp.float32), 0.5)
         with pytest.raises(ValueError, match="proposals must be"):
             filter_proposals_batched(cp.zeros((2, 10, 5), cp.float32), 1e-3, 0.0, 0.7, 1000)
+        with pytest.raises(ValueError, match="expected at most 8192"):
+            filter_proposals_batched(cp.zeros((1, 8193, 6), cp.float32), 1e-3, 0.0, 0.7, 1000)
 
 
 # ---------------------------------------------------------------------------------------
@@ -306,7 +308,10 @@ def edge_case_rois(rng: np.random.Generator, h: float, w: float, n_random: int) 
         [[-4.5, 3, -1, 9], [w - 0.5, 5, w + 3, 12]],
         [[12, 12, 12, 12], [0, 0, 0, 0], [w, h, w, h], [5, 5, 5, 25]],
         [[7, 9, 8, 10], [w - 1, h - 1, w, h], [0.5, 0.5, 1.5, 1.5]],
-        [[0, 0, w, h], [0, 0, w - 1, h - 1], [0, 0, 112, 112], [0, 0, 224, 224], [0, 0, 448, 448]],  # level edges
+        [[0, 0, 112, 112], [0, 0, 224, 224], [0, 0, 448, 448]],  # level edges
+        # the whole image: on P5 of a 1333-wide image its window (43 x 26) is too big to stage in
+        # shared memory, so the kernel's direct-read path runs too
+        [[0, 0, w, h], [0, 0, w - 1, h - 1]],
     ]
     return np.concatenate([np.asarray(c, dtype=np.float32) for c in cases])
 

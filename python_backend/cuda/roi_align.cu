@@ -63,7 +63,7 @@ __device__ __forceinline__ AxisTap axis_tap(float coord, int extent) {
     return a;
 }
 
-extern "C" __global__ void __launch_bounds__(ROI_BINS * ROI_CPB)
+extern "C" __global__ void __launch_bounds__(ROI_BINS * ROI_CPB, 3)  // 3 blocks per SM: <= 80 registers
 multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1, const float* __restrict__ f2,
                      const float* __restrict__ f3, int h0, int w0, int h1, int w1, int h2, int w2, int h3, int w3,
                      const float4* __restrict__ rois, const int* __restrict__ roi_img,

@@ -35,8 +35,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
         img.load()
     except BadImageError:
         raise
-    except UnidentifiedImageError as e:
-        raise BadImageError(f"not a decodable image ({len(data)} bytes): {e}") from None
+    except UnidentifiedImageError:
+        raise BadImageError(f"not a decodable image ({len(data)} bytes): no known image format "
+                            "(JPEG, PNG, ...) recognized") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError(f"corrupt or truncated image ({len(data)} bytes): {e}") from None
     arr = np.asarray(img.convert("RGB"))
