@@ -4,7 +4,8 @@ Ops, at B images of 4390 proposals (5 levels) and 1000 RoIs each, 256 channels, 
   * proposal NMS: ours = ``filter_proposals_batched`` (whole batch, no host sync);
     torchvision = what ``RegionProposalNetwork.filter_proposals`` does per image
     (remove_small_boxes, score threshold, ``batched_nms`` per level, top 1000);
-  * ROIAlign: ours = ``multilevel_roi_align`` (one launch); torchvision = ``MultiScaleRoIAlign``;
+  * ROIAlign: ours = ``multilevel_roi_align`` (one launch, default build; "staged window" =
+    the experimental shared-memory window, ``window=1024``); torchvision = ``MultiScaleRoIAlign``;
   * roi step: ours = ``python_backend.cuda.steps.roi_step``; torchvision = the two above.
 
 Each figure is the median of CUDA-event timings after a warm-up; every timed run takes the next
@@ -99,7 +100,7 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
 
     from python_backend.cuda import steps as gpu_steps
     from python_backend.cuda.proposals import filter_proposals_batched
-    from python_backend.cuda.roi_align import multilevel_roi_align
+    from python_backend.cuda.roi_align import WINDOW, multilevel_roi_align
     from python_backend.settings import DetectorSettings
 
     print(versions(cp, torch, torchvision), flush=True)
@@ -137,9 +138,12 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
         def tv_nms(i):
             tv_filter(props[i][0])
 
-        def ours_align(i):
+        def ours_align(i, window=WINDOW):
             r, img = rois[i]
-            multilevel_roi_align(feats[i % 2], r, img, num_rois, sizes, STRIDES, 7, 2)
+            multilevel_roi_align(feats[i % 2], r, img, num_rois, sizes, STRIDES, 7, 2, window=window)
+
+        def ours_align_staged(i):
+            ours_align(i, window=1024)
 
         def tv_maps(i):
             return {f"p{k + 2}": torch.from_dlpack(f) for k, f in enumerate(feats[i % 2])}
@@ -161,6 +165,7 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
         align_bytes = r * 4 * 4 + r * channels * 49 * 4
         for op, ours, theirs, nbytes in (("proposal NMS", ours_nms, tv_nms, nms_bytes),
                                           ("ROIAlign", ours_align, tv_align, align_bytes),
+                                          ("ROIAlign, staged window", ours_align_staged, tv_align, align_bytes),
                                           ("roi step (NMS + ROIAlign)", ours_step, tv_step, nms_bytes + align_bytes)):
             t_ours = time_ms(cp, ours, list(range(input_sets)), warmup, repeat)
             t_tv = time_ms(cp, theirs, list(range(input_sets)), warmup, max(5, repeat // 5))

@@ -334,8 +334,9 @@ def tv_multiscale(features: list[np.ndarray], rois: np.ndarray, roi_img: np.ndar
 
 
 class TestRoIAlign:
+    @pytest.mark.parametrize("window", [1024, 0], ids=["staged", "direct"])
     @pytest.mark.parametrize("batch, channels", [(1, 16), (3, 32)])
-    def test_matches_reference_and_torchvision(self, batch, channels):
+    def test_matches_reference_and_torchvision(self, batch, channels, window):
         rng = np.random.default_rng(batch)
         sizes = image_sizes_for(batch)
         feats = canvas_features(rng, batch, channels, sizes)
@@ -344,7 +345,7 @@ class TestRoIAlign:
         rois = np.concatenate(rois)
         out = cp.asnumpy(gpu_multilevel_roi_align(
             [cp.asarray(f) for f in feats], cp.asarray(rois), cp.asarray(roi_img),
-            cp.asarray([len(rois)], dtype=cp.int32), cp.asarray(sizes), FPN_STRIDES, 7, 2))
+            cp.asarray([len(rois)], dtype=cp.int32), cp.asarray(sizes), FPN_STRIDES, 7, 2, window=window))
         padded = np.array([[padded_extent(int(h)), padded_extent(int(w))] for h, w in sizes])
         ref = multilevel_roi_align(feats, rois, roi_img, padded, FPN_STRIDES, 7, 2)
         assert np.abs(out - ref).max() <= ATOL

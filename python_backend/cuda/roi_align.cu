@@ -11,8 +11,10 @@
 // torchvision's kernel clamps at the border of a single-image tensor: nothing outside is read.
 //
 // Work layout: block = one RoI x ROI_CH channels, thread = one output bin of ROI_CPB channels at
-// a time; the bilinear taps of the thread's bin are computed once and reused for every channel,
-// and the RoI's window of the map is staged in shared memory (see below).
+// a time; the bilinear taps of the thread's bin are computed once and reused for every channel.
+// With ROI_WIN > 0 the RoI's window of the map is staged in shared memory first (see below);
+// that path is correct (tested) but measured 7x slower on the H100, so the Python side builds
+// with ROI_WIN = 0 (direct reads) by default until it is understood (docs/gpu_kernels.md).
 // Blocks run RoI-fastest, so at any time the chip works on the same few channels of the same
 // image: those planes stay in L2 while the RoIs of that image read them.
 //
@@ -34,11 +36,28 @@
 #define ROI_CH 64
 #endif
 #ifndef ROI_WIN
-#define ROI_WIN 1024  // floats of one channel's window staged in shared memory (20 KB for 5 channels)
+#define ROI_WIN 1024  // floats of one channel's window in shared memory (2 x 20 KB for 5 channels)
 #endif
 
+#define ROI_WIN_ALLOC (ROI_WIN > 0 ? ROI_WIN : 1)  // ROI_WIN = 0: never stage (direct reads only)
 #define ROI_BINS (ROI_OUT * ROI_OUT)
 #define ROI_TAPS (ROI_SAMPLING * ROI_SAMPLING * 4)
+
+// 4-byte global -> shared copies that hold no register while in flight (cp.async, sm_80+).
+#if __CUDA_ARCH__ >= 800
+__device__ __forceinline__ void async_copy4(float* dst, const float* src) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(src) : "memory");
+}
+__device__ __forceinline__ void async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void async_wait_all_but_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+__device__ __forceinline__ void async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+#else
+__device__ __forceinline__ void async_copy4(float* dst, const float* src) { *dst = __ldg(src); }
+__device__ __forceinline__ void async_commit() {}
+__device__ __forceinline__ void async_wait_all_but_one() {}
+__device__ __forceinline__ void async_wait_all() {}
+#endif
 
 struct AxisTap {
     int lo, hi;
@@ -157,27 +176,41 @@ multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1,
     const int c_begin = blockIdx.y * ROI_CH, c_end = min(C, c_begin + ROI_CH);
     const float inv_count = 1.f / (float)(ROI_SAMPLING * ROI_SAMPLING);  // 1/4: exact
     if (staged) {
-        __shared__ float win[ROI_CPB * ROI_WIN];
+        // Double buffer: the window of the next ROI_CPB channels is copied (cp.async, no
+        // registers held) while the current one is interpolated.
+        __shared__ float win[2][ROI_CPB * ROI_WIN_ALLOC];
         const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, full_warps = blockDim.x >> 5;
-        for (int cb = c_begin; cb < c_end; cb += ROI_CPB) {
+        auto stage = [&](int cb, float* buf) {
             const int nc = min(ROI_CPB, c_end - cb);
-            __syncthreads();  // the previous chunk's reads are done
             if (warp < full_warps) {
                 for (int row = warp; row < nc * wh; row += full_warps) {
                     const int cl = row / wh, yy = row - cl * wh;
                     const float* src = feat + ((size_t)b * C + cb + cl) * plane + (size_t)(wy0 + yy) * W + wx0;
-                    float* dst = win + cl * ROI_WIN + yy * ww;
-                    for (int xx = lane; xx < ww; xx += 32) dst[xx] = __ldg(src + xx);
+                    float* dst = buf + cl * ROI_WIN_ALLOC + yy * ww;
+                    for (int xx = lane; xx < ww; xx += 32) async_copy4(dst + xx, src + xx);
                 }
             }
-            __syncthreads();
-            if (csub < nc) {
-                const float* w = win + csub * ROI_WIN;
+            async_commit();
+        };
+        stage(c_begin, win[0]);
+        int slot = 0;
+        for (int cb = c_begin; cb < c_end; cb += ROI_CPB, slot ^= 1) {
+            const bool more = cb + ROI_CPB < c_end;
+            if (more) {
+                stage(cb + ROI_CPB, win[slot ^ 1]);
+                async_wait_all_but_one();
+            } else {
+                async_wait_all();
+            }
+            __syncthreads();  // this chunk's window is complete for every thread
+            if (csub < min(ROI_CPB, c_end - cb)) {
+                const float* w = win[slot] + csub * ROI_WIN_ALLOC;
                 float acc = 0.f;
 #pragma unroll
                 for (int q = 0; q < ROI_TAPS; ++q) acc += wt[q] * w[off[q]];
                 out[((size_t)r * C + cb + csub) * ROI_BINS + bin] = acc * inv_count;
             }
+            __syncthreads();  // reads of this slot are done before it is staged again
         }
     } else {
         for (int c = c_begin + csub; c < c_end; c += ROI_CPB) {

@@ -16,18 +16,21 @@ from ._modules import kernel
 
 CHANNELS_PER_BLOCK = 64  # ROI_CH: a block = one RoI x 64 channels
 THREADS_TARGET = 256
+# ROI_WIN: floats per channel of the RoI window staged in shared memory; 0 reads taps directly.
+# Off by default: staging measured 7x slower than direct reads on the H100 (docs/gpu_kernels.md).
+WINDOW = 0
 
 
-def _options(output_size: int, sampling_ratio: int) -> tuple[str, ...]:
+def _options(output_size: int, sampling_ratio: int, window: int) -> tuple[str, ...]:
     cpb = max(1, THREADS_TARGET // (output_size * output_size))
     return (f"-DROI_OUT={output_size}", f"-DROI_SAMPLING={sampling_ratio}", f"-DROI_CPB={cpb}",
-            f"-DROI_CH={CHANNELS_PER_BLOCK}")
+            f"-DROI_CH={CHANNELS_PER_BLOCK}", f"-DROI_WIN={int(window)}")
 
 
 def multilevel_roi_align(features: list[cp.ndarray], rois: cp.ndarray, roi_img: cp.ndarray, num_rois: cp.ndarray,
                          image_sizes: cp.ndarray, strides: tuple[int, ...], output_size: int, sampling_ratio: int,
                          canonical_scale: float = 224, canonical_level: int = 4, eps: float = 1e-6,
-                         size_divisible: int = SIZE_DIVISIBLE) -> cp.ndarray:
+                         size_divisible: int = SIZE_DIVISIBLE, window: int = WINDOW) -> cp.ndarray:
     """torchvision MultiScaleRoIAlign for RoIs of several images on canvas-sized FPN maps.
 
     Args:
@@ -39,6 +42,8 @@ def multilevel_roi_align(features: list[cp.ndarray], rois: cp.ndarray, roi_img: 
         image_sizes: ``[B, 2]`` resized (h, w); each image's extent on a level is that size
             rounded up to ``size_divisible``, divided by the stride.
         strides: strides of the 4 levels, consecutive powers of two, e.g. (4, 8, 16, 32).
+        window: stage each RoI's window of the map in shared memory when it holds at most this
+            many floats per channel; 0 reads every bilinear tap from global memory (same result).
     Returns:
         ``[R, C, output_size, output_size]`` float32.
     """
@@ -60,7 +65,9 @@ def multilevel_roi_align(features: list[cp.ndarray], rois: cp.ndarray, roi_img: 
     if r == 0 or c == 0:
         return out
     image_sizes = cp.ascontiguousarray(cp.asarray(image_sizes, dtype=cp.float32))
-    options = _options(output_size, sampling_ratio)
+    if window < 0 or window > 1024:
+        raise ValueError(f"window must be in [0, 1024] floats (shared memory), got {window}")
+    options = _options(output_size, sampling_ratio, window)
     cpb = max(1, THREADS_TARGET // (output_size * output_size))
     dims = [np.int32(d) for f in features for d in f.shape[2:]]
     kernel("roi_align", "multilevel_roi_align", options)(
