@@ -60,3 +60,15 @@ def postprocess_step(class_scores: np.ndarray, class_boxes: np.ndarray, image_si
         settings.box_min_size, settings.box_nms_thresh, settings.box_detections_per_img)
     boxes = ref_detection.rescale_boxes(boxes, image_size, original_size)
     return ref_detection.pack_detections(boxes, scores, labels, settings.box_detections_per_img)
+
+
+def postprocess_batch(class_scores: np.ndarray, class_boxes: np.ndarray, counts, image_sizes, original_sizes,
+                      settings: DetectorSettings):
+    """Header outputs of a batch (RoIs image after image, ``counts [B]`` of each) -> stacked
+    fixed-size detections: boxes ``[B, D, 4]``, scores ``[B, D]``, labels ``[B, D]`` int32,
+    num ``[B, 1]`` int32.  Same signature as :func:`python_backend.cuda.steps.postprocess_batch`."""
+    counts = np.asarray(counts).reshape(-1)
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    per_image = [postprocess_step(class_scores[a:b], class_boxes[a:b], image_sizes[i], original_sizes[i], settings)
+                 for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
+    return tuple(np.stack(parts) for parts in zip(*per_image))

@@ -1,0 +1,65 @@
+"""Launch-shape sweep of the ROIAlign kernel at B = 8 x 1000 RoIs (the 0.5 ms target), for
+profiling with Nsight Compute:
+
+    python benchmarks/profile_roi_align.py                     # sweep, prints a table
+    ncu --kernel-name multilevel_roi_align --launch-skip 3 --launch-count 1 \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
+        python benchmarks/profile_roi_align.py --once          # one default launch, profiled
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_cuda_ops import CANVAS, SIZES, STRIDES, make_rois, time_ms  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--once", action="store_true", help="a few default launches only (for ncu)")
+    args = p.parse_args(argv)
+    import cupy as cp
+
+    from python_backend.cuda import roi_align as ra
+
+    rng = np.random.default_rng(0)
+    b = args.batch
+    sizes_host = np.array([SIZES[i % len(SIZES)] for i in range(b)], np.float32)
+    feats = [cp.random.standard_normal((b, 256, CANVAS[0] // s, CANVAS[1] // s), dtype=cp.float32) for s in STRIDES]
+    inputs = [make_rois(cp, rng, sizes_host, 1000) for _ in range(4)]
+    num = cp.asarray([b * 1000], cp.int32)
+    sizes = cp.asarray(sizes_host)
+
+    def run(i):
+        rois, img = i
+        return ra.multilevel_roi_align(feats, rois, img, num, sizes, STRIDES, 7, 2)
+
+    if args.once:
+        for i in range(5):
+            run(inputs[i % 4])
+        cp.cuda.Device().synchronize()
+        return 0
+    ref = run(inputs[0])
+    print("| channels per block | threads target | ms (median) | max abs diff vs default |")
+    print("| ---: | ---: | ---: | ---: |")
+    default = (ra.CHANNELS_PER_BLOCK, ra.THREADS_TARGET)
+    for ch in (8, 16, 32, 64, 128, 256):
+        for threads in (128, 256, 512):
+            ra.CHANNELS_PER_BLOCK, ra.THREADS_TARGET = ch, threads
+            try:
+                diff = float(cp.abs(run(inputs[0]) - ref).max())
+                ms = time_ms(cp, run, inputs, 5, 30)
+                print(f"| {ch} | {threads} | {ms:.3f} | {diff:.1e} |", flush=True)
+            except Exception as e:  # a shape the kernel's launch bounds refuse
+                print(f"| {ch} | {threads} | failed: {type(e).__name__} | |", flush=True)
+    ra.CHANNELS_PER_BLOCK, ra.THREADS_TARGET = default
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
