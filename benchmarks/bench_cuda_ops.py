@@ -4,8 +4,8 @@ Ops, at B images of 4390 proposals (5 levels) and 1000 RoIs each, 256 channels, 
   * proposal NMS: ours = ``filter_proposals_batched`` (whole batch, no host sync);
     torchvision = what ``RegionProposalNetwork.filter_proposals`` does per image
     (remove_small_boxes, score threshold, ``batched_nms`` per level, top 1000);
-  * ROIAlign: ours = ``multilevel_roi_align`` (one launch, default build; "staged window" =
-    the experimental shared-memory window, ``window=1024``); torchvision = ``MultiScaleRoIAlign``;
+  * ROIAlign: ours = ``multilevel_roi_align`` (one launch, channels-last maps and output);
+    torchvision = ``MultiScaleRoIAlign`` on NCHW copies of the same maps;
   * roi step: ours = ``python_backend.cuda.steps.roi_step``; torchvision = the two above.
 
 Each figure is the median of CUDA-event timings after a warm-up; every timed run takes the next
@@ -100,7 +100,7 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
 
     from python_backend.cuda import steps as gpu_steps
     from python_backend.cuda.proposals import filter_proposals_batched
-    from python_backend.cuda.roi_align import WINDOW, multilevel_roi_align
+    from python_backend.cuda.roi_align import multilevel_roi_align
     from python_backend.settings import DetectorSettings
 
     print(versions(cp, torch, torchvision), flush=True)
@@ -111,8 +111,9 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
     for batch in batches:
         props = [make_proposals(cp, rng, batch) for _ in range(input_sets)]
         sizes_host = np.array([SIZES[i % len(SIZES)] for i in range(batch)], np.float32)
-        feats = [[cp.random.standard_normal((batch, channels, CANVAS[0] // s, CANVAS[1] // s), dtype=cp.float32)
-                  for s in STRIDES] for _ in range(2)]
+        feats = [[cp.random.standard_normal((batch, CANVAS[0] // s, CANVAS[1] // s, channels), dtype=cp.float32)
+                  for s in STRIDES] for _ in range(2)]  # channels last, as the rpn emits them
+        feats_nchw = [[cp.ascontiguousarray(f.transpose(0, 3, 1, 2)) for f in fs] for fs in feats]
         rois = [make_rois(cp, rng, sizes_host, rois_per_image) for _ in range(input_sets)]
         num_rois = cp.asarray([batch * rois_per_image], cp.int32)
         sizes = cp.asarray(sizes_host)
@@ -138,15 +139,12 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
         def tv_nms(i):
             tv_filter(props[i][0])
 
-        def ours_align(i, window=WINDOW):
+        def ours_align(i):
             r, img = rois[i]
-            multilevel_roi_align(feats[i % 2], r, img, num_rois, sizes, STRIDES, 7, 2, window=window)
-
-        def ours_align_staged(i):
-            ours_align(i, window=1024)
+            multilevel_roi_align(feats[i % 2], r, img, num_rois, sizes, STRIDES, 7, 2)
 
         def tv_maps(i):
-            return {f"p{k + 2}": torch.from_dlpack(f) for k, f in enumerate(feats[i % 2])}
+            return {f"p{k + 2}": torch.from_dlpack(f) for k, f in enumerate(feats_nchw[i % 2])}
 
         def tv_align(i):
             r, img = rois[i]
@@ -165,7 +163,6 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
         align_bytes = r * 4 * 4 + r * channels * 49 * 4
         for op, ours, theirs, nbytes in (("proposal NMS", ours_nms, tv_nms, nms_bytes),
                                           ("ROIAlign", ours_align, tv_align, align_bytes),
-                                          ("ROIAlign, staged window", ours_align_staged, tv_align, align_bytes),
                                           ("roi step (NMS + ROIAlign)", ours_step, tv_step, nms_bytes + align_bytes)):
             t_ours = time_ms(cp, ours, list(range(input_sets)), warmup, repeat)
             t_tv = time_ms(cp, theirs, list(range(input_sets)), warmup, max(5, repeat // 5))
@@ -173,7 +170,7 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
             rows.append((op, batch, t_ours, t_tv, t_tv / t_ours, gbps))
             print(f"{op:28s} B={batch:3d}  ours {t_ours:8.3f} ms  torchvision {t_tv:8.3f} ms  "
                   f"x{t_tv / t_ours:6.1f}  {gbps:7.1f} GB/s", flush=True)
-        props = feats = rois = None  # free this batch size before the next one
+        props = feats = feats_nchw = rois = None  # free this batch size before the next one
         cp.get_default_memory_pool().free_all_blocks()
         torch.cuda.empty_cache()
     return rows

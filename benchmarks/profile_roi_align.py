@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     b = args.batch
     sizes_host = np.array([SIZES[i % len(SIZES)] for i in range(b)], np.float32)
-    feats = [cp.random.standard_normal((b, 256, CANVAS[0] // s, CANVAS[1] // s), dtype=cp.float32) for s in STRIDES]
+    feats = [cp.random.standard_normal((b, CANVAS[0] // s, CANVAS[1] // s, 256), dtype=cp.float32) for s in STRIDES]
     inputs = [make_rois(cp, rng, sizes_host, 1000) for _ in range(4)]
     num = cp.asarray([b * 1000], cp.int32)
     sizes = cp.asarray(sizes_host)
@@ -45,19 +45,21 @@ def main(argv=None) -> int:
         cp.cuda.Device().synchronize()
         return 0
     ref = run(inputs[0])
-    print("| channels per block | threads target | ms (median) | max abs diff vs default |")
+    print("| channel threads | bin threads | ms (median) | max abs diff vs default |")
     print("| ---: | ---: | ---: | ---: |")
-    default = (ra.CHANNELS_PER_BLOCK, ra.THREADS_TARGET)
-    for ch in (8, 16, 32, 64, 128, 256):
-        for threads in (128, 256, 512):
-            ra.CHANNELS_PER_BLOCK, ra.THREADS_TARGET = ch, threads
+    default = (ra.CHANNEL_THREADS, ra.BIN_THREADS)
+    for ch in (32, 64, 128, 256):
+        for bins in (1, 2, 4, 8):
+            if ch * bins > 1024:
+                continue
+            ra.CHANNEL_THREADS, ra.BIN_THREADS = ch, bins
             try:
                 diff = float(cp.abs(run(inputs[0]) - ref).max())
                 ms = time_ms(cp, run, inputs, 5, 30)
-                print(f"| {ch} | {threads} | {ms:.3f} | {diff:.1e} |", flush=True)
+                print(f"| {ch} | {bins} | {ms:.3f} | {diff:.1e} |", flush=True)
             except Exception as e:  # a shape the kernel's launch bounds refuse
-                print(f"| {ch} | {threads} | failed: {type(e).__name__} | |", flush=True)
-    ra.CHANNELS_PER_BLOCK, ra.THREADS_TARGET = default
+                print(f"| {ch} | {bins} | failed: {type(e).__name__} | |", flush=True)
+    ra.CHANNEL_THREADS, ra.BIN_THREADS = default
     return 0
 
 

@@ -81,7 +81,9 @@ class RpnNetwork(nn.Module):
         proposals ``[B, K, 6]``: ``x1 y1 x2 y2`` clipped to the image, objectness probability,
             FPN level index (0 = P2 ... 4 = P6, -1 = padding row).  Rows come level by level,
             each level by descending objectness logit, as torchvision's ``_get_top_n_idx``.
-        P2..P5 ``[B, 256, H/s, W/s]``: FPN maps (valid inside each image's padded extent).
+        P2..P5 ``[B, H/s, W/s, 256]``: FPN maps, channels last (valid inside each image's padded
+            extent).  Channels last lets the ROIAlign kernel read each bilinear tap of 32
+            channels as one cache line.
     """
 
     def __init__(self, model: FasterRCNN, settings: DetectorSettings):
@@ -158,24 +160,42 @@ class RpnNetwork(nn.Module):
             prob = torch.where(sel_valid, torch.sigmoid(top), zero)
             lvl = torch.where(sel_valid, torch.tensor(float(level)), torch.tensor(-1.0))
             out.append(torch.stack((x[:, :, 0], y[:, :, 0], x[:, :, 1], y[:, :, 1], prob, lvl), dim=2))
-        return (torch.cat(out, dim=1), *maps[:4])
+        return (torch.cat(out, dim=1), *(m.permute(0, 2, 3, 1).contiguous() for m in maps[:4]))
+
+
+def _fc6_channels_last(box_head: nn.Module, channels: int, size: int) -> bool:
+    """Permute the first Linear of torchvision's TwoMLPHead so that it reads a flattened
+    ``[S, S, C]`` RoI feature instead of ``[C, S, S]``: same outputs, no transpose at run time."""
+    fc6 = getattr(box_head, "fc6", None)
+    if not isinstance(fc6, nn.Linear) or fc6.in_features != channels * size * size:
+        return False
+    with torch.no_grad():
+        w = fc6.weight.view(fc6.out_features, channels, size, size).permute(0, 2, 3, 1)
+        fc6.weight.copy_(w.reshape(fc6.out_features, -1))
+    return True
 
 
 class HeaderNetwork(nn.Module):
     """Box head + predictor + box decode over R RoIs (R is the dynamic batch axis).
 
-    Inputs: roi_features ``[R, 256, 7, 7]``, rois ``[R, 4]`` (x1 y1 x2 y2 on the resized image).
+    Inputs: roi_features ``[R, 7, 7, 256]`` (channels last, as the ROIAlign step writes them),
+    rois ``[R, 4]`` (x1 y1 x2 y2 on the resized image).
     Outputs: class_scores ``[R, C]`` softmax; class_boxes ``[R, C, 4]`` decoded, not clipped.
     """
 
-    def __init__(self, model: FasterRCNN):
+    def __init__(self, model: FasterRCNN, channels: int = 256):
         super().__init__()
         self.box_head = copy.deepcopy(model.roi_heads.box_head).eval()
+        size = int(model.roi_heads.box_roi_pool.output_size[0])
+        # TwoMLPHead: fold the layout change into fc6; any other head gets an explicit permute
+        self.permute_input = not _fc6_channels_last(self.box_head, channels, size)
         self.box_predictor = copy.deepcopy(model.roi_heads.box_predictor).eval()
         self.box_coder = model.roi_heads.box_coder
         self.num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
 
     def forward(self, roi_features: Tensor, rois: Tensor):
+        if self.permute_input:
+            roi_features = roi_features.permute(0, 3, 1, 2)
         x = self.box_head(roi_features)
         class_logits, box_regression = self.box_predictor(x)
         scores = torch.softmax(class_logits, dim=-1)

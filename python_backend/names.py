@@ -33,10 +33,10 @@ ORIGINAL_SIZES = "original_sizes"  # [B, 2] float32: decoded (height, width)
 
 # --- rpn outputs ------------------------------------------------------------------------
 PROPOSALS = "proposals"  # [B, K, 6] float32: x1 y1 x2 y2 objectness_prob level(-1 = none)
-FEATURES = ("features_p2", "features_p3", "features_p4", "features_p5")  # [B, 256, H/s, W/s]
+FEATURES = ("features_p2", "features_p3", "features_p4", "features_p5")  # [B, H/s, W/s, 256] channels last
 
 # --- roi step outputs / header inputs ----------------------------------------------
-ROI_FEATURES = "roi_features"  # [R, 256, 7, 7] float32
+ROI_FEATURES = "roi_features"  # [R, 7, 7, 256] float32, channels last
 ROIS = "rois"  # [R, 4] float32, x1 y1 x2 y2 on the resized image
 NUM_ROIS = "num_rois"  # [B, 1] int32 (per image); R may hold one zero-area filler RoI
 

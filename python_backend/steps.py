@@ -33,7 +33,7 @@ def roi_step(proposals: np.ndarray, features: list[np.ndarray], image_sizes: np.
 
     Args:
         proposals: ``[B, K, 6]`` rpn output.
-        features: P2..P5, each ``[B, 256, H/s, W/s]``.
+        features: P2..P5, each ``[B, H/s, W/s, 256]`` (channels last).
         image_sizes: ``[B, 2]`` resized (h, w).
     """
     rois = [ref_detection.filter_proposals(p, settings.rpn_min_size, settings.rpn_score_thresh,

@@ -337,6 +337,16 @@ def test_map_levels_matches_level_mapper():
     np.testing.assert_array_equal(map_levels(square_rois([112, 224, 448])), [1, 2, 3])
 
 
+def nhwc(x: np.ndarray) -> np.ndarray:
+    """The tests build maps NCHW, like torchvision; the reference takes them channels last."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def nchw(x: np.ndarray) -> np.ndarray:
+    """Pooled features come back [R, S, S, C]; torchvision's are [R, C, S, S]."""
+    return x.transpose(0, 3, 1, 2)
+
+
 def tv_roi_align(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray, scale: float) -> np.ndarray:
     r = np.concatenate([batch_idx[:, None].astype(np.float32), rois], axis=1)
     return torchvision.ops.roi_align(torch.from_numpy(feature), torch.from_numpy(r), output_size=7,
@@ -367,7 +377,7 @@ class TestRoIAlign:
         rois = edge_case_rois(rng, fh * stride, fw * stride)
         batch_idx = rng.integers(0, 2, len(rois))
         extents = np.array([[fh, fw], [fh, fw]])
-        out = roi_align_level(feature, rois, batch_idx, extents, 1.0 / stride, 7, 2)
+        out = nchw(roi_align_level(nhwc(feature), rois, batch_idx, extents, 1.0 / stride, 7, 2))
         expected = tv_roi_align(feature, rois, batch_idx, 1.0 / stride)
         assert out.shape == (len(rois), c, 7, 7) and out.dtype == np.float32
         np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
@@ -396,19 +406,19 @@ class TestRoIAlign:
             cropped = np.ascontiguousarray(feature[b:b + 1, :, :eh, :ew])
             expected.append(tv_roi_align(cropped, r, np.zeros(len(r), dtype=np.int64), 1.0 / stride))
         rois, batch_idx, expected = np.concatenate(rois), np.concatenate(batch_idx), np.concatenate(expected)
-        out = roi_align_level(feature, rois, batch_idx, extents, 1.0 / stride, 7, 2)
+        out = nchw(roi_align_level(nhwc(feature), rois, batch_idx, extents, 1.0 / stride, 7, 2))
         np.testing.assert_allclose(out, expected, rtol=0, atol=ATOL)
         # Not vacuous: clamping at the canvas edge instead would read the garbage.
         full = np.array([[canvas_h, canvas_w]] * 2)
         with np.errstate(invalid="ignore"):
-            unclamped = roi_align_level(feature, rois, batch_idx, full, 1.0 / stride, 7, 2)
+            unclamped = nchw(roi_align_level(nhwc(feature), rois, batch_idx, full, 1.0 / stride, 7, 2))
         assert not np.allclose(unclamped, expected, rtol=0, atol=1.0)
         assert np.isfinite(out).all()
 
     def test_roi_align_level_empty(self):
         feature = np.zeros((2, 3, 8, 8), dtype=np.float32)
-        out = roi_align_level(feature, np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
-                              np.array([[8, 8], [8, 8]]), 0.25, 7, 2)
+        out = nchw(roi_align_level(nhwc(feature), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                                   np.array([[8, 8], [8, 8]]), 0.25, 7, 2))
         assert out.shape == (0, 3, 7, 7) and out.dtype == np.float32
 
     @pytest.mark.parametrize("sampling_ratio", [0, -1])
@@ -451,7 +461,8 @@ class TestRoIAlign:
         rois = np.concatenate(rois_b)
         batch_idx = np.concatenate([np.full(len(r), b) for b, r in enumerate(rois_b)])
         perm = rng.permutation(len(rois))
-        out = multilevel_roi_align(features, rois[perm], batch_idx[perm], padded, FPN_STRIDES, 7, 2)
+        out = nchw(multilevel_roi_align([nhwc(f) for f in features], rois[perm], batch_idx[perm], padded,
+                                        FPN_STRIDES, 7, 2))
         assert out.shape == (len(rois), c, 7, 7) and out.dtype == np.float32
         np.testing.assert_allclose(out[np.argsort(perm)], np.concatenate(expected), rtol=0, atol=ATOL)
         if len(rois) > 50:

@@ -1,5 +1,8 @@
 """Multi-level ROIAlign in NumPy: torchvision LevelMapper + roi_align(aligned=False).
 
+Channels last: maps are ``[B, H, W, C]`` and pooled features ``[R, S, S, C]`` (the contract in
+python_backend/names.py), which lets the GPU kernel read and write whole cache lines.
+
 Feature maps live on a fixed canvas, but each image only owns the top-left part of it that
 torchvision would have allocated for that image alone (its resized size rounded up to 32).
 Sampling clamps at that extent, exactly as torchvision's kernel clamps at the edge of a
@@ -47,17 +50,17 @@ def _axis_samples(start: np.ndarray, bin_size: np.ndarray, pooled: int, grid: in
 
 def roi_align_level(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray, extents: np.ndarray,
                     spatial_scale: float, output_size: int, sampling_ratio: int) -> np.ndarray:
-    """ROIAlign (aligned=False) of ``rois [R, 4]`` on one level ``feature [B, C, H, W]``.
+    """ROIAlign (aligned=False) of ``rois [R, 4]`` on one level ``feature [B, H, W, C]``.
 
     ``extents [B, 2]`` int: each image's valid (height, width) on this level.
-    Returns ``[R, C, output_size, output_size]`` float32.
+    Returns ``[R, output_size, output_size, C]`` float32.
     """
     if sampling_ratio <= 0:
         raise ValueError(f"sampling_ratio must be positive (adaptive sampling is not supported), got {sampling_ratio}")
     r = rois.shape[0]
-    c = feature.shape[1]
+    c = feature.shape[3]
     if r == 0:
-        return np.zeros((0, c, output_size, output_size), dtype=np.float32)
+        return np.zeros((0, output_size, output_size, c), dtype=np.float32)
     scale = np.float32(spatial_scale)
     x1 = rois[:, 0] * scale
     y1 = rois[:, 1] * scale
@@ -68,7 +71,7 @@ def roi_align_level(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray
     ext = extents[batch_idx]
     ylo, yhi, wylo, wyhi, yvalid = _axis_samples(y1, bin_h, output_size, sampling_ratio, ext[:, 0])
     xlo, xhi, wxlo, wxhi, xvalid = _axis_samples(x1, bin_w, output_size, sampling_ratio, ext[:, 1])
-    fmap = np.ascontiguousarray(feature.transpose(0, 2, 3, 1))  # [B, H, W, C]: channels contiguous
+    fmap = feature
     b = batch_idx[:, None, None]
     out = np.zeros((r, ylo.shape[1], xlo.shape[1], c), dtype=np.float32)
     for yi, wy in ((ylo, wylo), (yhi, wyhi)):
@@ -77,7 +80,7 @@ def roi_align_level(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray
             out += w[..., None] * fmap[b, yi[:, :, None], xi[:, None, :]]
     g = sampling_ratio
     out = out.reshape(r, output_size, g, output_size, g, c).sum(axis=(2, 4)) / np.float32(g * g)
-    return np.ascontiguousarray(out.transpose(0, 3, 1, 2)).astype(np.float32)
+    return out.astype(np.float32)
 
 
 def multilevel_roi_align(features: list[np.ndarray], rois: np.ndarray, batch_idx: np.ndarray,
@@ -87,19 +90,19 @@ def multilevel_roi_align(features: list[np.ndarray], rois: np.ndarray, batch_idx
     """torchvision MultiScaleRoIAlign for RoIs of several images on canvas-sized FPN maps.
 
     Args:
-        features: per level ``[B, C, H/s, W/s]`` float32 (P2..P5).
+        features: per level ``[B, H/s, W/s, C]`` float32 (P2..P5, channels last).
         rois: ``[R, 4]`` x1 y1 x2 y2 on the resized image.
         batch_idx: ``[R]`` image index of each RoI.
         padded_sizes: ``[B, 2]`` each image's resized (h, w) rounded up to 32.
         strides: stride of each level, e.g. (4, 8, 16, 32).
     Returns:
-        ``[R, C, output_size, output_size]`` float32.
+        ``[R, output_size, output_size, C]`` float32.
     """
     rois = np.asarray(rois, dtype=np.float32)
     batch_idx = np.asarray(batch_idx, dtype=np.int64)
     padded_sizes = np.asarray(padded_sizes, dtype=np.int64)
-    c = features[0].shape[1]
-    out = np.zeros((rois.shape[0], c, output_size, output_size), dtype=np.float32)
+    c = features[0].shape[3]
+    out = np.zeros((rois.shape[0], output_size, output_size, c), dtype=np.float32)
     k_min = int(round(np.log2(strides[0])))
     levels = map_levels(rois, canonical_scale, canonical_level, eps, k_min, k_min + len(strides) - 1)
     for level, (feature, stride) in enumerate(zip(features, strides)):

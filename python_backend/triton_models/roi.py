@@ -1,6 +1,6 @@
 """Triton model: proposal NMS per level, then multi-level ROIAlign.
 
-Each request's images come back as ``rois [R, 4]`` and ``roi_features [R, 256, 7, 7]`` with
+Each request's images come back as ``rois [R, 4]`` and ``roi_features [R, 7, 7, 256]`` with
 R = the request's surviving RoIs (R is the header's batch axis), plus ``num_rois [B, 1]``.
 A request with no RoI at all gets one zero-area filler row so that the header is never
 asked for an empty batch; ``num_rois`` tells postprocess to ignore it.
