@@ -48,7 +48,7 @@ def test_gpu_ensemble_equals_cpu_path_and_torchvision(gpu_server, square_export,
     order = list(IMAGES) + ["coffee", "tiny"]
     results = detect.infer_many(client, [encode(IMAGES[n]) for n in order], concurrency=len(order))
     for name, res in zip(order, results):
-        assert not isinstance(res, Exception), res
+        assert not isinstance(res, Exception), f"{res}\n--- server log ---\n{gpu_server.log_text()[-6000:]}"
         ours = _dets(res)
         (expected,) = cpu([IMAGES[name]])
         np.testing.assert_array_equal(ours.labels, expected.labels, err_msg=name)
