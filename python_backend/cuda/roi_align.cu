@@ -25,7 +25,7 @@
 #define ROI_SAMPLING 2
 #endif
 #ifndef ROI_CT
-#define ROI_CT 64
+#define ROI_CT 32
 #endif
 #ifndef ROI_BT
 #define ROI_BT 4

@@ -14,7 +14,7 @@ import numpy as np
 from ..settings import SIZE_DIVISIBLE
 from ._modules import kernel
 
-CHANNEL_THREADS = 64  # ROI_CT: threads along channels (a warp reads 32 consecutive channels)
+CHANNEL_THREADS = 32  # ROI_CT: threads along channels (a warp reads 32 consecutive channels)
 BIN_THREADS = 4  # ROI_BT: threads along the output bins of one RoI
 
 
