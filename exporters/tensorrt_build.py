@@ -95,7 +95,7 @@ def optimization_profiles(settings: DetectorSettings, options: RepositoryOptions
             names.IMAGE_SIZES: batch_axis(1, b, b, (2,)),
         },
         names.HEADER: {
-            names.ROI_FEATURES: batch_axis(1, r_opt, r_max, (256, s, s)),
+            names.ROI_FEATURES: batch_axis(1, r_opt, r_max, (s, s, 256)),
             names.ROIS: batch_axis(1, r_opt, r_max, (4,)),
         },
     }
@@ -728,7 +728,7 @@ def random_inputs(settings: DetectorSettings, batch: int = 2, rois: int = 300, s
     return {
         names.RPN: {names.IMAGES: rng.standard_normal((batch, 3, h, w), dtype=np.float32),
                     names.IMAGE_SIZES: np.array([[h, w]] * batch, dtype=np.float32)},
-        names.HEADER: {names.ROI_FEATURES: rng.standard_normal((rois, 256, s, s), dtype=np.float32),
+        names.HEADER: {names.ROI_FEATURES: rng.standard_normal((rois, s, s, 256), dtype=np.float32),
                        names.ROIS: boxes},
     }
 

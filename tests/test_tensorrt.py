@@ -61,7 +61,7 @@ def test_profiles_cover_batch_and_rois():
     assert p[names.RPN][names.IMAGE_SIZES] == ((1, 2), (4, 2), (4, 2))
     r = max_rois(settings, options)
     assert r == 1200
-    assert p[names.HEADER][names.ROI_FEATURES] == ((1, 256, 7, 7), (r, 256, 7, 7), (r, 256, 7, 7))
+    assert p[names.HEADER][names.ROI_FEATURES] == ((1, 7, 7, 256), (r, 7, 7, 256), (r, 7, 7, 256))
     assert p[names.HEADER][names.ROIS] == ((1, 4), (r, 4), (r, 4))
 
 
@@ -487,7 +487,7 @@ def test_engine_accepts_the_profile_extremes(tiny, trt_ready, tmp_path):
     plan = tb.build_engine(paths[names.HEADER], tmp_path / "header.plan", profile, "fp32", 1 << 30)
     for r in (1, max_rois(settings, options)):
         rng = np.random.default_rng(r)
-        out = tb.run_engine(plan, {names.ROI_FEATURES: rng.standard_normal((r, 256, 7, 7), dtype=np.float32),
+        out = tb.run_engine(plan, {names.ROI_FEATURES: rng.standard_normal((r, 7, 7, 256), dtype=np.float32),
                                    names.ROIS: np.tile(np.array([[0, 0, 32, 32]], np.float32), (r, 1))})
         assert out[names.CLASS_SCORES].shape == (r, settings.num_classes)
         np.testing.assert_allclose(out[names.CLASS_SCORES].sum(axis=1), 1.0, atol=1e-4)

@@ -24,7 +24,7 @@ def roi_step(proposals: cp.ndarray, features: list[cp.ndarray], image_sizes: cp.
         features: P2..P5, each ``[B, 256, H/s, W/s]`` float32 on the canvas.
         image_sizes: ``[B, 2]`` resized (h, w).
     Returns:
-        :class:`RoiBatch` of CuPy arrays: rois ``[R, 4]``, features ``[R, 256, 7, 7]`` (views
+        :class:`RoiBatch` of CuPy arrays: rois ``[R, 4]``, features ``[R, 7, 7, 256]`` (views
         of buffers sized for ``B * rpn_post_nms_top_n`` RoIs), counts ``[B]`` int64.
 
     Filtering and ROIAlign run back to back on the device; the only host synchronization is
