@@ -1,7 +1,8 @@
 """Triton model (benchmark baseline): torchvision ``fasterrcnn_resnet50_fpn`` run eagerly on the GPU.
 
 The reference the ensemble is measured against: same input as the ``fasterrcnn`` ensemble
-(TYPE_STRING ``image``, one encoded image per batch item), same outputs (``boxes [100, 4]``,
+(TYPE_STRING ``image``, one encoded image per batch item; or, when the config's input is
+``image_raw``, as ``fasterrcnn_raw``: one decoded UINT8 HWC image), same outputs (``boxes [100, 4]``,
 ``scores [100]``, ``labels [100]`` int32, ``num_detections [1]`` int32, unused slots zero), same
 weights (``weights_file``, a state_dict next to this file).  All images of a batch go through one
 ``model(list_of_images)`` call, as a user of torchvision would batch them.
@@ -10,6 +11,7 @@ Parameters (config.pbtxt): the DetectorSettings of the export (sizes, thresholds
 image), ``weights_file``, and ``precision``: "fp32" (TF32 off) or "fp16" (``torch.autocast``
 float16 around the model call, torchvision's usual mixed precision).
 """
+import json
 import os
 
 import numpy as np
@@ -18,11 +20,9 @@ import triton_python_backend_utils as pb_utils
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from python_backend import names
-from python_backend.reference.image import BadImageError, decode_image
+from python_backend.reference.image import BadImageError, check_image_array, decode_image
 from python_backend.settings import DetectorSettings
-from python_backend.triton_io import bytes_items, error_response, install_bytes_reader, model_parameters, output
-
-install_bytes_reader(pb_utils)
+from python_backend.triton_io import bytes_items, error_response, model_parameters, output, to_numpy
 
 
 def pack(detections: list[dict], slots: int):
@@ -48,10 +48,13 @@ class TritonPythonModel:
         self.precision = params.get("precision", "fp32")
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
-        self.device = torch.device("cuda", int(args["model_instance_device_id"]))
-        torch.cuda.set_device(self.device)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        if args["model_instance_kind"] == "GPU":
+            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        else:  # KIND_CPU: only for trying the benchmark's plumbing on a machine without a GPU
+            self.device = torch.device("cpu")
         model = fasterrcnn_resnet50_fpn(
             weights=None, weights_backbone=None, num_classes=s.num_classes, min_size=s.min_size,
             max_size=s.max_size, image_mean=list(s.image_mean), image_std=list(s.image_std),
@@ -62,14 +65,24 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], params.get("weights_file", "weights.pt"))
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.model = model.to(self.device).eval()
+        self.raw = json.loads(args["model_config"])["input"][0]["name"] == names.IMAGE_RAW
+
+    def _images(self, request) -> list[np.ndarray]:
+        s = self.settings
+        if self.raw:
+            images = list(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_RAW)))
+            for im in images:
+                check_image_array(im, s.max_input_pixels, s.min_input_side)
+            return images
+        items = bytes_items(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES))
+        return [decode_image(b, s.max_input_pixels, s.min_input_side) for b in items]
 
     def execute(self, requests):
         s = self.settings
         images, owners, errors = [], [], {}
         for k, request in enumerate(requests):
             try:
-                items = bytes_items(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES))
-                decoded = [decode_image(b, s.max_input_pixels, s.min_input_side) for b in items]
+                decoded = self._images(request)
             except BadImageError as e:
                 errors[k] = f"bad input image: {e}"
                 continue
@@ -78,7 +91,8 @@ class TritonPythonModel:
                 owners.append(k)
         detections = []
         if images:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
+            fp16 = self.precision == "fp16" and self.device.type == "cuda"
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
                 detections = self.model(images)
         packed = pack(detections, s.box_detections_per_img)
         owners = np.asarray(owners, dtype=np.int64)

@@ -6,7 +6,9 @@ Steps (everything written under --out, default $OUT, else ./out/bench):
   1. seeded random weights (no download) -> ``python -m exporters export --target torch`` at the
      800x1344 canvas, fp32 and fp16; the baseline repository beside them (benchmarks/repositories.py);
   2. one tritonserver per repository (CUDA memory pool 4 GiB), a warm-up, then perf_analyzer on each
-     model at each concurrency, real JPEG input (perf_analyzer --input-data JSON, ``b64``);
+     model at each concurrency, real JPEG input (perf_analyzer --input-data JSON, ``b64``), or, with
+     ``--input raw``, the same photographs decoded (``fasterrcnn_raw``, UINT8 HWC, all 480x640 so
+     that Triton can batch them; see "Input mode" below);
   3. Triton's statistics before/after each model's sweep: queue / compute_input / compute_infer /
      compute_output per request and per execution, and the average batch, for every step;
   4. accuracy on the GPU: served detections against torchvision eager fp32 on CUDA
@@ -15,17 +17,28 @@ Steps (everything written under --out, default $OUT, else ./out/bench):
 
 Needs: CUDA torch, CuPy, tritonclient, and the binaries from env TRITONSERVER_BIN (+
 TRITON_BACKEND_DIR) and PERF_ANALYZER_BIN (``source .device/setup.sh`` sets all three).
+
+Input mode: the python-backend stub of the Triton 2.51 build in the nvidia-pytriton wheel was built
+against numpy 1.  Under numpy 2 (the GPU machine has 2.5, and CuPy 14 requires >= 2.0) it hands a
+TYPE_STRING input's buffer to Python through a uint8 array with zero strides: every byte reads as
+the first one (seen on the H100: a 74,966-byte JPEG request arrived as one 74,962-byte item of
+0xD2 bytes).  So with numpy 2, ``--input auto`` (the default) benchmarks the ``fasterrcnn_raw`` entry
+point (decoded UINT8 images, read through DLPack, which works) for the ensemble and the baselines
+alike, and says so in summary.md; JPEG decoding is then left out of both.  ``--input jpeg`` forces
+encoded input (NVIDIA's Triton images, or numpy 1).
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import csv
+import functools
 import io
 import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -42,7 +55,8 @@ from python_backend import names  # noqa: E402
 
 log = logging.getLogger("perf")
 
-ENSEMBLE_MODELS = {"fp32": [names.ENSEMBLE, "baseline_fp32", "baseline_fp16"], "fp16": [names.ENSEMBLE]}
+ENSEMBLE_MODELS = {"fp32": ["ensemble", "baseline_fp32", "baseline_fp16"], "fp16": ["ensemble"]}
+RAW_SHAPE = (480, 640)  # perf_analyzer's raw images: one shape, so the dynamic batcher can batch them
 STEP_MODELS = (names.PREPROCESS, names.RPN, names.ROI, names.HEADER, names.POSTPROCESS)
 POOL_BYTES = 4 << 30
 FP16_MIN_MATCHED, FP16_IOU = 0.97, 0.9
@@ -50,14 +64,21 @@ FP16_MIN_MATCHED, FP16_IOU = 0.97, 0.9
 
 def label(repo_precision: str, model: str) -> str:
     """Row name: ``ensemble_fp32`` / ``ensemble_fp16`` / ``baseline_fp32`` / ``baseline_fp16``."""
-    return f"ensemble_{repo_precision}" if model == names.ENSEMBLE else model
+    return f"ensemble_{repo_precision}" if model == "ensemble" else model
+
+
+def served_name(model: str, raw: bool) -> str:
+    """Triton model name: the ensemble's entry point for the input mode; baselines keep their name."""
+    if model == "ensemble":
+        return names.ENSEMBLE_RAW if raw else names.ENSEMBLE
+    return model
 
 
 # --- inputs --------------------------------------------------------------------------------------
 
 def jpeg_payloads(folder: Path) -> dict[str, bytes]:
     """scikit-image's photographs (no download) plus two synthetic ones, as JPEG bytes; all landscape
-    or square, so they fit the 800x1344 canvas."""
+    or square, so they fit the 800x1344 canvas.  Decode them (:func:`decoded`) for raw input."""
     import skimage.data
     from PIL import Image
 
@@ -76,12 +97,68 @@ def jpeg_payloads(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def write_input_data(path: Path, payloads: list[bytes]) -> Path:
-    """perf_analyzer real-input JSON: one entry per image, BYTES given base64 (``{"b64": ...}``),
-    each the one element of the request's ``image`` tensor."""
-    data = {"data": [{names.IMAGE_BYTES: {"b64": base64.b64encode(p).decode("ascii")}} for p in payloads]}
-    path.write_text(json.dumps(data))
+def decoded(payloads: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """JPEG bytes -> ``[H, W, 3]`` uint8, decoded as the server decodes them."""
+    from python_backend.reference.image import decode_image
+
+    return {k: decode_image(v, 50_000_000, 2) for k, v in payloads.items()}
+
+
+def resized(images: dict[str, np.ndarray], shape: tuple[int, int] = RAW_SHAPE) -> dict[str, np.ndarray]:
+    from PIL import Image
+
+    return {k: np.asarray(Image.fromarray(v).resize((shape[1], shape[0]), Image.BILINEAR)) for k, v in images.items()}
+
+
+def write_input_data(path: Path, items: list) -> Path:
+    """perf_analyzer real-input JSON, one entry per image.  JPEG bytes: the ``image`` BYTES tensor's one
+    element, base64 (``{"b64": ...}``).  Decoded arrays: ``image_raw`` as ``content`` + ``shape``."""
+    entries = []
+    for item in items:
+        if isinstance(item, (bytes, bytearray)):
+            entries.append({names.IMAGE_BYTES: {"b64": base64.b64encode(item).decode("ascii")}})
+        else:
+            entries.append({names.IMAGE_RAW: {"content": item.reshape(-1).tolist(), "shape": list(item.shape)}})
+    path.write_text(json.dumps({"data": entries}))
     return path
+
+
+def send_many(client, model: str, items: list, concurrency: int = 4) -> list:
+    """Each item (JPEG bytes -> ``image``; uint8 HWC array -> ``image_raw``) as its own request, at most
+    ``concurrency`` in flight; per item the InferResult or the exception it failed with."""
+    import threading
+
+    import tritonclient.grpc as grpcclient
+
+    results: list = [None] * len(items)
+    slots = threading.Semaphore(max(1, concurrency))
+    done = threading.Event()
+    left = [len(items)]
+    lock = threading.Lock()
+
+    def callback(i, result=None, error=None):  # tritonclient passes result= and error= by keyword
+        results[i] = error if error is not None else result
+        slots.release()
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+    if not items:
+        return results
+    outputs = [grpcclient.InferRequestedOutput(n) for n in
+               (names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS)]
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray)):
+            inp = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
+            inp.set_data_from_numpy(np.array([[bytes(item)]], dtype=np.object_))
+        else:
+            inp = grpcclient.InferInput(names.IMAGE_RAW, [1, *item.shape], "UINT8")
+            inp.set_data_from_numpy(np.ascontiguousarray(item[None]))
+        slots.acquire()
+        client.async_infer(model, [inp], callback=functools.partial(callback, i), outputs=outputs)
+    done.wait()
+    return results
 
 
 # --- perf_analyzer -------------------------------------------------------------------------------
@@ -169,34 +246,32 @@ def breakdown(before: dict, after: dict, models) -> list[dict]:
 
 # --- accuracy --------------------------------------------------------------------------------------
 
-def eager_reference(weights: Path, payloads: dict[str, bytes]):
-    """torchvision eager fp32 (TF32 off) on CUDA: {image name: parity.Detections}."""
+def eager_reference(weights: Path, images: dict[str, np.ndarray], device: str = "cuda"):
+    """torchvision eager fp32 (TF32 off) on ``device``: {image name: parity.Detections}."""
     import torch
 
     from exporters.loading import checkpoint_model
     from parity import Detections
-    from python_backend.reference.image import decode_image
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    model = checkpoint_model(weights).to("cuda").eval()
+    model = checkpoint_model(weights).to(device).eval()
     out = {}
-    for name, data in payloads.items():
-        im = decode_image(data, 50_000_000, 2)
-        x = torch.from_numpy(np.array(im, copy=True)).to("cuda").permute(2, 0, 1).float() / 255
+    for name, im in images.items():
+        x = torch.from_numpy(np.array(im, copy=True)).to(device).permute(2, 0, 1).float() / 255
         with torch.no_grad():
             det = model([x])[0]
         out[name] = Detections(det["boxes"].cpu().numpy(), det["scores"].cpu().numpy(), det["labels"].cpu().numpy())
     del model
-    torch.cuda.empty_cache()
+    if device != "cpu":
+        torch.cuda.empty_cache()
     return out
 
 
-def served_detections(client, model: str, payloads: dict[str, bytes]):
-    from client.detect import infer_many
+def served_detections(client, model: str, payloads: dict):
     from parity import from_packed
 
-    results = infer_many(client, list(payloads.values()), concurrency=4, model=model)
+    results = send_many(client, model, list(payloads.values()), concurrency=4)
     out = {}
     for name, res in zip(payloads, results):
         if isinstance(res, Exception):
@@ -305,7 +380,7 @@ def _plot_pillow(path: Path, series: dict, title: str) -> None:
 
 def summary_markdown(env: str, perf_rows, breakdown_rows, acc_rows) -> str:
     lines = ["# fasterrcnn on Triton: torch-target ensemble vs torchvision eager", "", env, "",
-             "## Throughput and latency (perf_analyzer, gRPC, 1 JPEG per request)", "",
+             "## Throughput and latency (perf_analyzer, gRPC, 1 image per request; input as above)", "",
              "| model | concurrency | images/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in perf_rows:
         lines.append(f"| {r['model']} | {r['concurrency']} | {r['infer_per_s']:.1f} | {r['p50_ms']:.1f} | "
@@ -323,6 +398,10 @@ def summary_markdown(env: str, perf_rows, breakdown_rows, acc_rows) -> str:
     for r in acc_rows:
         lines.append(f"| {r['model']} | {r['image']} | {r['reference']} | {r['ours']} | {r['matched']} | {r['extra']} | "
                      f"{r['criterion']} | {'yes' if r['pass'] else '**no**'} |")
+    lines += ["", "Requests are sent 4 at a time, so Triton batches them.  Only the ensemble rows are pass/fail; "
+              "the baseline rows are informational: torchvision pads a batch to its largest image, so an image's "
+              "detections depend on what it is batched with (README, \"Why an image's detections don't depend on "
+              "its batch\")."]
     return "\n".join(lines) + "\n"
 
 
@@ -354,14 +433,34 @@ def start_server(repo: Path):
     return server
 
 
-def warm_up(client, model: str, payloads: list[bytes]) -> None:
-    from client.detect import infer_many
+def report_server_log(server, path: Path) -> None:
+    """Keep the server's log in the work folder and print its error lines (the output folder is
+    kept to the few files the device tool brings back)."""
+    text = server.log_text()
+    path.write_text(text)
+    errors = [ln for ln in text.splitlines() if ln[:1] == "E" or "Traceback" in ln or "Error" in ln]
+    log.info("server log %s: %d error lines%s", path, len(errors), "".join("\n  " + e[:300] for e in errors[-20:]))
 
+
+def warm_up(client, model: str, payloads: list) -> None:
     for conc, n in ((1, 2), (8, 24), (32, 64)):
-        results = infer_many(client, [payloads[i % len(payloads)] for i in range(n)], concurrency=conc, model=model)
+        results = send_many(client, model, [payloads[i % len(payloads)] for i in range(n)], concurrency=conc)
         bad = [r for r in results if isinstance(r, Exception)]
         if bad:
-            raise RuntimeError(f"warm-up of {model} failed: {bad[0]}")
+            hint = ""
+            if "not a decodable image" in str(bad[0]):
+                hint = (" -- encoded (TYPE_STRING) input is garbled by this Triton build's python backend under "
+                        "numpy 2; run with --input raw (see this script's doc)")
+            raise RuntimeError(f"warm-up of {model} failed: {bad[0]}{hint}")
+
+
+def input_mode(choice: str) -> str:
+    """``auto`` -> ``raw`` under numpy 2 (see the module doc), ``jpeg`` under numpy 1."""
+    if choice != "auto":
+        return choice
+    from python_backend.triton_io import NUMPY2
+
+    return "raw" if NUMPY2 else "jpeg"
 
 
 def main(argv=None) -> int:
@@ -375,7 +474,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-trials", type=int, default=4, help="perf_analyzer windows at most per concurrency")
     p.add_argument("--precisions", default="fp32,fp16", help="ensemble repositories to run")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="cpu: try the plumbing on a machine without a GPU (no perf_analyzer: use --no-perf)")
+    p.add_argument("--no-perf", action="store_true", help="skip perf_analyzer (accuracy and statistics only)")
+    p.add_argument("--input", choices=("auto", "jpeg", "raw"), default="auto",
+                   help="request input: JPEG bytes (fasterrcnn) or decoded UINT8 (fasterrcnn_raw); auto: raw "
+                        "under numpy 2, whose python backend garbles TYPE_STRING inputs (see the module doc)")
     args = p.parse_args(argv)
+    # a `timeout` around this script sends SIGTERM: unwind, so the servers are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import tritonclient.grpc as grpcclient
@@ -389,17 +496,24 @@ def main(argv=None) -> int:
     env = environment()
     log.info("%s", env)
 
+    mode = input_mode(args.input)
+    raw = mode == "raw"
+    env += f"; input: {'decoded UINT8 images (fasterrcnn_raw), 480x640 for perf_analyzer' if raw else 'JPEG bytes'}"
     t0 = time.monotonic()
     weights = args.work / WEIGHTS_FILE
     if args.reuse and (args.work / "repo_fp32").is_dir():
         repos = {pr: args.work / f"repo_{pr}" for pr in ("fp32", "fp16")}
     else:
-        repos = write_benchmark_repositories(args.work)
+        repos = write_benchmark_repositories(args.work, device=args.device,
+                                             precisions=tuple(args.precisions.split(",")), raw=raw)
     log.info("repositories ready in %.0f s", time.monotonic() - t0)
 
-    payloads = jpeg_payloads(args.work / "images")
-    input_data = write_input_data(args.work / "perf_input.json", list(payloads.values()))
-    reference = eager_reference(weights, payloads)
+    jpegs = jpeg_payloads(args.work / "images")
+    images = decoded(jpegs)
+    payloads = images if raw else jpegs
+    perf_items = list(resized(images).values()) if raw else list(jpegs.values())
+    input_data = write_input_data(args.work / f"perf_input_{mode}.json", perf_items)
+    reference = eager_reference(weights, images, "cuda" if args.device == "gpu" else "cpu")
     log.info("torchvision eager reference: %s", {k: len(v.scores) for k, v in reference.items()})
 
     perf_rows, breakdown_rows, acc_rows, ok = [], [], [], True
@@ -409,9 +523,11 @@ def main(argv=None) -> int:
         try:
             client = grpcclient.InferenceServerClient(server.grpc_url)
             ps = PerfSettings(binary, server.grpc_url, input_data, args.window_ms, args.max_trials)
-            for model in models:
-                name = label(precision, model)
-                warm_up(client, model, list(payloads.values()))
+            for model_key in models:
+                name = label(precision, model_key)
+                model = served_name(model_key, raw)
+                if not args.no_perf:
+                    warm_up(client, model, perf_items)
                 served = served_detections(client, model, payloads)
                 strict = name == "ensemble_fp32" or name == "baseline_fp32"
                 rows = accuracy_rows(name, reference, served, strict=strict)
@@ -420,7 +536,7 @@ def main(argv=None) -> int:
                     ok &= all(r["pass"] for r in rows)
                 log.info("%s accuracy: %s", name, [(r["image"], r["matched"], r["reference"], r["pass"]) for r in rows])
                 before = stats_snapshot(client)
-                for c in concurrencies:
+                for c in ([] if args.no_perf else concurrencies):
                     raw = run_perf(ps, model, c, args.work / f"pa_{name}_{c}.csv")
                     if raw is None:
                         ok = False
@@ -431,14 +547,14 @@ def main(argv=None) -> int:
                              row["p50_ms"], row["p99_ms"])
                     write_csv(args.out / "perf.csv", perf_rows)
                 after = stats_snapshot(client)
-                steps = (model, *STEP_MODELS) if model == names.ENSEMBLE else (model,)
+                pre = names.PREPROCESS_RAW if raw else names.PREPROCESS
+                steps = (model, pre, *STEP_MODELS[1:]) if model_key == "ensemble" else (model,)
                 breakdown_rows += [dict(run=name, **r) for r in breakdown(before, after, steps)]
                 write_csv(args.out / "breakdown.csv", breakdown_rows)
                 write_csv(args.out / "accuracy.csv", acc_rows)
         finally:
             server.stop()
-            log_copy = args.out / f"tritonserver_{precision}.log"
-            log_copy.write_text(server.log_text()[-2_000_000:])
+            report_server_log(server, args.work / f"tritonserver_{precision}.log")
 
     plot(args.out / "perf.png", perf_rows, env)
     (args.out / "summary.md").write_text(summary_markdown(env, perf_rows, breakdown_rows, acc_rows))

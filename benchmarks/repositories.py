@@ -47,16 +47,22 @@ def save_random_weights(path: Path, num_classes: int = 91, seed: int = 0) -> Pat
 
 
 def baseline_config(name: str, settings: DetectorSettings, precision: str, max_batch_size: int = 8,
-                    queue_delay_us: int = 2000) -> mc.ModelConfig:
-    """Same input and outputs as the ``fasterrcnn`` ensemble; python backend on one GPU instance."""
+                    queue_delay_us: int = 2000, device: str = "gpu", raw: bool = False) -> mc.ModelConfig:
+    """Same input and outputs as the ``fasterrcnn`` ensemble (``raw``: as ``fasterrcnn_raw``, decoded
+    UINT8 HWC images); python backend, one instance on the GPU (``device="cpu"``: KIND_CPU, only to
+    try the plumbing without a GPU)."""
     d = settings.box_detections_per_img
     cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=max_batch_size)
-    cfg.input.add(name=names.IMAGE_BYTES, data_type=mc.TYPE_STRING, dims=[1])
+    if raw:
+        cfg.input.add(name=names.IMAGE_RAW, data_type=mc.TYPE_UINT8, dims=[-1, -1, 3])
+    else:
+        cfg.input.add(name=names.IMAGE_BYTES, data_type=mc.TYPE_STRING, dims=[1])
     for n, dtype, dims in ((names.DETECTION_BOXES, mc.TYPE_FP32, [d, 4]), (names.DETECTION_SCORES, mc.TYPE_FP32, [d]),
                            (names.DETECTION_LABELS, mc.TYPE_INT32, [d]), (names.NUM_DETECTIONS, mc.TYPE_INT32, [1])):
         cfg.output.add(name=n, data_type=dtype, dims=dims)
     cfg.dynamic_batching.max_queue_delay_microseconds = queue_delay_us
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_GPU)
+    kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    cfg.instance_group.add(count=1, kind=kind)
     params = settings.to_parameters()
     params.update(precision=precision, weights_file=WEIGHTS_FILE)
     for k, v in params.items():
@@ -64,7 +70,8 @@ def baseline_config(name: str, settings: DetectorSettings, precision: str, max_b
     return cfg
 
 
-def write_baselines(repo: Path, settings: DetectorSettings, weights: Path, max_batch_size: int = 8) -> list[str]:
+def write_baselines(repo: Path, settings: DetectorSettings, weights: Path, max_batch_size: int = 8,
+                    device: str = "gpu", raw: bool = False) -> list[str]:
     """Add ``baseline_fp32`` and ``baseline_fp16`` model folders to ``repo``."""
     written = []
     for name, precision in BASELINES.items():
@@ -72,7 +79,7 @@ def write_baselines(repo: Path, settings: DetectorSettings, weights: Path, max_b
         if folder.exists():
             shutil.rmtree(folder)
         (folder / "1").mkdir(parents=True)
-        cfg = baseline_config(name, settings, precision, max_batch_size)
+        cfg = baseline_config(name, settings, precision, max_batch_size, device=device, raw=raw)
         (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
         shutil.copy(BASELINE_MODEL, folder / "1" / "model.py")
         shutil.copy(weights, folder / "1" / WEIGHTS_FILE)
@@ -96,10 +103,12 @@ def export_ensemble(repo: Path, weights: Path, precision: str, canvas: tuple[int
 
 
 def write_benchmark_repositories(work: Path, weights: Path | None = None, canvas: tuple[int, int] = (800, 1344),
-                                 device: str = "gpu", max_batch_size: int = 8) -> dict[str, Path]:
+                                 device: str = "gpu", max_batch_size: int = 8,
+                                 precisions: tuple[str, ...] = ("fp32", "fp16"), raw: bool = False) -> dict[str, Path]:
     """Write ``work/repo_fp32`` (ensemble fp32 + both baselines) and ``work/repo_fp16`` (ensemble fp16).
 
-    ``weights``: a state_dict; None saves seeded random weights to ``work/weights.pt``.
+    ``weights``: a state_dict; None saves seeded random weights to ``work/weights.pt``.  ``raw``: the
+    baselines take decoded images (``image_raw``) instead of encoded ones.
     """
     from exporters.loading import checkpoint_model, settings_from_model
 
@@ -108,9 +117,9 @@ def write_benchmark_repositories(work: Path, weights: Path | None = None, canvas
     if weights is None:
         weights = save_random_weights(work / WEIGHTS_FILE)
     repos = {}
-    for precision in ("fp32", "fp16"):
+    for precision in dict.fromkeys(("fp32", *precisions)):  # fp32 holds the baselines
         repos[precision] = export_ensemble(work / f"repo_{precision}", weights, precision, canvas, device,
                                            max_batch_size)
     settings = settings_from_model(checkpoint_model(weights), canvas)
-    write_baselines(repos["fp32"], settings, weights, max_batch_size)
+    write_baselines(repos["fp32"], settings, weights, max_batch_size, device, raw)
     return repos

@@ -96,11 +96,16 @@ def class_names(config: dict) -> list[str]:
     return list(json.loads(raw))
 
 
-def _request(data: bytes):
+def _request(data):
+    """Encoded bytes -> an ``image`` input; a decoded HWC uint8 array -> an ``image_raw`` input."""
     import tritonclient.grpc as grpcclient
 
-    inp = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
-    inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+    if isinstance(data, np.ndarray):
+        inp = grpcclient.InferInput(names.IMAGE_RAW, [1, *data.shape], "UINT8")
+        inp.set_data_from_numpy(np.ascontiguousarray(data[None], dtype=np.uint8))
+    else:
+        inp = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
     outs = [grpcclient.InferRequestedOutput(n) for n in
             (names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS)]
     return [inp], outs
@@ -115,10 +120,12 @@ def parse_result(result, labels: list[str]) -> list[dict]:
              "score": float(s), "box": [float(v) for v in b]} for b, s, i in zip(boxes, scores, ids)]
 
 
-def infer_many(client, payloads: list[bytes], concurrency: int = 1, model: str = names.ENSEMBLE) -> list:
+def infer_many(client, payloads: list, concurrency: int = 1) -> list:
     """Send each payload as its own request, at most ``concurrency`` in flight (async gRPC).
 
-    Returns, per payload, the InferResult or the InferenceServerException it failed with.
+    A payload is encoded image bytes (sent to ``fasterrcnn``) or a decoded HWC uint8 array (sent
+    to ``fasterrcnn_raw``).  Returns, per payload, the InferResult or the InferenceServerException
+    it failed with.
     """
     results: list = [None] * len(payloads)
     slots = threading.Semaphore(max(1, concurrency))
@@ -139,6 +146,7 @@ def infer_many(client, payloads: list[bytes], concurrency: int = 1, model: str =
     for i, data in enumerate(payloads):
         slots.acquire()
         inputs, outputs = _request(data)
+        model = names.ENSEMBLE_RAW if isinstance(data, np.ndarray) else names.ENSEMBLE
         client.async_infer(model, inputs, callback=functools.partial(callback, i), outputs=outputs)
     done.wait()
     return results
@@ -157,12 +165,22 @@ def draw(image_path: Path, detections: list[dict], out_path: Path) -> None:
     img.save(out_path)
 
 
+def decode_file(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 def run(url: str, images: list[Path], concurrency: int = 1, draw_dir: Path | None = None,
-        min_score: float = 0.0) -> list[dict]:
+        min_score: float = 0.0, raw: bool = False) -> list[dict]:
+    """Detect on image files.  ``raw``: decode here and send uint8 pixels to ``fasterrcnn_raw``
+    (for servers whose python backend can't read string tensors, see README)."""
     client = connect(url)
     config = check_model(client)
     labels = class_names(config)
-    results = infer_many(client, [p.read_bytes() for p in images], concurrency)
+    payloads = [decode_file(p) if raw else p.read_bytes() for p in images]
+    results = infer_many(client, payloads, concurrency)
     out = []
     for path, res in zip(images, results):
         if isinstance(res, Exception):
@@ -197,9 +215,10 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     p.add_argument("--draw", type=Path, help="write annotated images into this folder")
     p.add_argument("--min-score", type=float, default=0.0, help="drop detections below this score")
+    p.add_argument("--raw", action="store_true", help="decode here and send pixels to fasterrcnn_raw")
     args = p.parse_args(argv)
     try:
-        results = run(args.url, expand_inputs(args.images), args.concurrency, args.draw, args.min_score)
+        results = run(args.url, expand_inputs(args.images), args.concurrency, args.draw, args.min_score, args.raw)
     except ClientError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -57,7 +57,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=TARGETS, default="python", help="how rpn and header are served")
     g.add_argument("--device", choices=DEVICES, default="cpu", help="where python-backend steps run")
     g.add_argument("--max-batch-size", type=int, default=8, help="images per batch")
-    g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="TensorRT engine precision")
+    g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="precision of the dense networks: TensorRT engines (--target tensorrt) or the "
+                        "TorchScript traces (--target torch: fp16 runs backbone/FPN/RPN head and box head "
+                        "in float16, the rest in float32)")
     g.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
 
 
@@ -80,8 +83,20 @@ def export(args) -> Path:
     t0 = time.monotonic()
     log.info("[1/3] loading model (weights: %s)", args.weights)
     model, settings = load_model(args)
-    options = RepositoryOptions(target=args.target, device=args.device, max_batch_size=args.max_batch_size)
+    options = RepositoryOptions(target=args.target, device=args.device, max_batch_size=args.max_batch_size,
+                                torch_precision=args.precision)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.target == "torch":
+            from .torch_export import export_torch
+
+            log.info("[2/3] tracing rpn and header (TorchScript, %s, on %s) on a %dx%d canvas",
+                     args.precision, args.device, *settings.canvas)
+            traces = export_torch(model, settings, Path(tmp), device=args.device, precision=args.precision)
+            log.info("[3/3] writing the model repository to %s (target torch, device %s)",
+                     args.repository, args.device)
+            write_repository(args.repository, settings, {}, options, torch_models=traces)
+            log.info("done in %.1f s", time.monotonic() - t0)
+            return args.repository
         log.info("[2/3] exporting rpn and header to ONNX on a %dx%d canvas", *settings.canvas)
         onnx_paths = export_all(model, settings, Path(tmp))
         plans = None

@@ -5,6 +5,9 @@ Targets (how the two dense networks are served; every other step is the same for
                including the nvidia-pytriton wheel's, which has no other backend)
   onnxruntime  ``platform: onnxruntime_onnx`` (NVIDIA's Triton image)
   tensorrt     ``platform: tensorrt_plan`` with ``model.plan`` engines (NVIDIA's Triton image)
+  torch        python-backend models running TorchScript traces (``model.pt``, from
+               exporters.torch_export) with torch on the instance's device, fp32 or fp16:
+               the GPU path where TensorRT is absent
 
 Configs are built as ``ModelConfig`` protos and written with ``text_format``, so what is
 written is what the tests parse back.
@@ -24,9 +27,11 @@ from python_backend.settings import FPN_STRIDES, DetectorSettings
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("python", "onnxruntime", "tensorrt")
+TARGETS = ("python", "onnxruntime", "tensorrt", "torch")
 DEVICES = ("cpu", "gpu")
 TRITON_MODELS_DIR = Path(__file__).resolve().parent.parent / "python_backend" / "triton_models"
+TORCH_FILE = "model.pt"  # the torch target's TorchScript file in rpn/1 and header/1
+_TORCH_ADAPTER = "torch_runner.py"
 
 TRT_PRECISIONS = ("fp32", "fp16")
 FP32, INT32, UINT8, STRING = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8, mc.TYPE_STRING
@@ -45,6 +50,9 @@ class RepositoryOptions:
     trt_precision: str = "fp16"  # precision_mode: fp32 | fp16
     trt_workspace_bytes: int = 1 << 30  # max_workspace_size_bytes
     ort_trt_cache_dir: str = ""  # trt_engine_cache_path; empty: ONNX Runtime rebuilds at every load
+    # torch target only: precision the TorchScript traces were exported in (written as a
+    # parameter; the runner sets TF32 off and reports it)
+    torch_precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -57,6 +65,8 @@ class RepositoryOptions:
             raise ValueError(f"ort_tensorrt applies to the onnxruntime target only, got target {self.target!r}")
         if self.trt_precision not in TRT_PRECISIONS:
             raise ValueError(f"trt_precision must be one of {TRT_PRECISIONS}, got {self.trt_precision!r}")
+        if self.torch_precision not in TRT_PRECISIONS:
+            raise ValueError(f"torch_precision must be one of {TRT_PRECISIONS}, got {self.torch_precision!r}")
         if self.trt_workspace_bytes < 1:
             raise ValueError(f"trt_workspace_bytes must be positive, got {self.trt_workspace_bytes}")
 
@@ -75,10 +85,10 @@ def _tensor_specs(settings: DetectorSettings):
     h, w = settings.canvas
     c = settings.num_classes
     s = settings.roi_output_size
-    feats = [_io(n, FP32, [256, h // st, w // st]) for n, st in zip(names.FEATURES, FPN_STRIDES)]
+    feats = [_io(n, FP32, [h // st, w // st, 256]) for n, st in zip(names.FEATURES, FPN_STRIDES)]  # channels last
     rpn_in = [_io(names.IMAGES, FP32, [3, h, w]), _io(names.IMAGE_SIZES, FP32, [2])]
     rpn_out = [_io(names.PROPOSALS, FP32, [settings.num_proposals, 6])] + feats
-    header_in = [_io(names.ROI_FEATURES, FP32, [256, s, s]), _io(names.ROIS, FP32, [4])]
+    header_in = [_io(names.ROI_FEATURES, FP32, [s, s, 256]), _io(names.ROIS, FP32, [4])]
     header_out = [_io(names.CLASS_SCORES, FP32, [c]), _io(names.CLASS_BOXES, FP32, [c, 4])]
     return {
         names.RPN: (rpn_in, rpn_out),
@@ -88,7 +98,7 @@ def _tensor_specs(settings: DetectorSettings):
         names.PREPROCESS_RAW: ([_io(names.IMAGE_RAW, UINT8, [-1, -1, 3])],
                                [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
         names.ROI: ([rpn_out[0], *feats, _io(names.IMAGE_SIZES, FP32, [2])],
-                    [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [256, s, s]),
+                    [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [s, s, 256]),
                      _io(names.NUM_ROIS, INT32, [1])]),
         # non-batching: shapes carry their own leading axis
         names.POSTPROCESS: ([_io(names.CLASS_SCORES, FP32, [-1, c]), _io(names.CLASS_BOXES, FP32, [-1, c, 4]),
@@ -141,7 +151,11 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     params = settings.to_parameters()
     params["device"] = options.device
     if name in (names.RPN, names.HEADER):
-        params["onnx_file"] = "model.onnx"
+        if options.target == "torch":
+            params["torch_file"] = TORCH_FILE
+            params["precision"] = options.torch_precision
+        else:
+            params["onnx_file"] = "model.onnx"
     if gpu:
         # keep GPU tensors on the GPU between steps (DLPack, no host round trip)
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
@@ -152,6 +166,10 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
 def network_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
     """rpn / header for the chosen target."""
     if options.target == "python":
+        return python_step_config(name, settings, options)
+    if options.target == "torch":
+        # python backend running model.pt; KIND_GPU with --device gpu (traced on the GPU),
+        # KIND_CPU with --device cpu (traced on the CPU: the CPU-only test setup)
         return python_step_config(name, settings, options)
     specs = _tensor_specs(settings)[name]
     max_batch = max_rois(settings, options) if name == names.HEADER else options.max_batch_size
@@ -238,11 +256,14 @@ _ADAPTERS = {names.PREPROCESS: "preprocess.py", names.PREPROCESS_RAW: "preproces
 
 
 def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str, Path],
-                     options: RepositoryOptions, plans: dict[str, Path] | None = None) -> Path:
+                     options: RepositoryOptions, plans: dict[str, Path] | None = None,
+                     torch_models: dict[str, Path] | None = None) -> Path:
     """Write every model folder under ``out`` (created if needed; stale model folders replaced).
 
-    ``onnx_paths``: {"rpn": path, "header": path}.  ``plans``: TensorRT engines for the
-    tensorrt target ({"rpn": path, "header": path}).
+    ``onnx_paths``: {"rpn": path, "header": path} (may be empty for the torch target).
+    ``plans``: TensorRT engines for the tensorrt target ({"rpn": path, "header": path}).
+    ``torch_models``: TorchScript traces for the torch target ({"rpn": path, "header": path},
+    from :func:`exporters.torch_export.export_torch`).
     """
     out = Path(out)
     try:
@@ -254,6 +275,9 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         raise OSError(f"cannot write the model repository to {out}: {e.strerror or e}") from None
     if options.target == "tensorrt" and not plans:
         raise ValueError("the tensorrt target needs engines: build them with exporters.tensorrt_build first")
+    if options.target == "torch" and not (torch_models and all(n in torch_models for n in (names.RPN, names.HEADER))):
+        raise ValueError("the torch target needs TorchScript traces of rpn and header: "
+                         "make them with exporters.torch_export.export_torch first")
     for name, cfg in all_configs(settings, options).items():
         folder = out / name
         if folder.exists():
@@ -261,10 +285,14 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         version = folder / "1"
         version.mkdir(parents=True)
         (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+        torch_step = options.target == "torch" and name in (names.RPN, names.HEADER)
         if cfg.backend == "python":
-            shutil.copy(TRITON_MODELS_DIR / _ADAPTERS[name], version / "model.py")
+            adapter = _TORCH_ADAPTER if torch_step else _ADAPTERS[name]
+            shutil.copy(TRITON_MODELS_DIR / adapter, version / "model.py")
         if name in (names.RPN, names.HEADER):
-            if cfg.platform == "tensorrt_plan":
+            if torch_step:
+                shutil.copy(torch_models[name], version / TORCH_FILE)
+            elif cfg.platform == "tensorrt_plan":
                 shutil.copy(plans[name], version / "model.plan")
             else:
                 shutil.copy(onnx_paths[name], version / "model.onnx")

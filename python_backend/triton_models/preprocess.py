@@ -3,6 +3,11 @@
 Thin adapter over python_backend.reference.image; serves ``preprocess`` (encoded bytes) and
 ``preprocess_raw`` (uint8 HWC) depending on the configured input.  A bad image fails only
 its own request.
+
+With the model parameter ``device`` = "gpu", images are still decoded on the CPU (Pillow), then
+normalized, resized and padded on the GPU by :func:`python_backend.cuda.image.preprocess_batch`
+(same results as the NumPy path to float32 rounding), and the outputs stay on the GPU as CuPy
+arrays; CuPy is imported only then.
 """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -15,8 +20,17 @@ from python_backend.triton_io import bytes_items, error_response, model_paramete
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.settings = DetectorSettings.from_parameters(model_parameters(args))
+        params = model_parameters(args)
+        self.settings = DetectorSettings.from_parameters(params)
         self.raw = args["model_name"] == names.PREPROCESS_RAW
+        self.transform = preprocess_batch
+        if params.get("device", "cpu") == "gpu":
+            from python_backend.cuda.image import preprocess_batch as gpu_preprocess_batch
+
+            import cupy
+
+            cupy.cuda.Device(int(args["model_instance_device_id"])).use()
+            self.transform = gpu_preprocess_batch
 
     def _images(self, request) -> list[np.ndarray]:
         s = self.settings
@@ -33,7 +47,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                images, sizes, originals = preprocess_batch(self._images(request), self.settings)
+                images, sizes, originals = self.transform(self._images(request), self.settings)
             except BadImageError as e:
                 responses.append(error_response(pb_utils, f"bad input image: {e}"))
                 continue

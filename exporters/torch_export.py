@@ -1,0 +1,175 @@
+"""Trace the split networks to TorchScript for the ``torch`` target (no TensorRT needed).
+
+The ``torch`` target serves rpn and header as python-backend models that run these traces
+with torch on the instance's GPU (:mod:`python_backend.triton_models.torch_runner`).
+
+Why trace on the target device: :class:`~exporters.split.RpnNetwork` creates tensors in its
+forward (anchor grids, extent masks, -inf fill values) without a ``device=`` argument, and
+``torch.jit.trace`` records each factory call with the device it ran on.  Tracing under
+``with torch.device("cuda")`` makes every such call a CUDA one in the graph; the device has no
+index, so at run time it means the current device, which the runner sets to its instance's GPU.
+
+Precisions (outputs are float32 in both, so the rest of the ensemble does not change):
+  fp32  everything in float32.  TF32 is a run-time switch, not part of the trace: the runner
+        turns it off (``torch.backends.cuda.matmul.allow_tf32`` and ``cudnn.allow_tf32``).
+  fp16  the dense parts (backbone + FPN + RPN head; box head + predictor) in float16; anchors,
+        top-k, sigmoid/softmax, box decode and clipping in float32.  Box decode in float16 would
+        put boxes ~0.5 px off at x ~ 1300 (float16 spacing there is 1 px).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from python_backend import names
+from python_backend.settings import DetectorSettings
+
+from .split import HeaderNetwork, RpnNetwork
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16")
+
+
+def _to_float(x):
+    """Tensors (also inside lists/tuples, as the RPN head returns them) cast to float32."""
+    if isinstance(x, Tensor):
+        return x.float()
+    return type(x)(_to_float(v) for v in x)
+
+
+class _HalfInput(nn.Module):
+    """Runs ``module`` (converted to float16) on its input cast to float16."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.half()
+
+    def forward(self, x: Tensor):
+        return self.module(x.half())
+
+
+class _FloatOutputs(nn.Module):
+    """Runs ``module`` (converted to float16) and casts every output tensor to float32."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.half()
+
+    def forward(self, x):
+        return _to_float(self.module(x))
+
+
+class _FloatFeatures(nn.Module):
+    """fp16 rpn: proposals are already float32; the FPN maps leave the network as float32."""
+
+    def __init__(self, net: RpnNetwork):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor, image_sizes: Tensor):
+        proposals, *maps = self.net(images, image_sizes)
+        return (proposals, *(m.float() for m in maps))
+
+
+def rpn_module(model, settings: DetectorSettings, precision: str = "fp32") -> nn.Module:
+    """``RpnNetwork`` in the given precision; same inputs and (float32) outputs."""
+    _check_precision(precision)
+    net = RpnNetwork(model, settings).eval()
+    if precision == "fp32":
+        return net
+    # Backbone takes float16 images; the RPN head returns float32 logits and deltas, so
+    # top-k and box decode (with float32 anchors) stay in float32.
+    net.backbone = _HalfInput(net.backbone)
+    net.head = _FloatOutputs(net.head)
+    # The extent-mask hooks multiply each conv input by a float32 mask, which would promote
+    # the float16 activations back to float32 and fail against float16 weights.
+    float_mask = net.masks.mask
+    net.masks.mask = lambda h, w: float_mask(h, w).half()
+    return _FloatFeatures(net).eval()
+
+
+def header_module(model, precision: str = "fp32") -> nn.Module:
+    """``HeaderNetwork`` in the given precision; softmax and box decode stay float32."""
+    _check_precision(precision)
+    net = HeaderNetwork(model).eval()
+    if precision == "fp16":
+        net.box_head = _HalfInput(net.box_head)
+        net.box_predictor = _FloatOutputs(net.box_predictor)
+    return net
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def example_inputs(settings: DetectorSettings, device: torch.device, batch: int = 2, rois: int = 8):
+    """Inputs the traces are recorded with: rpn ``(images, image_sizes)``, header ``(roi_features, rois)``.
+
+    Image sizes differ per image so that no per-image value is folded into the trace as a constant.
+    """
+    h, w = settings.canvas
+    images = torch.zeros(batch, 3, h, w, device=device)
+    sizes = torch.tensor([[h, w]] + [[h - 32 * i, w - 64 * i] for i in range(1, batch)], dtype=torch.float32,
+                         device=device).clamp(min=32)
+    s = settings.roi_output_size
+    feats = torch.zeros(rois, s, s, 256, device=device)  # channels last
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * rois, device=device)
+    return (images, sizes), (feats, boxes)
+
+
+def trace(module: nn.Module, inputs: tuple, device: torch.device) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` on ``device`` with factory calls defaulting to that device (see module doc)."""
+    module = module.to(device).eval()
+    # "cuda" without an index: the trace then means "the current device" (see module doc).
+    default = torch.device(device.type)
+    with torch.no_grad(), default, _tf32_off():
+        traced = torch.jit.trace(module, inputs, check_trace=False)
+    return traced
+
+
+class _tf32_off:
+    """TF32 off while tracing (the trace runs the network once); restores the previous flags."""
+
+    def __enter__(self):
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"gpu"``/``"cuda"`` -> cuda (raises if CUDA is absent), ``"cpu"`` -> cpu."""
+    if device in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("the torch target for --device gpu is traced on the GPU it will run on, "
+                               "but torch sees no CUDA device here")
+        return torch.device("cuda")
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+
+
+def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str = "gpu",
+                 precision: str = "fp32") -> dict[str, Path]:
+    """Write ``rpn.pt`` and ``header.pt`` (TorchScript) into ``out_dir``; returns {"rpn": path, "header": path}."""
+    _check_precision(precision)
+    dev = resolve_device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rpn_in, header_in = example_inputs(settings, dev)
+    paths = {}
+    for name, module, inputs in ((names.RPN, rpn_module(model, settings, precision), rpn_in),
+                                 (names.HEADER, header_module(model, precision), header_in)):
+        log.info("tracing %s (%s) on %s", name, precision, dev)
+        traced = trace(module, inputs, dev)
+        path = out_dir / f"{name}.pt"
+        torch.jit.save(traced, str(path))
+        paths[name] = path
+    return paths

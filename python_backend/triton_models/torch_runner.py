@@ -1,0 +1,76 @@
+"""Triton model: run the rpn or header TorchScript (``model.pt``) with torch (the ``torch`` target).
+
+Made by :mod:`exporters.torch_export`.  Loads the trace on this instance's device (its GPU for
+KIND_GPU, the CPU for KIND_CPU), reads inputs through DLPack (GPU tensors stay on the GPU) and
+returns outputs through ``Tensor.from_dlpack``.  All requests of a batch run as one call, split
+back per request along the batch axis (images for rpn, RoIs for header).
+"""
+import json
+import os
+
+import torch
+import triton_python_backend_utils as pb_utils
+
+from python_backend.triton_io import model_parameters
+
+
+def _input(request, name: str, device: torch.device) -> torch.Tensor:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return torch.from_dlpack(tensor.to_dlpack()).to(device, non_blocking=True)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        gpu = args["model_instance_kind"] == "GPU"
+        if gpu:
+            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+            # the trace's device is index-less "cuda": the current device
+            torch.cuda.set_device(self.device)
+            # fp32 means fp32: no TF32 in convolutions or matmuls (cudnn's default is TF32 on)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            # fixed canvas and few batch sizes: autotuned convolutions pay off after one call per shape
+            torch.backends.cudnn.benchmark = True
+        else:
+            self.device = torch.device("cpu")
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("torch_file", "model.pt"))
+        self.module = torch.jit.load(path, map_location=self.device).eval()
+        self.precision = params.get("precision", "fp32")
+        model_config = json.loads(args["model_config"])
+        self.inputs = [i["name"] for i in model_config["input"]]
+        self.outputs = [o["name"] for o in model_config["output"]]
+        if gpu:
+            self._warm_up(model_config)
+
+    def _warm_up(self, model_config: dict) -> None:
+        """One call per batch size the dynamic batcher can form (a few for the RoI axis), so that
+        cudnn's autotuning happens at load rather than in the first requests."""
+        max_batch = int(model_config.get("max_batch_size", 0))
+        sizes = range(1, max_batch + 1) if max_batch <= 64 else (1, max_batch // 8, max_batch)
+        dims = [[int(d) for d in i["dims"]] for i in model_config["input"]]
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            for b in sizes:
+                # ones: valid image sizes and boxes, so the warm-up takes the normal path
+                self.module(*(torch.ones([b, *d], device=self.device) for d in dims))
+        torch.cuda.synchronize(self.device)
+
+    def execute(self, requests):
+        feeds = [[_input(r, n, self.device) for r in requests] for n in self.inputs]
+        counts = [t.shape[0] for t in feeds[0]]
+        args = [ts[0] if len(ts) == 1 else torch.cat(ts) for ts in feeds]
+        # The plain interpreter: no profiling runs, no fusion and no re-specialization per new
+        # batch size (header batches are RoI counts, a new size nearly every call); numerics
+        # stay those of the eager modules.
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            results = self.module(*args)
+        if self.device.type == "cuda":
+            # from_dlpack hands Triton the memory; the kernels writing it must have finished
+            torch.cuda.current_stream(self.device).synchronize()
+        responses, start = [], 0
+        for c in counts:
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor.from_dlpack(n, r[start:start + c].contiguous())
+                for n, r in zip(self.outputs, results)]))
+            start += c
+        return responses

@@ -1,0 +1,257 @@
+"""The ``torch`` target: TorchScript traces, their configs, the CLI, a real server, GPU preprocess.
+
+CPU parts run everywhere (traced on the CPU, the runner on KIND_CPU instances); the GPU
+preprocess check is marked ``gpu`` and skips with a reason without CuPy or CUDA.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+
+from exporters import torch_export
+from exporters.__main__ import main as cli_main
+from exporters.repository import RepositoryOptions, read_config, write_repository
+from exporters.split import HeaderNetwork, RpnNetwork
+from parity import assert_parity, encode, from_packed, textured_image, torchvision_detect
+from python_backend import names
+from python_backend.reference.image import preprocess_batch
+from tritonclient.grpc import model_config_pb2 as mc
+
+TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.int32: mc.TYPE_INT32}
+
+
+@pytest.fixture(scope="module")
+def traces(small_model, square_export, tmp_path_factory):
+    """(settings, {"rpn": path, "header": path}) traced on the CPU in fp32 on the 320x320 canvas."""
+    settings, _ = square_export
+    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu")
+
+
+def _images():
+    return [skimage.data.astronaut(), textured_image(400, 240, seed=1), textured_image(240, 400, seed=3)]
+
+
+# --- numerics: the trace is the eager split module ----------------------------------------------
+
+@pytest.mark.parametrize("batch", [1, 3])  # traced at batch 2
+def test_traced_rpn_equals_eager_split_module(small_model, traces, batch):
+    settings, paths = traces
+    x, sizes, _ = preprocess_batch(_images()[:batch], settings)
+    x, sizes = torch.from_numpy(x), torch.from_numpy(sizes)
+    eager = RpnNetwork(small_model, settings).eval()
+    traced = torch.jit.load(str(paths[names.RPN]))
+    with torch.no_grad():
+        want, got = eager(x, sizes), traced(x, sizes)
+    assert len(want) == len(got) == 1 + len(names.FEATURES)
+    for name, a, b in zip((names.PROPOSALS, *names.FEATURES), want, got):
+        assert b.dtype == torch.float32 and b.shape == a.shape, name
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("rois", [1, 37])  # traced at 8
+def test_traced_header_equals_eager_split_module(small_model, traces, rois):
+    _, paths = traces
+    g = torch.Generator().manual_seed(rois)
+    feats = torch.randn(rois, 7, 7, 256, generator=g)
+    xy = torch.rand(rois, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 1 + torch.rand(rois, 2, generator=g) * 100], dim=1)
+    eager = HeaderNetwork(small_model).eval()
+    traced = torch.jit.load(str(paths[names.HEADER]))
+    with torch.no_grad():
+        want, got = eager(feats, boxes), traced(feats, boxes)
+    for name, a, b in zip((names.CLASS_SCORES, names.CLASS_BOXES), want, got):
+        assert b.shape == a.shape, name
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fp16_header_keeps_float32_outputs_and_stays_close(small_model, traces):
+    settings, _ = traces
+    (_, _), (feats, boxes) = torch_export.example_inputs(settings, torch.device("cpu"), rois=16)
+    feats = torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
+    net16 = torch_export.header_module(small_model, "fp16")
+    traced = torch_export.trace(net16, (feats, boxes), torch.device("cpu"))
+    with torch.no_grad():
+        want = HeaderNetwork(small_model).eval()(feats, boxes)
+        got = traced(feats, boxes)
+    for a, b in zip(want, got):
+        assert b.dtype == torch.float32 and b.shape == a.shape
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-2)  # softmax of float16 logits
+
+
+def test_bad_precision_and_device_are_named():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        torch_export.header_module(None, "int8")
+    with pytest.raises(ValueError, match="device must be"):
+        torch_export.resolve_device("tpu")
+    with pytest.raises(ValueError, match="torch_precision"):
+        RepositoryOptions(target="torch", torch_precision="bf16")
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def torch_repo(request, traces, tmp_path_factory):
+    settings, paths = traces
+    out = tmp_path_factory.mktemp(f"torch_repo_{request.param}")
+    options = RepositoryOptions(target="torch", device=request.param, max_batch_size=4, torch_precision="fp16")
+    write_repository(out, settings, {}, options, torch_models=paths)
+    return out, settings, paths, request.param
+
+
+def _configs(out):
+    return {p.parent.name: read_config(p) for p in sorted(out.glob("*/config.pbtxt"))}
+
+
+@pytest.mark.parametrize("model", [names.RPN, names.HEADER])
+def test_torch_network_configs(torch_repo, model):
+    out, settings, _, device = torch_repo
+    cfg = _configs(out)[model]
+    assert cfg.backend == "python" and not cfg.platform
+    kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
+    assert [g.kind for g in cfg.instance_group] == [kind]
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    assert params["torch_file"] == "model.pt" and params["precision"] == "fp16"
+    assert "onnx_file" not in params
+    assert params.get("FORCE_CPU_ONLY_INPUT_TENSORS") == ("no" if device == "gpu" else None)
+    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert cfg.max_batch_size == (4 * settings.rpn_post_nms_top_n if model == names.HEADER else 4)
+    version = out / model / "1"
+    assert (version / "model.pt").is_file() and not (version / "model.onnx").exists()
+    assert "torch.jit.load" in (version / "model.py").read_text()
+
+
+@pytest.mark.parametrize("model", [names.RPN, names.HEADER])
+def test_torch_configs_match_the_traces_io(torch_repo, model):
+    """Run each trace on inputs built from its config and check every output against the config."""
+    out, _, _, _ = torch_repo
+    cfg = _configs(out)[model]
+    traced = torch.jit.load(str(out / model / "1" / "model.pt"))
+    batch = 2
+    args = []
+    for t in cfg.input:
+        assert t.data_type == mc.TYPE_FP32, t.name
+        args.append(torch.rand(batch, *t.dims) * (300 if t.name in (names.IMAGE_SIZES, names.ROIS) else 1))
+    with torch.no_grad():
+        results = traced(*args)
+    assert len(results) == len(cfg.output)
+    for t, r in zip(cfg.output, results):
+        assert TORCH_TYPES[r.dtype] == t.data_type, t.name
+        assert list(r.shape) == [batch, *t.dims], f"{model}.{t.name}: trace gives {list(r.shape)}, config {list(t.dims)}"
+
+
+def test_torch_ensemble_maps_agree_with_step_configs(torch_repo):
+    out, _, _, _ = torch_repo
+    cfgs = _configs(out)
+    ens = cfgs[names.ENSEMBLE]
+    produced = {t.name: t.data_type for t in ens.input}
+    for step in ens.ensemble_scheduling.step:
+        cfg = cfgs[step.model_name]
+        inputs = {t.name: t for t in cfg.input}
+        outputs = {t.name: t for t in cfg.output}
+        assert set(step.input_map) == set(inputs)
+        for model_tensor, ens_tensor in step.input_map.items():
+            assert produced[ens_tensor] == inputs[model_tensor].data_type
+        for model_tensor, ens_tensor in step.output_map.items():
+            produced[ens_tensor] = outputs[model_tensor].data_type
+    assert {t.name for t in ens.output} <= set(produced)
+
+
+def test_torch_target_needs_traces(traces, tmp_path):
+    settings, paths = traces
+    with pytest.raises(ValueError, match="needs TorchScript traces"):
+        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"))
+    with pytest.raises(ValueError, match="needs TorchScript traces"):
+        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"),
+                         torch_models={names.RPN: paths[names.RPN]})
+
+
+def test_cli_exports_the_torch_target(tmp_path):
+    repo = tmp_path / "repo"
+    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
+                   "--max-size", "320", "--repository", str(repo)])
+    assert rc == 0
+    for model in (names.RPN, names.HEADER):
+        assert (repo / model / "1" / "model.pt").is_file()
+        params = read_config(repo / model / "config.pbtxt").parameters
+        assert params["precision"].string_value == "fp32"
+
+
+def test_cli_torch_gpu_without_cuda_is_an_error(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the error path is for machines without it")
+    rc = cli_main(["export", "--target", "torch", "--device", "gpu", "--canvas", "320x320", "--repository",
+                   str(tmp_path / "repo")])
+    assert rc == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# --- a real server: the torch runner in the ensemble --------------------------------------------
+
+@pytest.mark.triton
+def test_torch_target_on_tritonserver_matches_torchvision(small_model, traces, tmp_path):
+    pytest.importorskip("tritonclient.grpc")
+    from client import detect
+    from client.server import ServerError, TritonServer, free_port
+
+    settings, paths = traces
+    repo = tmp_path / "repo"
+    write_repository(repo, settings, {}, RepositoryOptions(target="torch", max_batch_size=4, queue_delay_us=100_000),
+                     torch_models=paths)
+    server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    try:
+        server.start(timeout=240)
+    except ServerError as e:
+        pytest.fail(str(e))
+    try:
+        client = detect.connect(server.grpc_url)
+        images = _images()
+        results = detect.infer_many(client, [encode(im) for im in images], concurrency=3)
+        for i, (image, res) in enumerate(zip(images, results)):
+            assert not isinstance(res, Exception), res
+            ours = from_packed(*(res.as_numpy(n) for n in (names.DETECTION_BOXES, names.DETECTION_SCORES,
+                                                            names.DETECTION_LABELS, names.NUM_DETECTIONS)))
+            assert_parity(torchvision_detect(small_model, image), ours, f"torch target image {i}")
+        bad = detect.infer_many(client, [b"not an image"])[0]
+        assert isinstance(bad, Exception) and "bad input image" in str(bad)
+    finally:
+        server.stop()
+
+
+# --- GPU preprocess equals the NumPy path ------------------------------------------------------
+
+def _cupy_or_skip():
+    cp = pytest.importorskip("cupy", reason="CuPy is not installed: the GPU preprocess cannot be tested here")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no device")
+    except Exception:
+        pytest.skip("no CUDA device visible to CuPy")
+    return cp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shapes", [[(512, 512)], [(300, 400), (400, 240), (12, 20), (256, 320)]])
+def test_gpu_preprocess_equals_numpy(square_export, shapes):
+    cp = _cupy_or_skip()
+    from python_backend.cuda.image import preprocess_batch as gpu_preprocess_batch
+
+    settings, _ = square_export
+    images = [textured_image(h, w, seed=i) for i, (h, w) in enumerate(shapes)]
+    want = preprocess_batch(images, settings)
+    got = gpu_preprocess_batch(images, settings)
+    for a, b in zip(want, got):
+        assert isinstance(b, cp.ndarray)
+        np.testing.assert_allclose(cp.asnumpy(b), a, rtol=0, atol=2e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_preprocess_rejects_what_does_not_fit(landscape_export):
+    _cupy_or_skip()
+    from python_backend.cuda.image import preprocess_batch as gpu_preprocess_batch
+    from python_backend.reference.image import BadImageError
+
+    settings, _ = landscape_export
+    with pytest.raises(BadImageError, match="does not fit"):
+        gpu_preprocess_batch([textured_image(400, 240, seed=0)], settings)
