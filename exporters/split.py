@@ -49,8 +49,8 @@ class _ExtentMasks:
         key = (int(h), int(w))  # static under tracing: the canvas fixes every map size
         if key not in self.cache:
             vh, vw = self.valid_extent(*key)
-            rows = torch.arange(key[0], dtype=torch.float32)[None, :] < vh[:, None]
-            cols = torch.arange(key[1], dtype=torch.float32)[None, :] < vw[:, None]
+            rows = torch.arange(key[0], dtype=torch.float32, device=vh.device)[None, :] < vh[:, None]
+            cols = torch.arange(key[1], dtype=torch.float32, device=vw.device)[None, :] < vw[:, None]
             self.cache[key] = (rows[:, None, :, None] & cols[:, None, None, :]).to(torch.float32)
         return self.cache[key]
 
@@ -112,8 +112,8 @@ class RpnNetwork(nn.Module):
         s = RPN_STRIDES[level]
         grid = torch.ceil(padded / s)
         stride = torch.floor(padded / grid)  # [B, 2] (h, w)
-        ys = torch.arange(gh, dtype=torch.float32)[None, :] * stride[:, 0:1]  # [B, gh]
-        xs = torch.arange(gw, dtype=torch.float32)[None, :] * stride[:, 1:2]  # [B, gw]
+        ys = torch.arange(gh, dtype=torch.float32, device=padded.device)[None, :] * stride[:, 0:1]  # [B, gh]
+        xs = torch.arange(gw, dtype=torch.float32, device=padded.device)[None, :] * stride[:, 1:2]  # [B, gw]
         sy = ys[:, :, None].expand(-1, gh, gw)
         sx = xs[:, None, :].expand(-1, gh, gw)
         shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, gh * gw, 1, 4)
@@ -121,8 +121,8 @@ class RpnNetwork(nn.Module):
 
     def _valid_anchors(self, gh: int, gw: int, num_cell: int) -> Tensor:
         vh, vw = self.masks.valid_extent(gh, gw)
-        rows = torch.arange(gh, dtype=torch.float32)[None, :] < vh[:, None]
-        cols = torch.arange(gw, dtype=torch.float32)[None, :] < vw[:, None]
+        rows = torch.arange(gh, dtype=torch.float32, device=vh.device)[None, :] < vh[:, None]
+        cols = torch.arange(gw, dtype=torch.float32, device=vw.device)[None, :] < vw[:, None]
         cells = rows[:, :, None] & cols[:, None, :]  # [B, gh, gw]
         return cells[:, :, :, None].expand(-1, gh, gw, num_cell).reshape(-1, gh * gw * num_cell)
 
@@ -137,7 +137,8 @@ class RpnNetwork(nn.Module):
         # graph has static shapes except the batch.
         w_img = image_sizes[:, None, 1:2]  # [B, 1, 1]
         h_img = image_sizes[:, None, 0:1]
-        zero = torch.zeros((), dtype=torch.float32)
+        dev = images.device
+        zero = torch.zeros((), dtype=torch.float32, device=dev)
         out = []
         for level, (lg, dl) in enumerate(zip(logits, deltas)):
             a, gh, gw = int(lg.shape[1]), int(lg.shape[2]), int(lg.shape[3])
@@ -147,7 +148,7 @@ class RpnNetwork(nn.Module):
             dl = dl.reshape(-1, a, 4, gh, gw).permute(0, 3, 4, 1, 2).reshape(-1, gh * gw * a, 4)
             anchors = self._anchors(level, gh, gw, padded).reshape(-1, gh * gw * a, 4)
             valid = self._valid_anchors(gh, gw, a).reshape(-1, gh * gw * a)
-            masked = torch.where(valid, lg, torch.tensor(float("-inf")))
+            masked = torch.where(valid, lg, torch.tensor(float("-inf"), device=dev))
             top, idx = masked.topk(k, dim=1)
             idx4 = idx[:, :, None].expand(-1, k, 4)
             sel_valid = torch.gather(valid, 1, idx)
@@ -158,7 +159,7 @@ class RpnNetwork(nn.Module):
             x = torch.minimum(torch.maximum(boxes[:, :, 0::2], zero), w_img)
             y = torch.minimum(torch.maximum(boxes[:, :, 1::2], zero), h_img)
             prob = torch.where(sel_valid, torch.sigmoid(top), zero)
-            lvl = torch.where(sel_valid, torch.tensor(float(level)), torch.tensor(-1.0))
+            lvl = torch.where(sel_valid, torch.tensor(float(level), device=dev), torch.tensor(-1.0, device=dev))
             out.append(torch.stack((x[:, :, 0], y[:, :, 0], x[:, :, 1], y[:, :, 1], prob, lvl), dim=2))
         return (torch.cat(out, dim=1), *(m.permute(0, 2, 3, 1).contiguous() for m in maps[:4]))
 

@@ -54,6 +54,9 @@ class TritonPythonModel:
                 # ones: valid image sizes and boxes, so the warm-up takes the normal path
                 self.module(*(torch.ones([b, *d], device=self.device) for d in dims))
         torch.cuda.synchronize(self.device)
+        # cudnn's autotuning tries algorithms with large workspaces; hand that memory back, or
+        # this process keeps tens of GiB that the other steps then lack (seen on the H100)
+        torch.cuda.empty_cache()
 
     def execute(self, requests):
         feeds = [[_input(r, n, self.device) for r in requests] for n in self.inputs]
