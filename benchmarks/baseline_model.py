@@ -53,6 +53,8 @@ class TritonPythonModel:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+            # share the card with the ensemble's processes (see torch_runner.py)
+            torch.cuda.set_per_process_memory_fraction(float(params.get("gpu_memory_fraction", "0.3")), self.device)
         else:  # KIND_CPU: only for trying the benchmark's plumbing on a machine without a GPU
             self.device = torch.device("cpu")
         model = fasterrcnn_resnet50_fpn(

@@ -32,6 +32,10 @@ class TritonPythonModel:
             torch.backends.cudnn.allow_tf32 = False
             # fixed canvas and few batch sizes: autotuned convolutions pay off after one call per shape
             torch.backends.cudnn.benchmark = True
+            # The steps of the ensemble share the GPU, each in its own process: cap this one's
+            # caching allocator (cudnn's autotuner otherwise grabs most of the card; seen on the H100:
+            # one process holding 67 GiB and the CuPy step beside it out of memory)
+            torch.cuda.set_per_process_memory_fraction(float(params.get("gpu_memory_fraction", "0.3")), self.device)
         else:
             self.device = torch.device("cpu")
         path = os.path.join(args["model_repository"], args["model_version"], params.get("torch_file", "model.pt"))
