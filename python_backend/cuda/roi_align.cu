@@ -30,6 +30,9 @@
 #ifndef ROI_BT
 #define ROI_BT 4
 #endif
+#ifndef ROI_MINB
+#define ROI_MINB 1  // __launch_bounds__ min blocks per SM: trades registers for occupancy
+#endif
 
 #define ROI_AXIS (ROI_OUT * ROI_SAMPLING)
 
@@ -62,7 +65,7 @@ __device__ __forceinline__ float sample_coord(float start, float bin, int p, int
                      __fdiv_rn(__fmul_rn((float)i + 0.5f, bin), (float)ROI_SAMPLING));
 }
 
-extern "C" __global__ void __launch_bounds__(ROI_CT * ROI_BT)
+extern "C" __global__ void __launch_bounds__(ROI_CT * ROI_BT, ROI_MINB)
 multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1, const float* __restrict__ f2,
                      const float* __restrict__ f3, int h0, int w0, int h1, int w1, int h2, int w2, int h3, int w3,
                      const float4* __restrict__ rois, const int* __restrict__ roi_img,

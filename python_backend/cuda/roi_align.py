@@ -16,11 +16,12 @@ from ._modules import kernel
 
 CHANNEL_THREADS = 32  # ROI_CT: threads along channels (a warp reads 32 consecutive channels)
 BIN_THREADS = 4  # ROI_BT: threads along the output bins of one RoI
+MIN_BLOCKS = 1  # ROI_MINB: __launch_bounds__ minimum resident blocks per SM
 
 
 def _options(output_size: int, sampling_ratio: int) -> tuple[str, ...]:
     return (f"-DROI_OUT={output_size}", f"-DROI_SAMPLING={sampling_ratio}", f"-DROI_CT={CHANNEL_THREADS}",
-            f"-DROI_BT={BIN_THREADS}")
+            f"-DROI_BT={BIN_THREADS}", f"-DROI_MINB={MIN_BLOCKS}")
 
 
 def multilevel_roi_align(features: list[cp.ndarray], rois: cp.ndarray, roi_img: cp.ndarray, num_rois: cp.ndarray,
