@@ -20,9 +20,9 @@ import triton_python_backend_utils as pb_utils
 from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
 from python_backend import names
-from python_backend.reference.image import BadImageError, check_image_array, decode_image
+from python_backend.reference.image import BadImageError
 from python_backend.settings import DetectorSettings
-from python_backend.triton_io import bytes_items, error_response, model_parameters, output, to_numpy
+from python_backend.triton_io import error_response, model_parameters, output, request_images
 
 
 def pack(detections: list[dict], slots: int):
@@ -69,22 +69,12 @@ class TritonPythonModel:
         self.model = model.to(self.device).eval()
         self.raw = json.loads(args["model_config"])["input"][0]["name"] == names.IMAGE_RAW
 
-    def _images(self, request) -> list[np.ndarray]:
-        s = self.settings
-        if self.raw:
-            images = list(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_RAW)))
-            for im in images:
-                check_image_array(im, s.max_input_pixels, s.min_input_side)
-            return images
-        items = bytes_items(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES))
-        return [decode_image(b, s.max_input_pixels, s.min_input_side) for b in items]
-
     def execute(self, requests):
         s = self.settings
         images, owners, errors = [], [], {}
         for k, request in enumerate(requests):
             try:
-                decoded = self._images(request)
+                decoded = request_images(pb_utils, request, self.raw, self.settings)
             except BadImageError as e:
                 errors[k] = f"bad input image: {e}"
                 continue

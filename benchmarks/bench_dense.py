@@ -77,7 +77,7 @@ def main() -> int:
                 with torch.jit.optimized_execution(False):
                     rows.append((f"header trace {precision}, 1000 RoIs/image", batch,
                                  time_ms(lambda: htraced(feats, rois))))
-            del backbone, head, rpn
+            backbone = head = rpn = None  # free before the next batch size
             torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; dense floor {FLOOR_MS:.2f} ms/image")
     print("| network | batch | ms per call | ms per image | floor / ms per image |")

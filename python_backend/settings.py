@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 SIZE_DIVISIBLE = 32  # torchvision GeneralizedRCNNTransform.size_divisible
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5, the maps the RoI pooler reads

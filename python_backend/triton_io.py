@@ -66,6 +66,21 @@ def bytes_items(tensor) -> list[bytes]:
     return [bytes(x) for x in arr.reshape(-1)]
 
 
+def request_images(pb_utils, request, raw: bool, settings) -> list[np.ndarray]:
+    """The decoded ``[H, W, 3]`` uint8 images of one request: ``image_raw`` as sent (``raw``) or
+    ``image`` bytes decoded.  Raises ``BadImageError`` naming what is wrong with an image."""
+    from . import names
+    from .reference.image import check_image_array, decode_image
+
+    if raw:
+        images = list(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_RAW)))
+        for im in images:
+            check_image_array(im, settings.max_input_pixels, settings.min_input_side)
+        return images
+    items = bytes_items(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES))
+    return [decode_image(b, settings.max_input_pixels, settings.min_input_side) for b in items]
+
+
 def model_parameters(args: dict) -> dict[str, str]:
     """``parameters`` of the model config given to ``initialize``, as {key: string_value}."""
     config = json.loads(args["model_config"])

@@ -1,7 +1,6 @@
 """End to end against a real tritonserver (the nvidia-pytriton wheel's) started by a fixture."""
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 

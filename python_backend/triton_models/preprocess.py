@@ -9,13 +9,12 @@ normalized, resized and padded on the GPU by :func:`python_backend.cuda.image.pr
 (same results as the NumPy path to float32 rounding), and the outputs stay on the GPU as CuPy
 arrays; CuPy is imported only then.
 """
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend import names
-from python_backend.reference.image import BadImageError, check_image_array, decode_image, preprocess_batch
+from python_backend.reference.image import BadImageError, preprocess_batch
 from python_backend.settings import DetectorSettings
-from python_backend.triton_io import bytes_items, error_response, model_parameters, output, to_numpy
+from python_backend.triton_io import error_response, model_parameters, output, request_images
 
 
 class TritonPythonModel:
@@ -32,22 +31,12 @@ class TritonPythonModel:
             cupy.cuda.Device(int(args["model_instance_device_id"])).use()
             self.transform = gpu_preprocess_batch
 
-    def _images(self, request) -> list[np.ndarray]:
-        s = self.settings
-        if self.raw:
-            arr = to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_RAW))
-            images = list(arr)
-            for im in images:
-                check_image_array(im, s.max_input_pixels, s.min_input_side)
-            return images
-        items = bytes_items(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES))
-        return [decode_image(b, s.max_input_pixels, s.min_input_side) for b in items]
-
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                images, sizes, originals = self.transform(self._images(request), self.settings)
+                images, sizes, originals = self.transform(
+                    request_images(pb_utils, request, self.raw, self.settings), self.settings)
             except BadImageError as e:
                 responses.append(error_response(pb_utils, f"bad input image: {e}"))
                 continue
