@@ -21,7 +21,7 @@ def roi_step(proposals: cp.ndarray, features: list[cp.ndarray], image_sizes: cp.
 
     Args:
         proposals: ``[B, K, 6]`` float32 rpn output.
-        features: P2..P5, each ``[B, 256, H/s, W/s]`` float32 on the canvas.
+        features: P2..P5, each ``[B, H/s, W/s, 256]`` float32 on the canvas (channels last).
         image_sizes: ``[B, 2]`` resized (h, w).
     Returns:
         :class:`RoiBatch` of CuPy arrays: rois ``[R, 4]``, features ``[R, 7, 7, 256]`` (views
