@@ -80,7 +80,7 @@ def _io(name: str, dtype: int, dims, **kw):
     return dict(name=name, data_type=dtype, dims=list(dims), **kw)
 
 
-def _tensor_specs(settings: DetectorSettings):
+def tensor_specs(settings: DetectorSettings):
     """(inputs, outputs) of every step, without the batch axis, as the ONNX carries them."""
     h, w = settings.canvas
     c = settings.num_classes
@@ -140,7 +140,7 @@ def _instances(cfg: mc.ModelConfig, options: RepositoryOptions, gpu: bool) -> No
 
 
 def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
-    specs = _tensor_specs(settings)[name]
+    specs = tensor_specs(settings)[name]
     batching = name != names.POSTPROCESS
     max_batch = {names.HEADER: max_rois(settings, options)}.get(name, options.max_batch_size) if batching else 0
     cfg = _base(name, specs, max_batch, backend="python")
@@ -171,7 +171,7 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
         # python backend running model.pt; KIND_GPU with --device gpu (traced on the GPU),
         # KIND_CPU with --device cpu (traced on the CPU: the CPU-only test setup)
         return python_step_config(name, settings, options)
-    specs = _tensor_specs(settings)[name]
+    specs = tensor_specs(settings)[name]
     max_batch = max_rois(settings, options) if name == names.HEADER else options.max_batch_size
     platform = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}[options.target]
     cfg = _base(name, specs, max_batch, platform=platform)

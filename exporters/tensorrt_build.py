@@ -33,7 +33,7 @@ import numpy as np
 from python_backend import names
 from python_backend.settings import DetectorSettings
 
-from .repository import RepositoryOptions, max_rois
+from .repository import RepositoryOptions, max_rois, tensor_specs
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +82,17 @@ def optimization_profiles(settings: DetectorSettings, options: RepositoryOptions
     r_opt = r_max if header_opt_rois is None else int(header_opt_rois)
     if not 1 <= r_opt <= r_max:
         raise ValueError(f"header_opt_rois must be in 1..{r_max}, got {header_opt_rois}")
-    h, w = settings.canvas
-    s = settings.roi_output_size
 
     def batch_axis(lo: int, opt: int, hi: int, rest: Sequence[int]) -> tuple[Shape, Shape, Shape]:
         rest = tuple(int(d) for d in rest)
         return ((lo, *rest), (opt, *rest), (hi, *rest))
 
+    # per-item dims from the one place the repository's configs take them from
+    inputs = {model: {t["name"]: t["dims"] for t in tensor_specs(settings)[model][0]}
+              for model in (names.RPN, names.HEADER)}
     return {
-        names.RPN: {
-            names.IMAGES: batch_axis(1, b, b, (3, h, w)),
-            names.IMAGE_SIZES: batch_axis(1, b, b, (2,)),
-        },
-        names.HEADER: {
-            names.ROI_FEATURES: batch_axis(1, r_opt, r_max, (s, s, 256)),
-            names.ROIS: batch_axis(1, r_opt, r_max, (4,)),
-        },
+        names.RPN: {n: batch_axis(1, b, b, d) for n, d in inputs[names.RPN].items()},
+        names.HEADER: {n: batch_axis(1, r_opt, r_max, d) for n, d in inputs[names.HEADER].items()},
     }
 
 
