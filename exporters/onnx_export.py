@@ -45,7 +45,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_rpn(model, settings: DetectorSettings, batch: int = 2) -> onnx.ModelProto:
-    """``images [B,3,H,W], image_sizes [B,2] -> proposals [B,K,6], P2..P5 [B,H/s,W/s,256]``; B dynamic."""
+    """``images [B,3,H,W], image_sizes [B,2] -> proposals [B,K,6], P2..P5 [B,H/s,W/s,C]``; B dynamic."""
     net = RpnNetwork(model, settings).eval()
     h, w = settings.canvas
     images = torch.zeros(batch, 3, h, w)
@@ -57,10 +57,10 @@ def export_rpn(model, settings: DetectorSettings, batch: int = 2) -> onnx.ModelP
 
 
 def export_header(model, settings: DetectorSettings, rois: int = 8) -> onnx.ModelProto:
-    """``roi_features [R,7,7,256], rois [R,4] -> class_scores [R,C], class_boxes [R,C,4]``; R dynamic."""
+    """``roi_features [R,7,7,C], rois [R,4] -> class_scores [R,C], class_boxes [R,C,4]``; R dynamic."""
     net = HeaderNetwork(model).eval()
     s = settings.roi_output_size
-    feats = torch.zeros(rois, s, s, 256)
+    feats = torch.zeros(rois, s, s, settings.fpn_channels)
     boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * rois)
     outputs = (names.CLASS_SCORES, names.CLASS_BOXES)
     axes = {n: {0: NUM_ROIS} for n in (names.ROI_FEATURES, names.ROIS, *outputs)}

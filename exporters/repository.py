@@ -85,10 +85,11 @@ def tensor_specs(settings: DetectorSettings):
     h, w = settings.canvas
     c = settings.num_classes
     s = settings.roi_output_size
-    feats = [_io(n, FP32, [h // st, w // st, 256]) for n, st in zip(names.FEATURES, FPN_STRIDES)]  # channels last
+    ch = settings.fpn_channels
+    feats = [_io(n, FP32, [h // st, w // st, ch]) for n, st in zip(names.FEATURES, FPN_STRIDES)]  # channels last
     rpn_in = [_io(names.IMAGES, FP32, [3, h, w]), _io(names.IMAGE_SIZES, FP32, [2])]
     rpn_out = [_io(names.PROPOSALS, FP32, [settings.num_proposals, 6])] + feats
-    header_in = [_io(names.ROI_FEATURES, FP32, [s, s, 256]), _io(names.ROIS, FP32, [4])]
+    header_in = [_io(names.ROI_FEATURES, FP32, [s, s, ch]), _io(names.ROIS, FP32, [4])]
     header_out = [_io(names.CLASS_SCORES, FP32, [c]), _io(names.CLASS_BOXES, FP32, [c, 4])]
     return {
         names.RPN: (rpn_in, rpn_out),
@@ -98,7 +99,7 @@ def tensor_specs(settings: DetectorSettings):
         names.PREPROCESS_RAW: ([_io(names.IMAGE_RAW, UINT8, [-1, -1, 3])],
                                [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
         names.ROI: ([rpn_out[0], *feats, _io(names.IMAGE_SIZES, FP32, [2])],
-                    [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [s, s, 256]),
+                    [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [s, s, ch]),
                      _io(names.NUM_ROIS, INT32, [1])]),
         # non-batching: shapes carry their own leading axis
         names.POSTPROCESS: ([_io(names.CLASS_SCORES, FP32, [-1, c]), _io(names.CLASS_BOXES, FP32, [-1, c, 4]),

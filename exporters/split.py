@@ -184,10 +184,11 @@ class HeaderNetwork(nn.Module):
     Outputs: class_scores ``[R, C]`` softmax; class_boxes ``[R, C, 4]`` decoded, not clipped.
     """
 
-    def __init__(self, model: FasterRCNN, channels: int = 256):
+    def __init__(self, model: FasterRCNN):
         super().__init__()
         self.box_head = copy.deepcopy(model.roi_heads.box_head).eval()
         size = int(model.roi_heads.box_roi_pool.output_size[0])
+        channels = int(model.backbone.out_channels)
         # TwoMLPHead: fold the layout change into fc6; any other head gets an explicit permute
         self.permute_input = not _fc6_channels_last(self.box_head, channels, size)
         self.box_predictor = copy.deepcopy(model.roi_heads.box_predictor).eval()

@@ -117,7 +117,7 @@ def example_inputs(settings: DetectorSettings, device: torch.device, batch: int 
     sizes = torch.tensor([[h, w]] + [[h - 32 * i, w - 64 * i] for i in range(1, batch)], dtype=torch.float32,
                          device=device).clamp(min=32)
     s = settings.roi_output_size
-    feats = torch.zeros(rois, s, s, 256, device=device)  # channels last
+    feats = torch.zeros(rois, s, s, settings.fpn_channels, device=device)  # channels last
     boxes = torch.tensor([[0.0, 0.0, 16.0, 16.0]] * rois, device=device)
     return (images, sizes), (feats, boxes)
 

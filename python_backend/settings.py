@@ -38,6 +38,7 @@ class DetectorSettings:
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
     box_min_size: float = 1e-2  # torchvision RoIHeads.postprocess_detections
+    fpn_channels: int = 256  # backbone.out_channels: channels of P2..P5 and of RoI features
     roi_output_size: int = 7
     roi_sampling_ratio: int = 2
     # torchvision LevelMapper: canonical scale 224, canonical level 4, eps 1e-6
