@@ -474,6 +474,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-trials", type=int, default=4, help="perf_analyzer windows at most per concurrency")
     p.add_argument("--precisions", default="fp32,fp16", help="ensemble repositories to run")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--instances", type=int, default=1, help="instances of every ensemble step")
+    p.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay of the ensemble steps")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: try the plumbing on a machine without a GPU (no perf_analyzer: use --no-perf)")
     p.add_argument("--no-perf", action="store_true", help="skip perf_analyzer (accuracy and statistics only)")
@@ -505,7 +507,8 @@ def main(argv=None) -> int:
         repos = {pr: args.work / f"repo_{pr}" for pr in ("fp32", "fp16")}
     else:
         repos = write_benchmark_repositories(args.work, device=args.device,
-                                             precisions=tuple(args.precisions.split(",")), raw=raw)
+                                             precisions=tuple(args.precisions.split(",")), raw=raw,
+                                             instances=args.instances, queue_delay_us=args.queue_delay_us)
     log.info("repositories ready in %.0f s", time.monotonic() - t0)
 
     jpegs = jpeg_payloads(args.work / "images")

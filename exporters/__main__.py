@@ -57,6 +57,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=TARGETS, default="python", help="how rpn and header are served")
     g.add_argument("--device", choices=DEVICES, default="cpu", help="where python-backend steps run")
     g.add_argument("--max-batch-size", type=int, default=8, help="images per batch")
+    g.add_argument("--instances", type=int, default=1, help="instances of every step (instance_group count)")
+    g.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher max_queue_delay_microseconds")
     g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="precision of the dense networks: TensorRT engines (--target tensorrt) or the "
                         "TorchScript traces (--target torch: fp16 runs backbone/FPN/RPN head and box head "
@@ -84,6 +86,7 @@ def export(args) -> Path:
     log.info("[1/3] loading model (weights: %s)", args.weights)
     model, settings = load_model(args)
     options = RepositoryOptions(target=args.target, device=args.device, max_batch_size=args.max_batch_size,
+                                instances=args.instances, queue_delay_us=args.queue_delay_us,
                                 torch_precision=args.precision)
     with tempfile.TemporaryDirectory() as tmp:
         if args.target == "torch":
