@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import functools
 import io
 import json
 import logging
@@ -124,41 +123,11 @@ def write_input_data(path: Path, items: list) -> Path:
 
 
 def send_many(client, model: str, items: list, concurrency: int = 4) -> list:
-    """Each item (JPEG bytes -> ``image``; uint8 HWC array -> ``image_raw``) as its own request, at most
-    ``concurrency`` in flight; per item the InferResult or the exception it failed with."""
-    import threading
+    """Each item (JPEG bytes -> ``image``; uint8 HWC array -> ``image_raw``) as its own request to
+    ``model``, at most ``concurrency`` in flight; per item the InferResult or the exception."""
+    from client.detect import infer_many
 
-    import tritonclient.grpc as grpcclient
-
-    results: list = [None] * len(items)
-    slots = threading.Semaphore(max(1, concurrency))
-    done = threading.Event()
-    left = [len(items)]
-    lock = threading.Lock()
-
-    def callback(i, result=None, error=None):  # tritonclient passes result= and error= by keyword
-        results[i] = error if error is not None else result
-        slots.release()
-        with lock:
-            left[0] -= 1
-            if left[0] == 0:
-                done.set()
-
-    if not items:
-        return results
-    outputs = [grpcclient.InferRequestedOutput(n) for n in
-               (names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS)]
-    for i, item in enumerate(items):
-        if isinstance(item, (bytes, bytearray)):
-            inp = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
-            inp.set_data_from_numpy(np.array([[bytes(item)]], dtype=np.object_))
-        else:
-            inp = grpcclient.InferInput(names.IMAGE_RAW, [1, *item.shape], "UINT8")
-            inp.set_data_from_numpy(np.ascontiguousarray(item[None]))
-        slots.acquire()
-        client.async_infer(model, [inp], callback=functools.partial(callback, i), outputs=outputs)
-    done.wait()
-    return results
+    return infer_many(client, [bytes(i) if isinstance(i, bytearray) else i for i in items], concurrency, model)
 
 
 # --- perf_analyzer -------------------------------------------------------------------------------

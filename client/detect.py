@@ -120,12 +120,12 @@ def parse_result(result, labels: list[str]) -> list[dict]:
              "score": float(s), "box": [float(v) for v in b]} for b, s, i in zip(boxes, scores, ids)]
 
 
-def infer_many(client, payloads: list, concurrency: int = 1) -> list:
+def infer_many(client, payloads: list, concurrency: int = 1, model: str | None = None) -> list:
     """Send each payload as its own request, at most ``concurrency`` in flight (async gRPC).
 
     A payload is encoded image bytes (sent to ``fasterrcnn``) or a decoded HWC uint8 array (sent
-    to ``fasterrcnn_raw``).  Returns, per payload, the InferResult or the InferenceServerException
-    it failed with.
+    to ``fasterrcnn_raw``), unless ``model`` names another model with the same input.  Returns, per
+    payload, the InferResult or the InferenceServerException it failed with.
     """
     results: list = [None] * len(payloads)
     slots = threading.Semaphore(max(1, concurrency))
@@ -146,8 +146,8 @@ def infer_many(client, payloads: list, concurrency: int = 1) -> list:
     for i, data in enumerate(payloads):
         slots.acquire()
         inputs, outputs = _request(data)
-        model = names.ENSEMBLE_RAW if isinstance(data, np.ndarray) else names.ENSEMBLE
-        client.async_infer(model, inputs, callback=functools.partial(callback, i), outputs=outputs)
+        target = model or (names.ENSEMBLE_RAW if isinstance(data, np.ndarray) else names.ENSEMBLE)
+        client.async_infer(target, inputs, callback=functools.partial(callback, i), outputs=outputs)
     done.wait()
     return results
 
