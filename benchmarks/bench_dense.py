@@ -3,7 +3,8 @@
 Compares, at batch 1 and 8 on the 800x1344 canvas (seeded random weights, 91 classes):
   * torchvision's own backbone + FPN + RPN head (no extent masks, no top-k), eager;
   * our RpnNetwork eager (extent masks + anchors + top-k), fp32;
-  * the exported TorchScript traces (fp32, fp16) as the Triton torch runner runs them;
+  * the exported TorchScript traces (fp32, fp16) as the Triton torch runner runs them
+    (python_backend/torch_runtime.py): as traced, channels last, channels last + CUDA graphs;
   * the header trace at 1000 RoIs per image.
 Median of CUDA-event timings after warm-up.  Reports ms per image and the share of the dense
 floor: 355 GFLOP per image at the measured 760 TFLOP/s fp16 (ENVIRONMENT.md) = 0.47 ms.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,6 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 FLOOR_MS = 355e9 / 760e12 * 1e3
+
+
+def _variants():
+    from python_backend.torch_runtime import RuntimeOptions
+
+    return [RuntimeOptions(), RuntimeOptions(channels_last=True), RuntimeOptions(channels_last=True, cuda_graphs=True)]
+
+
+def _describe(options) -> str:
+    if not options.channels_last and not options.cuda_graphs:
+        return "as traced (NCHW)"
+    return " + ".join(n for n, on in (("channels last", options.channels_last), ("CUDA graphs", options.cuda_graphs)) if on)
 
 
 def time_ms(fn, warmup=3, repeat=10) -> float:
@@ -42,6 +56,10 @@ def main() -> int:
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
     from exporters.split import RpnNetwork
+    from python_backend import names
+    from python_backend.torch_runtime import TorchNetwork
+
+    variants = _variants()
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -49,6 +67,8 @@ def main() -> int:
     dev = torch.device("cuda")
     model = random_model(num_classes=91, seed=0)
     settings = settings_from_model(model)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_dense_"))
+    paths = {p: torch_export.export_torch(model, settings, tmp / p, device="gpu", precision=p) for p in ("fp32", "fp16")}
     h, w = settings.canvas
     rows = []
     with torch.no_grad():
@@ -63,15 +83,14 @@ def main() -> int:
             rpn = RpnNetwork(model, settings).to(dev).eval()
             rows.append(("RpnNetwork eager fp32 (masks, anchors, top-k)", batch, time_ms(lambda: rpn(x, sizes))))
             for precision in ("fp32", "fp16"):
-                mod = torch_export.rpn_module(model, settings, precision)
-                (ins, _) = torch_export.example_inputs(settings, dev)
-                traced = torch_export.trace(mod, ins, dev)
-                with torch.jit.optimized_execution(False):
-                    rows.append((f"rpn trace {precision} (as the Triton runner)", batch,
-                                 time_ms(lambda: traced(x, sizes))))
-                hmod = torch_export.header_module(model, precision)
-                (_, hins) = torch_export.example_inputs(settings, dev)
-                htraced = torch_export.trace(hmod, hins, dev)
+                rpn_path = str(paths[precision][names.RPN])
+                for options in variants:
+                    net = TorchNetwork(rpn_path, dev, [[3, h, w], [2]], batch, options)
+                    net.warm_up()
+                    rows.append((f"rpn trace {precision}, {_describe(options)}", batch,
+                                 time_ms(lambda: net([x, sizes]))))
+                    net = None
+                htraced = torch.jit.load(str(paths[precision][names.HEADER]), map_location=dev)
                 feats = torch.randn(batch * 1000, 7, 7, 256, device=dev)
                 rois = torch.tensor([[10.0, 10.0, 200.0, 300.0]], device=dev).repeat(batch * 1000, 1)
                 with torch.jit.optimized_execution(False):

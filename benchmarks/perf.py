@@ -391,11 +391,11 @@ def environment() -> str:
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def start_server(repo: Path):
+def start_server(repo: Path, mps: bool = False):
     from client.server import TritonServer, free_port
 
     server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                          cuda_pool_bytes=POOL_BYTES)
+                          cuda_pool_bytes=POOL_BYTES, mps=mps)
     t0 = time.monotonic()
     server.start(timeout=300)
     log.info("server on %s ready in %.0f s", repo.name, time.monotonic() - t0)
@@ -445,6 +445,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--instances", type=int, default=1, help="instances of every ensemble step")
     p.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay of the ensemble steps")
+    p.add_argument("--mps", action="store_true", help="servers under a CUDA MPS daemon (client/server.py MpsDaemon)")
+    p.add_argument("--export-args", default="", help="more arguments for `python -m exporters export`, "
+                                                     "as one string (\"--no-cuda-graphs\", say)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: try the plumbing on a machine without a GPU (no perf_analyzer: use --no-perf)")
     p.add_argument("--no-perf", action="store_true", help="skip perf_analyzer (accuracy and statistics only)")
@@ -472,12 +475,15 @@ def main(argv=None) -> int:
     env += f"; input: {'decoded UINT8 images (fasterrcnn_raw), 480x640 for perf_analyzer' if raw else 'JPEG bytes'}"
     t0 = time.monotonic()
     weights = args.work / WEIGHTS_FILE
-    if args.reuse and (args.work / "repo_fp32").is_dir():
-        repos = {pr: args.work / f"repo_{pr}" for pr in ("fp32", "fp16")}
+    wanted = args.precisions.split(",") + ([] if args.skip_baseline else ["fp32"])
+    if args.reuse and all((args.work / f"repo_{pr}").is_dir() for pr in wanted):
+        repos = {pr: args.work / f"repo_{pr}" for pr in wanted}
     else:
         repos = write_benchmark_repositories(args.work, device=args.device,
                                              precisions=tuple(args.precisions.split(",")), raw=raw,
-                                             instances=args.instances, queue_delay_us=args.queue_delay_us)
+                                             instances=args.instances, queue_delay_us=args.queue_delay_us,
+                                             extra_args=tuple(args.export_args.split()),
+                                             baselines=not args.skip_baseline)
     log.info("repositories ready in %.0f s", time.monotonic() - t0)
 
     jpegs = jpeg_payloads(args.work / "images")
@@ -491,7 +497,7 @@ def main(argv=None) -> int:
     perf_rows, breakdown_rows, acc_rows, ok = [], [], [], True
     for precision in args.precisions.split(","):
         models = [m for m in ENSEMBLE_MODELS[precision] if not (args.skip_baseline and m.startswith("baseline"))]
-        server = start_server(repos[precision])
+        server = start_server(repos[precision], args.mps)
         try:
             client = grpcclient.InferenceServerClient(server.grpc_url)
             ps = PerfSettings(binary, server.grpc_url, input_data, args.window_ms, args.max_trials)

@@ -89,12 +89,13 @@ def write_baselines(repo: Path, settings: DetectorSettings, weights: Path, max_b
 
 def export_ensemble(repo: Path, weights: Path, precision: str, canvas: tuple[int, int] = (800, 1344),
                     device: str = "gpu", max_batch_size: int = 8, python: str = sys.executable,
-                    instances: int = 1, queue_delay_us: int = 2000) -> Path:
-    """``python -m exporters export --target torch`` into ``repo`` (a subprocess: the CLI as users run it)."""
+                    instances: int = 1, queue_delay_us: int = 2000, extra_args: tuple[str, ...] = ()) -> Path:
+    """``python -m exporters export --target torch`` into ``repo`` (a subprocess: the CLI as users run it);
+    ``extra_args`` go to the CLI as they are (``--no-cuda-graphs``, say)."""
     cmd = [python, "-m", "exporters", "export", "--weights", str(weights), "--target", "torch",
            "--device", device, "--precision", precision, "--canvas", f"{canvas[0]}x{canvas[1]}",
            "--max-batch-size", str(max_batch_size), "--repository", str(repo),
-           "--instances", str(instances), "--queue-delay-us", str(queue_delay_us)]
+           "--instances", str(instances), "--queue-delay-us", str(queue_delay_us), *extra_args]
     log.info("%s", " ".join(cmd))
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -107,11 +108,13 @@ def export_ensemble(repo: Path, weights: Path, precision: str, canvas: tuple[int
 def write_benchmark_repositories(work: Path, weights: Path | None = None, canvas: tuple[int, int] = (800, 1344),
                                  device: str = "gpu", max_batch_size: int = 8,
                                  precisions: tuple[str, ...] = ("fp32", "fp16"), raw: bool = False,
-                                 instances: int = 1, queue_delay_us: int = 2000) -> dict[str, Path]:
+                                 instances: int = 1, queue_delay_us: int = 2000,
+                                 extra_args: tuple[str, ...] = (), baselines: bool = True) -> dict[str, Path]:
     """Write ``work/repo_fp32`` (ensemble fp32 + both baselines) and ``work/repo_fp16`` (ensemble fp16).
 
     ``weights``: a state_dict; None saves seeded random weights to ``work/weights.pt``.  ``raw``: the
-    baselines take decoded images (``image_raw``) instead of encoded ones.
+    baselines take decoded images (``image_raw``) instead of encoded ones.  ``baselines=False``: only
+    the ``precisions`` asked for, no baselines.
     """
     from exporters.loading import checkpoint_model, settings_from_model
 
@@ -120,9 +123,11 @@ def write_benchmark_repositories(work: Path, weights: Path | None = None, canvas
     if weights is None:
         weights = save_random_weights(work / WEIGHTS_FILE)
     repos = {}
-    for precision in dict.fromkeys(("fp32", *precisions)):  # fp32 holds the baselines
+    for precision in dict.fromkeys((*(("fp32",) if baselines else ()), *precisions)):  # fp32 holds the baselines
         repos[precision] = export_ensemble(work / f"repo_{precision}", weights, precision, canvas, device,
-                                           max_batch_size, instances=instances, queue_delay_us=queue_delay_us)
-    settings = settings_from_model(checkpoint_model(weights), canvas)
-    write_baselines(repos["fp32"], settings, weights, max_batch_size, device, raw)
+                                           max_batch_size, instances=instances, queue_delay_us=queue_delay_us,
+                                           extra_args=extra_args)
+    if baselines:
+        settings = settings_from_model(checkpoint_model(weights), canvas)
+        write_baselines(repos["fp32"], settings, weights, max_batch_size, device, raw)
     return repos

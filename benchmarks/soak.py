@@ -216,6 +216,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/fasterrcnn_bench"))
     p.add_argument("--input", choices=("auto", "jpeg", "raw"), default="auto", help="as in benchmarks/perf.py")
     p.add_argument("--no-warm-up", action="store_true", help="skip the warm-up requests (CPU trials)")
+    p.add_argument("--mps", action="store_true", help="the server under a CUDA MPS daemon, as in benchmarks/perf.py")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind under `timeout`: stop the server
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     input_data = write_input_data(args.work / f"soak_input_{'raw' if raw else 'jpeg'}.json", good)
     bad = bad_raw_payloads() if raw else bad_payloads(jpegs["astronaut"])
 
-    server = start_server(repo)
+    server = start_server(repo, args.mps)
     samples: list[dict] = []
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)

@@ -70,6 +70,51 @@ def find_tritonserver(explicit: str | os.PathLike | None = None) -> TritonBinary
                       "or pass --tritonserver PATH")
 
 
+class MpsDaemon:
+    """A CUDA MPS control daemon of our own (its pipe and log folders in a temporary folder).
+
+    Every python-backend model instance is a process with its own CUDA context; without MPS the
+    GPU time-slices between those contexts, so a CuPy step's small kernels wait for the torch
+    step's time slice and the other way round.  Under MPS the processes' kernels share the GPU
+    at once (NVIDIA's MPS overview: https://docs.nvidia.com/deploy/mps/).  Processes join it
+    through the environment (:meth:`env`).  Needs ``nvidia-cuda-mps-control`` (NVIDIA driver
+    utilities) and the right to start it.
+    """
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("nvidia-cuda-mps-control")
+        self.folder: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        assert self.folder is not None, "start() first"
+        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(self.folder / "log")}
+
+    def start(self) -> "MpsDaemon":
+        if not self.binary:
+            raise ServerError("--mps: nvidia-cuda-mps-control is not on PATH (it comes with the NVIDIA driver's "
+                              "utilities; in a container, run it with the 'utility' driver capability)")
+        self.folder = Path(tempfile.mkdtemp(prefix="fasterrcnn-mps-"))
+        env = self.env()
+        for d in env.values():
+            Path(d).mkdir()
+        proc = subprocess.run([self.binary, "-d"], env={**os.environ, **env}, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ServerError(f"--mps: nvidia-cuda-mps-control -d failed ({proc.returncode}): "
+                              f"{(proc.stdout + proc.stderr).strip()[-500:]}")
+        return self
+
+    def stop(self) -> None:
+        if self.folder is None:
+            return
+        try:
+            subprocess.run([self.binary], input="quit\n", env={**os.environ, **self.env()}, capture_output=True,
+                           text=True, timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder = None
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -97,7 +142,9 @@ class TritonServer:
     binary: str | None = None
     cuda_pool_bytes: int = 0  # 0: Triton's default; the GPU path needs room for FPN maps
     log_verbose: int = 0
+    mps: bool = False  # run the server's processes under a CUDA MPS daemon of its own (MpsDaemon)
     process: subprocess.Popen | None = field(default=None, init=False)
+    _mps: MpsDaemon | None = field(default=None, init=False)
     log_path: Path | None = field(default=None, init=False)
 
     @property
@@ -125,6 +172,9 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if self.mps:
+            self._mps = MpsDaemon().start()
+            env.update(self._mps.env())
         fd, log_name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
         self.log_path = Path(log_name)
         self.process = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -147,6 +197,7 @@ class TritonServer:
         client = grpcclient.InferenceServerClient(self.grpc_url)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # the MPS daemon, if any
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
                                   f"model errors:\n{self._load_errors()}\n(full log: {self.log_path})")
             try:
@@ -166,6 +217,9 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._mps is not None:
+            self._mps.stop()
+            self._mps = None
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self

@@ -63,6 +63,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="precision of the dense networks: TensorRT engines (--target tensorrt) or the "
                         "TorchScript traces (--target torch: fp16 runs backbone/FPN/RPN head and box head "
                         "in float16, the rest in float32)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="--target torch: run the rpn trace in channels-last memory format (faster fp16 convolutions)")
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="--target torch --device gpu: replay the rpn as one CUDA graph per batch size")
     g.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
 
 
@@ -87,7 +91,8 @@ def export(args) -> Path:
     model, settings = load_model(args)
     options = RepositoryOptions(target=args.target, device=args.device, max_batch_size=args.max_batch_size,
                                 instances=args.instances, queue_delay_us=args.queue_delay_us,
-                                torch_precision=args.precision)
+                                torch_precision=args.precision, torch_channels_last=args.channels_last,
+                                torch_cuda_graphs=args.cuda_graphs)
     with tempfile.TemporaryDirectory() as tmp:
         if args.target == "torch":
             from .torch_export import export_torch
@@ -126,7 +131,7 @@ def serve(args, block: bool = True):
         export(args)
     server = TritonServer(args.repository, grpc_port=args.grpc_port, http_port=args.http_port,
                           metrics_port=args.metrics_port, binary=args.tritonserver,
-                          cuda_pool_bytes=(4 << 30) if args.device == "gpu" else 0)
+                          cuda_pool_bytes=(4 << 30) if args.device == "gpu" else 0, mps=args.mps)
     log.info("starting tritonserver on %s (gRPC %d, HTTP %d)", args.repository, args.grpc_port, args.http_port)
     server.start()
     log.info("server ready: gRPC %s", server.grpc_url)
@@ -148,6 +153,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tritonserver", help="path of a tritonserver binary (default: the nvidia-pytriton wheel's, "
                                           "then tritonserver on PATH)")
     p.add_argument("--rebuild", action="store_true", help="export again even if the repository exists")
+    p.add_argument("--mps", action="store_true",
+                   help="run the server under a CUDA MPS daemon of its own, so that the python-backend steps' "
+                        "processes share the GPU at once instead of by time slices (--device gpu)")
 
 
 def demo(args) -> None:

@@ -53,6 +53,10 @@ class RepositoryOptions:
     # torch target only: precision the TorchScript traces were exported in (written as a
     # parameter; the runner sets TF32 off and reports it)
     torch_precision: str = "fp32"
+    # torch target, rpn only (python_backend/torch_runtime.py): channels-last weights and input,
+    # and one CUDA graph per batch size (GPU instances only)
+    torch_channels_last: bool = True
+    torch_cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -155,6 +159,9 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
         if options.target == "torch":
             params["torch_file"] = TORCH_FILE
             params["precision"] = options.torch_precision
+            if name == names.RPN:
+                params["channels_last"] = str(options.torch_channels_last).lower()
+                params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
         else:
             params["onnx_file"] = "model.onnx"
     if gpu:

@@ -17,6 +17,7 @@ from exporters.split import HeaderNetwork, RpnNetwork
 from parity import assert_parity, encode, from_packed, textured_image, torchvision_detect
 from python_backend import names
 from python_backend.reference.image import preprocess_batch
+from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
 from tritonclient.grpc import model_config_pb2 as mc
 
 TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.int32: mc.TYPE_INT32}
@@ -117,9 +118,15 @@ def test_torch_network_configs(torch_repo, model):
     assert params.get("FORCE_CPU_ONLY_INPUT_TENSORS") == ("no" if device == "gpu" else None)
     assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
     assert cfg.max_batch_size == (4 * settings.rpn_post_nms_top_n if model == names.HEADER else 4)
+    # run-time options of the rpn runner (python_backend/torch_runtime.py); the header has none
+    if model == names.RPN:
+        assert params["channels_last"] == "true"
+        assert params["cuda_graphs"] == ("true" if device == "gpu" else "false")
+    else:
+        assert "channels_last" not in params and "cuda_graphs" not in params
     version = out / model / "1"
     assert (version / "model.pt").is_file() and not (version / "model.onnx").exists()
-    assert "torch.jit.load" in (version / "model.py").read_text()
+    assert "TorchNetwork(" in (version / "model.py").read_text()
 
 
 @pytest.mark.parametrize("model", [names.RPN, names.HEADER])
@@ -229,6 +236,73 @@ def _cupy_or_skip():
     except Exception:
         pytest.skip("no CUDA device visible to CuPy")
     return cp
+
+
+# --- the runner's core: channels last and CUDA graphs ------------------------------------------------
+
+def _rpn_inputs(settings, batch, device="cpu"):
+    x, sizes, _ = preprocess_batch(_images()[:batch], settings)
+    return [torch.from_numpy(x).to(device), torch.from_numpy(sizes).to(device)]
+
+
+def test_runtime_options_from_parameters():
+    assert RuntimeOptions.from_parameters({}) == RuntimeOptions(False, False)
+    assert RuntimeOptions.from_parameters({"channels_last": "true", "cuda_graphs": "False"}) == RuntimeOptions(True, False)
+    with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
+        RuntimeOptions.from_parameters({"cuda_graphs": "maybe"})
+    with pytest.raises(ValueError, match="cuda_graphs needs a GPU"):
+        TorchNetwork(__file__, torch.device("cpu"), [[3, 8, 8]], 4, RuntimeOptions(cuda_graphs=True))
+
+
+def test_channels_last_rpn_equals_the_plain_trace(traces):
+    """Same trace, channels-last weights and input: the same numbers up to convolution order."""
+    settings, paths = traces
+    args = _rpn_inputs(settings, 3)
+    dims = [list(a.shape[1:]) for a in args]
+    plain = TorchNetwork(str(paths[names.RPN]), torch.device("cpu"), dims, 4)
+    nhwc = TorchNetwork(str(paths[names.RPN]), torch.device("cpu"), dims, 4, RuntimeOptions(channels_last=True))
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in nhwc.module.parameters())
+    want, got = plain(args), nhwc(args)
+    for name, a, b in zip(names.FEATURES, want[1:], got[1:]):
+        assert b.shape == a.shape and b.dtype == a.dtype, name
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")  # summation order
+    # proposals: random weights give near-tied objectness, so convolution order may swap a few
+    # rows of the top-k; nearly every row must still be there
+    a, b = want[0], got[0]
+    assert b.shape == a.shape
+    for i in range(a.shape[0]):
+        close = torch.isclose(b[i][:, None, :], a[i][None, :, :], rtol=1e-4, atol=1e-3).all(-1).any(1)
+        assert close.float().mean() >= 0.99, f"image {i}: {close.float().mean():.3f} of the proposals found"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_rpn_equals_eager_calls(small_model, square_export, tmp_path, precision):
+    """The runner's graphs (one per batch size, shared pool) give what the trace gives eagerly, for
+    every batch size and in any order, and their outputs survive the next replay."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    settings, _ = square_export
+    dev = torch.device("cuda")
+    paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision=precision)
+    dims = [[3, *settings.canvas], [2]]
+    options = RuntimeOptions(channels_last=True, cuda_graphs=True)
+    graphed = TorchNetwork(str(paths[names.RPN]), dev, dims, 3, options)
+    graphed.warm_up()
+    eager = TorchNetwork(str(paths[names.RPN]), dev, dims, 3, RuntimeOptions(channels_last=True))
+    assert sorted(graphed._graphs) == [1, 2, 3]
+    kept = []
+    for batch in (3, 1, 2, 3):
+        args = _rpn_inputs(settings, batch, dev)
+        got = graphed(args)
+        kept.append((args, [t.clone() for t in got], got))
+        want = eager(args)
+        for name, a, b in zip((names.PROPOSALS, *names.FEATURES), want, got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"batch {batch} {name}: {m}")
+    for _, snapshot, got in kept:  # later replays did not overwrite earlier outputs
+        for a, b in zip(snapshot, got):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

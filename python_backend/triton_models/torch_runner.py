@@ -3,7 +3,8 @@
 Made by :mod:`exporters.torch_export`.  Loads the trace on this instance's device (its GPU for
 KIND_GPU, the CPU for KIND_CPU), reads inputs through DLPack (GPU tensors stay on the GPU) and
 returns outputs through ``Tensor.from_dlpack``.  All requests of a batch run as one call, split
-back per request along the batch axis (images for rpn, RoIs for header).
+back per request along the batch axis (images for rpn, RoIs for header).  Memory format and
+CUDA graphs: :mod:`python_backend.torch_runtime` (model parameters ``channels_last``, ``cuda_graphs``).
 """
 import json
 import os
@@ -11,6 +12,7 @@ import os
 import torch
 import triton_python_backend_utils as pb_utils
 
+from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
 from python_backend.triton_io import model_parameters
 
 
@@ -24,9 +26,9 @@ class TritonPythonModel:
         params = model_parameters(args)
         gpu = args["model_instance_kind"] == "GPU"
         if gpu:
-            self.device = torch.device("cuda", int(args["model_instance_device_id"]))
+            device = torch.device("cuda", int(args["model_instance_device_id"]))
             # the trace's device is index-less "cuda": the current device
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(device)
             # fp32 means fp32: no TF32 in convolutions or matmuls (cudnn's default is TF32 on)
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
@@ -35,45 +37,30 @@ class TritonPythonModel:
             # The steps of the ensemble share the GPU, each in its own process: cap this one's
             # caching allocator (cudnn's autotuner otherwise grabs most of the card; seen on the H100:
             # one process holding 67 GiB and the CuPy step beside it out of memory)
-            torch.cuda.set_per_process_memory_fraction(float(params.get("gpu_memory_fraction", "0.3")), self.device)
+            torch.cuda.set_per_process_memory_fraction(float(params.get("gpu_memory_fraction", "0.3")), device)
         else:
-            self.device = torch.device("cpu")
-        path = os.path.join(args["model_repository"], args["model_version"], params.get("torch_file", "model.pt"))
-        self.module = torch.jit.load(path, map_location=self.device).eval()
-        self.precision = params.get("precision", "fp32")
+            device = torch.device("cpu")
         model_config = json.loads(args["model_config"])
         self.inputs = [i["name"] for i in model_config["input"]]
         self.outputs = [o["name"] for o in model_config["output"]]
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("torch_file", "model.pt"))
+        self.net = TorchNetwork(path, device, [[int(d) for d in i["dims"]] for i in model_config["input"]],
+                                int(model_config.get("max_batch_size", 0)), RuntimeOptions.from_parameters(params))
         if gpu:
-            self._warm_up(model_config)
-
-    def _warm_up(self, model_config: dict) -> None:
-        """One call per batch size the dynamic batcher can form (a few for the RoI axis), so that
-        cudnn's autotuning happens at load rather than in the first requests."""
-        max_batch = int(model_config.get("max_batch_size", 0))
-        sizes = range(1, max_batch + 1) if max_batch <= 64 else (1, max_batch // 8, max_batch)
-        dims = [[int(d) for d in i["dims"]] for i in model_config["input"]]
-        with torch.no_grad(), torch.jit.optimized_execution(False):
-            for b in sizes:
-                # ones: valid image sizes and boxes, so the warm-up takes the normal path
-                self.module(*(torch.ones([b, *d], device=self.device) for d in dims))
-        torch.cuda.synchronize(self.device)
-        # cudnn's autotuning tries algorithms with large workspaces; hand that memory back, or
-        # this process keeps tens of GiB that the other steps then lack (seen on the H100)
-        torch.cuda.empty_cache()
+            self.net.warm_up()
+            # cudnn's autotuning tries algorithms with large workspaces; hand that memory back, or
+            # this process keeps tens of GiB that the other steps then lack (seen on the H100)
+            torch.cuda.empty_cache()
 
     def execute(self, requests):
-        feeds = [[_input(r, n, self.device) for r in requests] for n in self.inputs]
+        device = self.net.device
+        feeds = [[_input(r, n, device) for r in requests] for n in self.inputs]
         counts = [t.shape[0] for t in feeds[0]]
         args = [ts[0] if len(ts) == 1 else torch.cat(ts) for ts in feeds]
-        # The plain interpreter: no profiling runs, no fusion and no re-specialization per new
-        # batch size (header batches are RoI counts, a new size nearly every call); numerics
-        # stay those of the eager modules.
-        with torch.no_grad(), torch.jit.optimized_execution(False):
-            results = self.module(*args)
-        if self.device.type == "cuda":
+        results = self.net(args)
+        if device.type == "cuda":
             # from_dlpack hands Triton the memory; the kernels writing it must have finished
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.current_stream(device).synchronize()
         responses, start = [], 0
         for c in counts:
             responses.append(pb_utils.InferenceResponse(output_tensors=[

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Serving knobs of the torch-target ensemble, fp16, one after the other on one GPU (no baseline):
+# the runner's options checked on the GPU, the dense networks alone, then perf.py per variant.
+# Usage on the GPU machine, from the repository root (.device/ from ../shared/tools/device-bundle.sh):
+#   OUT=/some/dir bash benchmarks/knobs_h100.sh [VARIANT ...]
+# Variants (default: plain mps): plain = the exporter's defaults; mps = the same repository under a
+# CUDA MPS daemon; mps_delay0 = MPS and max_queue_delay_microseconds 0; mps_nographs = MPS, no CUDA
+# graphs; mps_i2 = MPS and 2 instances of every step.
+# Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (perf.py's summary of each variant).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-$PWD/out/knobs}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# shellcheck disable=SC1091
+source .device/setup.sh || { echo "no .device/setup.sh: run bash ../shared/tools/device-bundle.sh first"; exit 2; }
+PY="${PYTHON:-python3}"
+WORK="${WORK:-/tmp/fasterrcnn_knobs}"
+CONC="${CONC:-1,4,16,64}"
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(plain mps)
+perf() {  # name, work folder, extra perf.py arguments...
+  local name=$1 work=$2
+  shift 2
+  timeout 240 "$PY" benchmarks/perf.py --precisions fp16 --skip-baseline --concurrency "$CONC" --window-ms 1000 \
+    --max-trials 3 --out "/tmp/knobs_$name" --work "$work" "$@"
+  echo "variant $name rc=$?"
+  cp "/tmp/knobs_$name/summary.md" "$OUT/$name.md" 2>/dev/null
+}
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  if [ -z "${SKIP_CHECKS:-}" ]; then
+    timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -W ignore::FutureWarning tests/test_torch_target.py \
+      -k "cuda_graph or channels_last or gpu_preprocess"
+    timeout 200 "$PY" benchmarks/bench_dense.py | tee "$OUT/dense.txt"
+  fi
+  for v in "${variants[@]}"; do
+    case $v in
+      plain) perf plain "$WORK/default" ;;
+      mps) perf mps "$WORK/default" --reuse --mps ;;
+      mps_delay0) perf mps_delay0 "$WORK/delay0" --mps --queue-delay-us 0 ;;
+      mps_nographs) perf mps_nographs "$WORK/nographs" --mps --export-args "--no-cuda-graphs" ;;
+      mps_i2) perf mps_i2 "$WORK/i2" --mps --instances 2 ;;
+      *) echo "unknown variant $v" ;;
+    esac
+  done
+} 2>&1 | tee "$OUT/knobs.log"

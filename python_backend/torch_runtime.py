@@ -1,0 +1,149 @@
+"""Run an exported TorchScript network (rpn or header) the way the ``torch`` target serves it.
+
+Triton-free: :mod:`python_backend.triton_models.torch_runner` is a thin adapter over
+:class:`TorchNetwork`, and the GPU tests drive this class directly.
+
+Two run-time options, both off by default and both set per model by the exporter:
+
+* ``channels_last``: weights and the 4-D input in channels-last memory format.  cuDNN's fp16
+  convolutions on Hopper are NHWC kernels; with NCHW tensors every convolution pays a layout
+  transform (ENVIRONMENT.md: the dense part at batch 8 takes 2.95 ms/image channels last against
+  4.4 ms/image as traced).  The results are the same computation (different cuDNN algorithms,
+  so not bit-identical).
+* ``cuda_graphs``: one CUDA graph per batch size, captured at warm-up and replayed; it removes
+  the CPU cost of launching a few hundred kernels per call, which is most of a batch-1 call's
+  time when several processes share the GPU.  Only for inputs whose batch is bounded and whose
+  other dimensions are fixed (the rpn: images on a fixed canvas).  The header's batch is a RoI
+  count that changes every call, so it runs without graphs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _flag(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    channels_last: bool = False
+    cuda_graphs: bool = False
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "RuntimeOptions":
+        """From model-config parameters ``channels_last`` / ``cuda_graphs`` ("true"/"false")."""
+        try:
+            return cls(_flag(params.get("channels_last", "false")), _flag(params.get("cuda_graphs", "false")))
+        except ValueError as e:
+            raise ValueError(f"torch runner parameters: {e}") from None
+
+
+class TorchNetwork:
+    """A TorchScript module on one device, called with a batch of inputs, returning a tuple of outputs.
+
+    Args:
+        path: the ``model.pt`` trace.
+        device: where it runs; the trace must have been made for that device type.
+        input_dims: per input, its dims without the batch axis (from the model config).
+        max_batch: largest batch the dynamic batcher forms (0: the model does not batch).
+        options: :class:`RuntimeOptions`.
+    """
+
+    def __init__(self, path: str, device: torch.device, input_dims: list[list[int]], max_batch: int,
+                 options: RuntimeOptions = RuntimeOptions()):
+        self.device = torch.device(device)
+        self.options = options
+        self.input_dims = [list(d) for d in input_dims]
+        self.max_batch = int(max_batch)
+        if options.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a GPU instance")
+        if options.cuda_graphs and not 0 < self.max_batch <= 64:
+            raise ValueError(f"cuda_graphs needs a bounded batch (max_batch_size 1..64), got {self.max_batch}")
+        self.module = torch.jit.load(path, map_location=self.device).eval()
+        if options.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        self._pool = None
+
+    # --- plain calls -------------------------------------------------------------------------------
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.options.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _eager(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        # The plain interpreter: no profiling runs, no fusion and no re-specialization per new
+        # batch size (header batches are RoI counts, a new size nearly every call); numerics
+        # stay those of the eager modules.
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            out = self.module(*(self._layout(a) for a in args))
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+    def __call__(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Outputs for one batch.  With graphs, outputs are fresh tensors (copies of the graph's
+        static outputs), so they stay valid after the next call."""
+        batch = int(args[0].shape[0])
+        if batch in self._graphs:
+            graph, static_in, static_out = self._graphs[batch]
+            for dst, src in zip(static_in, args):
+                dst.copy_(src)
+            graph.replay()
+            return tuple(o.clone() for o in static_out)
+        return self._eager(args)
+
+    # --- warm-up and capture ----------------------------------------------------------------------
+
+    def batch_sizes(self) -> list[int]:
+        """Every batch size the dynamic batcher can form, or a few RoI counts for the header."""
+        if self.max_batch <= 0:
+            return [1]
+        if self.max_batch <= 64:
+            return list(range(1, self.max_batch + 1))
+        return [1, self.max_batch // 8, self.max_batch]
+
+    def warm_up(self, example=None) -> None:
+        """One call per batch size, so that cuDNN's autotuning happens at load rather than in the
+        first requests; with ``cuda_graphs``, then one graph per batch size.
+
+        ``example(batch)`` gives inputs of a batch (default: ones, valid image sizes and boxes,
+        so the call takes the normal path).
+        """
+        make = example or (lambda b: [torch.ones([b, *d], device=self.device) for d in self.input_dims])
+        for b in self.batch_sizes():
+            self._eager(make(b))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.options.cuda_graphs:
+            self._pool = torch.cuda.graph_pool_handle()
+            # largest first: the shared pool is sized by it, the smaller graphs reuse its blocks
+            for b in sorted(self.batch_sizes(), reverse=True):
+                self._capture(b, make(b))
+            log.info("captured CUDA graphs for batch sizes %s", sorted(self._graphs))
+
+    def _capture(self, batch: int, args: list[torch.Tensor]) -> None:
+        static_in = [self._layout(a).clone() for a in args]
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._eager(static_in)  # one run on the side stream before capture, as torch advises
+            with torch.no_grad(), torch.jit.optimized_execution(False), torch.cuda.graph(graph, pool=self._pool,
+                                                                                           stream=stream):
+                out = self.module(*static_in)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        static_out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        self._graphs[batch] = (graph, static_in, static_out)
