@@ -117,7 +117,7 @@ class RpnNetwork(nn.Module):
         sy = ys[:, :, None].expand(-1, gh, gw)
         sx = xs[:, None, :].expand(-1, gh, gw)
         shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, gh * gw, 1, 4)
-        return (shifts + base[None, None]).reshape(-1, gh * gw * base.shape[0], 4)
+        return (shifts + base[None, None]).reshape(-1, gh * gw * int(base.shape[0]), 4)
 
     def _valid_anchors(self, gh: int, gw: int, num_cell: int) -> Tensor:
         vh, vw = self.masks.valid_extent(gh, gw)

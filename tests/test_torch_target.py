@@ -240,6 +240,17 @@ def _cupy_or_skip():
 
 # --- the runner's core: channels last and CUDA graphs ------------------------------------------------
 
+def test_rpn_trace_has_no_host_synchronization(traces):
+    """The rpn must be capturable as a CUDA graph (python_backend/torch_runtime.py): no op in the
+    trace may read a tensor's value on the host (``int(tensor)``, ``.item()``, ``nonzero``).
+    Seen on the H100: ``reshape(-1, n * base.shape[0], 4)`` traced as NumToTensor -> mul with a
+    CUDA constant -> Int, a device-to-host read, and capture failed."""
+    _, paths = traces
+    graph = str(torch.jit.load(str(paths[names.RPN])).inlined_graph)
+    for op in ("aten::Int", "aten::item", "aten::nonzero", "prim::NumToTensor", "aten::ScalarImplicit"):
+        assert op not in graph, f"{op} in the rpn trace"
+
+
 def _rpn_inputs(settings, batch, device="cpu"):
     x, sizes, _ = preprocess_batch(_images()[:batch], settings)
     return [torch.from_numpy(x).to(device), torch.from_numpy(sizes).to(device)]
