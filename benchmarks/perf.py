@@ -1,9 +1,12 @@
 """Throughput/latency of the ensemble (torch target, fp32 and fp16) against torchvision eager, on one GPU.
 
     python benchmarks/perf.py [--out DIR] [--work DIR] [--concurrency 1,2,4,8,16,32,64] [--window-ms 1500]
+                              [--weights STATE_DICT]
 
 Steps (everything written under --out, default $OUT, else ./out/bench):
-  1. seeded random weights (no download) -> ``python -m exporters export --target torch`` at the
+  1. seeded random weights (no download), or ``--weights`` (a state_dict, e.g. from
+     benchmarks/train_synthetic.py: random weights give near-tied scores that fp16 reorders, so the
+     fp16 accuracy check needs a trained checkpoint) -> ``python -m exporters export --target torch`` at the
      800x1344 canvas, fp32 and fp16; the baseline repository beside them (benchmarks/repositories.py);
   2. one tritonserver per repository (CUDA memory pool 4 GiB), a warm-up, then perf_analyzer on each
      model at each concurrency, real JPEG input (perf_analyzer --input-data JSON, ``b64``), or, with
@@ -374,7 +377,8 @@ def summary_markdown(env: str, perf_rows, breakdown_rows, acc_rows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def environment() -> str:
+def environment(weights: Path | None = None) -> str:
+    """Card, versions, the weights used (``weights``: a state_dict file; None: seeded random, seed 0)."""
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -384,8 +388,15 @@ def environment() -> str:
         cupy_v = cupy.__version__
     except ImportError:
         cupy_v = "absent"
+    if weights is None:
+        weights_text = "seeded random weights (seed 0)"
+    else:
+        import hashlib
+
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+        weights_text = f"weights {Path(weights).name} (sha256 {digest}...)"
     return (f"{gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}, cupy {cupy_v}, numpy {np.__version__}, "
-            f"Python {platform.python_version()}; seeded random weights (seed 0), canvas 800x1344; "
+            f"Python {platform.python_version()}; {weights_text}, canvas 800x1344; "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 
@@ -451,6 +462,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: try the plumbing on a machine without a GPU (no perf_analyzer: use --no-perf)")
     p.add_argument("--no-perf", action="store_true", help="skip perf_analyzer (accuracy and statistics only)")
+    p.add_argument("--weights", type=Path, default=None,
+                   help="a fasterrcnn_resnet50_fpn state_dict (as exporters.loading.checkpoint_model reads) for the "
+                        "ensemble, baselines and eager reference; default: seeded random weights (seed 0)")
     p.add_argument("--input", choices=("auto", "jpeg", "raw"), default="auto",
                    help="request input: JPEG bytes (fasterrcnn) or decoded UINT8 (fasterrcnn_raw); auto: raw "
                         "under numpy 2, whose python backend garbles TYPE_STRING inputs (see the module doc)")
@@ -467,19 +481,23 @@ def main(argv=None) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    if args.weights is not None:
+        if not args.weights.is_file():
+            p.error(f"--weights {args.weights}: no such file")
+        args.weights = args.weights.resolve()  # the export subprocess runs in the repository root
+    env = environment(args.weights)
     log.info("%s", env)
 
     mode = input_mode(args.input)
     raw = mode == "raw"
     env += f"; input: {'decoded UINT8 images (fasterrcnn_raw), 480x640 for perf_analyzer' if raw else 'JPEG bytes'}"
     t0 = time.monotonic()
-    weights = args.work / WEIGHTS_FILE
+    weights = args.weights if args.weights is not None else args.work / WEIGHTS_FILE
     wanted = args.precisions.split(",") + ([] if args.skip_baseline else ["fp32"])
     if args.reuse and all((args.work / f"repo_{pr}").is_dir() for pr in wanted):
         repos = {pr: args.work / f"repo_{pr}" for pr in wanted}
     else:
-        repos = write_benchmark_repositories(args.work, device=args.device,
+        repos = write_benchmark_repositories(args.work, weights=args.weights, device=args.device,
                                              precisions=tuple(args.precisions.split(",")), raw=raw,
                                              instances=args.instances, queue_delay_us=args.queue_delay_us,
                                              extra_args=tuple(args.export_args.split()),

@@ -64,7 +64,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "TorchScript traces (--target torch: fp16 runs backbone/FPN/RPN head and box head "
                         "in float16, the rest in float32)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="--target torch: run the rpn trace in channels-last memory format (faster fp16 convolutions)")
+                   help="--target torch --precision fp16: run the rpn trace in channels-last memory format "
+                        "(faster fp16 convolutions; fp32 ones get slower, so fp32 never uses it)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="--target torch --device gpu: replay the rpn as one CUDA graph per batch size")
     g.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")

@@ -53,8 +53,8 @@ class RepositoryOptions:
     # torch target only: precision the TorchScript traces were exported in (written as a
     # parameter; the runner sets TF32 off and reports it)
     torch_precision: str = "fp32"
-    # torch target, rpn only (python_backend/torch_runtime.py): channels-last weights and input,
-    # and one CUDA graph per batch size (GPU instances only)
+    # torch target, rpn only (python_backend/torch_runtime.py): channels-last weights and input
+    # (fp16 only), and one CUDA graph per batch size (GPU instances only)
     torch_channels_last: bool = True
     torch_cuda_graphs: bool = True
 
@@ -160,7 +160,9 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
             params["torch_file"] = TORCH_FILE
             params["precision"] = options.torch_precision
             if name == names.RPN:
-                params["channels_last"] = str(options.torch_channels_last).lower()
+                # channels last speeds up fp16 convolutions (NHWC tensor-core kernels) but slows fp32
+                # ones (H100: 2.97 vs 3.73 ms/image fp16, 15.0 vs 13.0 fp32 at batch 8; docs/benchmarks.md)
+                params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16").lower()
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
         else:
             params["onnx_file"] = "model.onnx"

@@ -55,6 +55,45 @@ class _ExtentMasks:
         return self.cache[key]
 
 
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold each eval-mode batch norm into the convolution before it, in place; returns how many.
+
+    torchvision's ResNet pairs ``convN`` with ``bnN`` in a block (and the stem), and ``downsample``
+    is ``Sequential(conv, bn)``.  Pretrained backbones use ``FrozenBatchNorm2d``, backbones built
+    without weights ``BatchNorm2d``; both hold running statistics, an affine and ``eps``.  The
+    fused convolution computes ``bn(conv(x))`` in one kernel instead of a convolution and an
+    element-wise pass over the activation (what TensorRT does by itself; for the torch target
+    it saves a memory-bound pass per convolution).  Uses ``torch.nn.utils.fusion.fuse_conv_bn_weights``.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
+
+    def fold(conv: nn.Conv2d, bn: nn.Module) -> None:
+        if isinstance(bn, nn.BatchNorm2d) and bn.training:
+            raise ValueError("fold_batch_norms needs eval-mode batch norms")
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                            bn.weight, bn.bias)
+        conv.weight, conv.bias = weight, bias
+
+    count = 0
+    for parent in list(module.modules()):
+        children = dict(parent.named_children())
+        pairs = []
+        if isinstance(parent, nn.Sequential):
+            items = list(children.items())
+            pairs = [(a, b) for (a, m), (b, n) in zip(items, items[1:])
+                     if isinstance(m, nn.Conv2d) and isinstance(n, norms)]
+        pairs += [(f"conv{k[2:]}", k) for k, m in children.items()
+                  if k.startswith("bn") and isinstance(m, norms) and isinstance(children.get(f"conv{k[2:]}"), nn.Conv2d)]
+        for conv_name, bn_name in pairs:
+            fold(children[conv_name], children[bn_name])
+            setattr(parent, bn_name, nn.Identity())
+            count += 1
+    return count
+
+
 def _mask_spatial_inputs(module: nn.Module, masks: _ExtentMasks) -> int:
     """Zero the input outside each image's extent for every conv wider than 1x1 and every max pool."""
     count = 0
@@ -90,6 +129,7 @@ class RpnNetwork(nn.Module):
         super().__init__()
         self.settings = settings
         self.backbone = copy.deepcopy(model.backbone).eval()
+        fold_batch_norms(self.backbone)
         self.head = copy.deepcopy(model.rpn.head).eval()
         self.box_coder = model.rpn.box_coder
         self.masks = _ExtentMasks(settings.canvas)

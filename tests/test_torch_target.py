@@ -51,6 +51,45 @@ def test_traced_rpn_equals_eager_split_module(small_model, traces, batch):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["BatchNorm2d", "FrozenBatchNorm2d"])
+def test_batch_norms_fold_into_convolutions(small_model, frozen):
+    """Both norm types torchvision builds (BatchNorm2d without weights, FrozenBatchNorm2d with them)
+    fold into their convolutions: none is left and the backbone computes the same maps."""
+    import copy
+
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from exporters.split import fold_batch_norms
+
+    backbone = copy.deepcopy(small_model.backbone).eval()
+    g = torch.Generator().manual_seed(3)
+    norms = [(n, m) for n, m in backbone.named_modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert len(norms) == 53  # ResNet-50: stem + 16 blocks x 3 + 4 downsample
+    for name, m in norms:  # statistics and affine far from the identity, so a wrong fold shows
+        c = m.num_features if hasattr(m, "num_features") else m.weight.shape[0]
+        stats = dict(weight=torch.rand(c, generator=g) + 0.5, bias=torch.randn(c, generator=g) * 0.1,
+                     running_mean=torch.randn(c, generator=g) * 0.1, running_var=torch.rand(c, generator=g) + 0.5)
+        if frozen:
+            new = FrozenBatchNorm2d(c)
+            for k, v in stats.items():
+                getattr(new, k).copy_(v)
+            parent = backbone.get_submodule(name.rsplit(".", 1)[0]) if "." in name else backbone
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+        else:
+            with torch.no_grad():
+                for k, v in stats.items():
+                    getattr(m, k).copy_(v)
+    folded = copy.deepcopy(backbone)
+    assert fold_batch_norms(folded) == 53
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in folded.modules())
+    x = torch.randn(2, 3, 128, 160, generator=g)
+    with torch.no_grad():
+        want, got = backbone(x), folded(x)
+    for k in want:
+        scale = want[k].abs().max()
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5 * float(scale), msg=lambda m: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("rois", [1, 37])  # traced at 8
 def test_traced_header_equals_eager_split_module(small_model, traces, rois):
     _, paths = traces
