@@ -52,6 +52,38 @@ def time_ms(fn, warmup=3, repeat=10) -> float:
     return statistics.median(times)
 
 
+KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
+    ("convolution (cuDNN / implicit GEMM)", ("conv", "xmma", "implicit", "cudnn", "sm90_", "sm80_", "gemm", "nhwc")),
+    ("layout transforms (NCHW <-> NHWC)", ("transpose", "nchwToNhwc", "nhwcToNchw", "permute")),
+    ("top-k / sort", ("topk", "sort", "radix", "gatherTopK", "bitonic")),
+    ("element-wise (masks, ReLU, add, casts, upsample)", ("elementwise", "vectorized", "unrolled", "upsample", "copy")),
+)
+
+
+def profile_rpn(path: str, dims, batch: int, options, x, sizes) -> list[tuple[str, float, int]]:
+    """CUDA kernel time of one rpn call (eager, so that kernels are visible), grouped by kind:
+    [(group, ms, kernels)], plus the call's wall time as ("wall (CUDA events)", ms, 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
+
+    net = TorchNetwork(path, torch.device("cuda"), dims, batch, RuntimeOptions(channels_last=options.channels_last))
+    net.warm_up()
+    wall = time_ms(lambda: net([x, sizes]))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        net([x, sizes])
+        torch.cuda.synchronize()
+    groups: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name
+        group = next((g for g, keys in KERNEL_GROUPS if any(k.lower() in name.lower() for k in keys)), "other")
+        groups.setdefault(group, []).append(e.time_range.elapsed_us() / 1e3)
+    rows = sorted(((g, sum(v), len(v)) for g, v in groups.items()), key=lambda r: -r[1])
+    return rows + [("wall (CUDA events)", wall, 0)]
+
+
 def main() -> int:
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
@@ -98,7 +130,22 @@ def main() -> int:
                                  time_ms(lambda: htraced(feats, rois))))
             backbone = head = rpn = None  # free before the next batch size
             torch.cuda.empty_cache()
+    # where the fp16 rpn's time goes: kernels by kind at batch 8, channels last (the served layout)
+    batch = 8
+    x = torch.randn(batch, 3, h, w, device=dev)
+    sizes = torch.tensor([[h, 1066.0]] * batch, device=dev)
+    try:
+        prof_rows = profile_rpn(str(paths["fp16"][names.RPN]), [[3, h, w], [2]], batch, variants[1], x, sizes)
+    except Exception as e:  # the timings above still stand
+        print(f"profile failed: {e!r}")
+        prof_rows = []
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; dense floor {FLOOR_MS:.2f} ms/image")
+    print(f"\nrpn trace fp16, channels last, batch {batch}: CUDA kernel time by kind (torch.profiler)")
+    print("| kernels | count | ms per call | ms per image |")
+    print("| --- | ---: | ---: | ---: |")
+    for group, ms, n in prof_rows:
+        print(f"| {group} | {n or ''} | {ms:.2f} | {ms / batch:.2f} |")
+    print()
     print("| network | batch | ms per call | ms per image | floor / ms per image |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, batch, ms in rows:

@@ -455,7 +455,7 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="fp32,fp16", help="ensemble repositories to run")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--instances", type=int, default=1, help="instances of every ensemble step")
-    p.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher queue delay of the ensemble steps")
+    p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic batcher queue delay of the ensemble steps")
     p.add_argument("--mps", action="store_true", help="servers under a CUDA MPS daemon (client/server.py MpsDaemon)")
     p.add_argument("--export-args", default="", help="more arguments for `python -m exporters export`, "
                                                      "as one string (\"--no-cuda-graphs\", say)")

@@ -47,7 +47,7 @@ def save_random_weights(path: Path, num_classes: int = 91, seed: int = 0) -> Pat
 
 
 def baseline_config(name: str, settings: DetectorSettings, precision: str, max_batch_size: int = 8,
-                    queue_delay_us: int = 2000, device: str = "gpu", raw: bool = False) -> mc.ModelConfig:
+                    queue_delay_us: int = 0, device: str = "gpu", raw: bool = False) -> mc.ModelConfig:
     """Same input and outputs as the ``fasterrcnn`` ensemble (``raw``: as ``fasterrcnn_raw``, decoded
     UINT8 HWC images); python backend, one instance on the GPU (``device="cpu"``: KIND_CPU, only to
     try the plumbing without a GPU)."""
@@ -89,7 +89,7 @@ def write_baselines(repo: Path, settings: DetectorSettings, weights: Path, max_b
 
 def export_ensemble(repo: Path, weights: Path, precision: str, canvas: tuple[int, int] = (800, 1344),
                     device: str = "gpu", max_batch_size: int = 8, python: str = sys.executable,
-                    instances: int = 1, queue_delay_us: int = 2000, extra_args: tuple[str, ...] = ()) -> Path:
+                    instances: int = 1, queue_delay_us: int = 0, extra_args: tuple[str, ...] = ()) -> Path:
     """``python -m exporters export --target torch`` into ``repo`` (a subprocess: the CLI as users run it);
     ``extra_args`` go to the CLI as they are (``--no-cuda-graphs``, say)."""
     cmd = [python, "-m", "exporters", "export", "--weights", str(weights), "--target", "torch",
@@ -108,7 +108,7 @@ def export_ensemble(repo: Path, weights: Path, precision: str, canvas: tuple[int
 def write_benchmark_repositories(work: Path, weights: Path | None = None, canvas: tuple[int, int] = (800, 1344),
                                  device: str = "gpu", max_batch_size: int = 8,
                                  precisions: tuple[str, ...] = ("fp32", "fp16"), raw: bool = False,
-                                 instances: int = 1, queue_delay_us: int = 2000,
+                                 instances: int = 1, queue_delay_us: int = 0,
                                  extra_args: tuple[str, ...] = (), baselines: bool = True) -> dict[str, Path]:
     """Write ``work/repo_fp32`` (ensemble fp32 + both baselines) and ``work/repo_fp16`` (ensemble fp16).
 

@@ -15,14 +15,17 @@ export OUT PYTHONUNBUFFERED=1
 source .device/setup.sh || { echo "no .device/setup.sh: run bash ../shared/tools/device-bundle.sh first"; exit 2; }
 PY="${PYTHON:-python3}"
 WORK="${WORK:-/tmp/fasterrcnn_bench}"
+# every server (ensemble and baseline alike) under a CUDA MPS daemon of its own; NO_MPS=1 to compare
+MPS=(--mps)
+[ -n "${NO_MPS:-}" ] && MPS=()
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$PY" -c 'import torch, torchvision, cupy, numpy; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cupy", cupy.__version__, "numpy", numpy.__version__)'
   timeout 60 "$PY" -m pytest -q -rs -p no:cacheprovider -W ignore::FutureWarning tests/test_torch_target.py -k gpu_preprocess
   tests_rc=$?
-  timeout 350 "$PY" benchmarks/perf.py --out "$OUT" --work "$WORK" --window-ms 1200 --max-trials 4
+  timeout 350 "$PY" benchmarks/perf.py --out "$OUT" --work "$WORK" --window-ms 1200 --max-trials 4 "${MPS[@]}"
   perf_rc=$?
-  timeout 130 "$PY" benchmarks/soak.py --out "$OUT" --work "$WORK" --seconds 45
+  timeout 130 "$PY" benchmarks/soak.py --out "$OUT" --work "$WORK" --seconds 45 "${MPS[@]}"
   soak_rc=$?
   echo "gpu preprocess tests rc=$tests_rc perf rc=$perf_rc soak rc=$soak_rc"
   exit $(( tests_rc != 0 || perf_rc != 0 || soak_rc != 0 ))

@@ -207,6 +207,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = -1  # -1: min(8, CPUs - 1)
     log_every: int = 20
+    cudnn_benchmark: bool = True
 
 
 def lr_factor(step: int, progress: float, cfg: TrainConfig) -> float:
@@ -275,7 +276,7 @@ def train(cfg: TrainConfig, log=print):
     np.random.seed(cfg.seed)
     if cuda:
         torch.cuda.manual_seed_all(cfg.seed)
-        torch.backends.cudnn.benchmark = True  # few shapes: batches are padded to multiples of 32
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     model = build_model(cfg.num_classes, cfg.min_size, cfg.max_size).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -285,10 +286,11 @@ def train(cfg: TrainConfig, log=print):
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     log(f"training fasterrcnn_resnet50_fpn ({cfg.num_classes} + 1 classes) on {device}: batch {cfg.batch_size}, "
         f"{cfg.optimizer} lr {cfg.lr}, min/max size {cfg.min_size}/{cfg.max_size}, "
-        f"budget {cfg.steps} steps or {cfg.seconds:.0f} s{', AMP fp16' if cuda else ''}")
+        f"budget {cfg.steps} steps or {cfg.seconds:.0f} s{', AMP fp16' if cuda else ''}; "
+        f"model ready after {time.monotonic() - t0:.1f} s")
     batches = _batches(cfg, device)
     bad_in_a_row, step, sums, n_sum = 0, 0, {}, 0
-    t_train = time.monotonic()
+    t_last = time.monotonic()
     for step in range(cfg.steps):
         elapsed = time.monotonic() - t0
         if elapsed >= cfg.seconds:
@@ -323,8 +325,8 @@ def train(cfg: TrainConfig, log=print):
             terms = " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in means.items())
             now = time.monotonic()
             log(f"step {step + 1:5d}  loss {sum(means.values()):.3f} ({terms})  lr {opt.param_groups[0]['lr']:.4f}"
-                f"  {now - t0:6.1f} s  {(step + 1) * cfg.batch_size / (now - t_train):.1f} img/s")
-            sums, n_sum = {}, 0
+                f"  {now - t0:6.1f} s  {n_sum * cfg.batch_size / (now - t_last):.1f} img/s")
+            sums, n_sum, t_last = {}, 0, now
     else:
         step = cfg.steps
     log(f"trained {step} steps ({step * cfg.batch_size} images) in {time.monotonic() - t0:.1f} s")
@@ -429,12 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default=d.device, help="auto (cuda if available, else cpu), cpu, cuda[:N]")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers; -1: min(8, CPUs - 1)")
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--no-cudnn-benchmark", action="store_true")
     p.add_argument("--check-images", type=int, default=8, help="held-out images of the self-check (0: none)")
     args = p.parse_args(argv)
     cfg = TrainConfig(steps=args.steps, seconds=args.seconds, batch_size=args.batch_size, lr=args.lr,
                       optimizer=args.optimizer, warmup_steps=args.warmup_steps, min_size=args.min_size,
                       max_size=args.max_size, num_classes=args.classes, seed=args.seed, device=args.device,
-                      workers=args.workers, log_every=args.log_every)
+                      workers=args.workers, log_every=args.log_every, cudnn_benchmark=not args.no_cudnn_benchmark)
     try:
         model = train(cfg)
         path = save(model, args.out)

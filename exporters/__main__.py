@@ -58,7 +58,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=DEVICES, default="cpu", help="where python-backend steps run")
     g.add_argument("--max-batch-size", type=int, default=8, help="images per batch")
     g.add_argument("--instances", type=int, default=1, help="instances of every step (instance_group count)")
-    g.add_argument("--queue-delay-us", type=int, default=2000, help="dynamic batcher max_queue_delay_microseconds")
+    g.add_argument("--queue-delay-us", type=int, default=0,
+                   help="dynamic batcher max_queue_delay_microseconds (0: batch what is queued when an instance frees)")
     g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="precision of the dense networks: TensorRT engines (--target tensorrt) or the "
                         "TorchScript traces (--target torch: fp16 runs backbone/FPN/RPN head and box head "

@@ -43,7 +43,7 @@ class RepositoryOptions:
     device: str = "cpu"  # where python-backend steps run (KIND_CPU / KIND_GPU)
     max_batch_size: int = 8  # images per batch
     instances: int = 1
-    queue_delay_us: int = 2000  # dynamic batcher max_queue_delay_microseconds
+    queue_delay_us: int = 0  # dynamic batcher max_queue_delay_microseconds (Triton's default; see docs/benchmarks.md)
     # onnxruntime target only: run the networks through ONNX Runtime's TensorRT execution
     # provider (Triton's gpu_execution_accelerator "tensorrt"), with these settings.
     ort_tensorrt: bool = False

@@ -155,7 +155,7 @@ def test_torch_network_configs(torch_repo, model):
     assert params["torch_file"] == "model.pt" and params["precision"] == "fp16"
     assert "onnx_file" not in params
     assert params.get("FORCE_CPU_ONLY_INPUT_TENSORS") == ("no" if device == "gpu" else None)
-    assert cfg.dynamic_batching.max_queue_delay_microseconds > 0
+    assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds == 0  # the default
     assert cfg.max_batch_size == (4 * settings.rpn_post_nms_top_n if model == names.HEADER else 4)
     # run-time options of the rpn runner (python_backend/torch_runtime.py); the header has none
     if model == names.RPN:
