@@ -99,6 +99,25 @@ def jpeg_payloads(folder: Path) -> dict[str, bytes]:
     return out
 
 
+def synthetic_payloads(folder: Path, count: int = 6) -> dict[str, bytes]:
+    """Held-out scenes of benchmarks/train_synthetic.py (what its checkpoint was trained on, where
+    its detections are confident), as PNG bytes (lossless: the server sees the generated pixels)."""
+    from PIL import Image
+
+    from benchmarks.train_synthetic import HELD_OUT, make_scene
+
+    sizes = ((480, 640), (600, 800), (384, 512))
+    out = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        h, w = sizes[i % len(sizes)]
+        buf = io.BytesIO()
+        Image.fromarray(make_scene(0, HELD_OUT + i, size=(h, w)).image).save(buf, format="PNG")
+        out[f"scene{i}_{h}x{w}"] = buf.getvalue()
+        (folder / f"scene{i}.png").write_bytes(out[f"scene{i}_{h}x{w}"])
+    return out
+
+
 def decoded(payloads: dict[str, bytes]) -> dict[str, np.ndarray]:
     """JPEG bytes -> ``[H, W, 3]`` uint8, decoded as the server decodes them."""
     from python_backend.reference.image import decode_image
@@ -462,6 +481,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: try the plumbing on a machine without a GPU (no perf_analyzer: use --no-perf)")
     p.add_argument("--no-perf", action="store_true", help="skip perf_analyzer (accuracy and statistics only)")
+    p.add_argument("--accuracy-images", choices=("photos", "synthetic"), default="photos",
+                   help="images of the accuracy check: scikit-image's photographs and two textures, or held-out "
+                        "scenes of benchmarks/train_synthetic.py (for its checkpoint, given with --weights)")
     p.add_argument("--weights", type=Path, default=None,
                    help="a fasterrcnn_resnet50_fpn state_dict (as exporters.loading.checkpoint_model reads) for the "
                         "ensemble, baselines and eager reference; default: seeded random weights (seed 0)")
@@ -506,9 +528,14 @@ def main(argv=None) -> int:
 
     jpegs = jpeg_payloads(args.work / "images")
     images = decoded(jpegs)
-    payloads = images if raw else jpegs
     perf_items = list(resized(images).values()) if raw else list(jpegs.values())
     input_data = write_input_data(args.work / f"perf_input_{mode}.json", perf_items)
+    if args.accuracy_images == "synthetic":  # accuracy on scenes; speed still on the photographs
+        encoded = synthetic_payloads(args.work / "scenes")
+        images = decoded(encoded)
+    else:
+        encoded = jpegs
+    payloads = images if raw else encoded
     reference = eager_reference(weights, images, "cuda" if args.device == "gpu" else "cpu")
     log.info("torchvision eager reference: %s", {k: len(v.scores) for k, v in reference.items()})
 
@@ -533,11 +560,11 @@ def main(argv=None) -> int:
                 log.info("%s accuracy: %s", name, [(r["image"], r["matched"], r["reference"], r["pass"]) for r in rows])
                 before = stats_snapshot(client)
                 for c in ([] if args.no_perf else concurrencies):
-                    raw = run_perf(ps, model, c, args.work / f"pa_{name}_{c}.csv")
-                    if raw is None:
+                    result = run_perf(ps, model, c, args.work / f"pa_{name}_{c}.csv")
+                    if result is None:
                         ok = False
                         continue
-                    row = perf_row(name, raw)
+                    row = perf_row(name, result)
                     perf_rows.append(row)
                     log.info("%s c=%d: %.1f img/s, p50 %.1f ms, p99 %.1f ms", name, c, row["infer_per_s"],
                              row["p50_ms"], row["p99_ms"])
