@@ -4,7 +4,7 @@
 #   1. benchmarks/train_synthetic.py: fasterrcnn_resnet50_fpn from scratch on generated shapes, 90 s;
 #   2. benchmarks/perf.py --weights <it> --accuracy-images synthetic --no-perf: ensemble fp32/fp16 and
 #      both baselines against torchvision eager fp32 on held-out generated scenes (no speed sweep);
-#   3. benchmarks/bench_dense.py: rpn/header alone, with the fp16 rpn's CUDA kernels by kind.
+#   3. benchmarks/bench_dense.py --profile-only: the fp16 rpn's CUDA kernels by kind.
 # Usage on the GPU machine, from the repository root (.device/ from ../shared/tools/device-bundle.sh):
 #   OUT=/some/dir bash benchmarks/accuracy_trained_h100.sh        # about 6 minutes on an H100
 # Writes $OUT/accuracy_trained.log, $OUT/accuracy_trained.md (perf.py's summary), $OUT/accuracy_trained.csv,
@@ -28,7 +28,7 @@ mkdir -p "$WORK"
   acc_rc=$?
   cp "$WORK/perf/summary.md" "$OUT/accuracy_trained.md"
   cp "$WORK/perf/accuracy.csv" "$OUT/accuracy_trained.csv"
-  timeout 200 "$PY" benchmarks/bench_dense.py | tee "$OUT/dense.txt"
+  timeout 150 "$PY" benchmarks/bench_dense.py --profile-only | tee "$OUT/dense.txt"
   echo "train rc=$train_rc accuracy rc=$acc_rc"
   exit $(( train_rc != 0 || acc_rc != 0 ))
 } 2>&1 | tee "$OUT/accuracy_trained.log"

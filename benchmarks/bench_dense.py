@@ -5,11 +5,12 @@ Compares, at batch 1 and 8 on the 800x1344 canvas (seeded random weights, 91 cla
   * our RpnNetwork eager (extent masks + anchors + top-k), fp32;
   * the exported TorchScript traces (fp32, fp16) as the Triton torch runner runs them
     (python_backend/torch_runtime.py): as traced, channels last, channels last + CUDA graphs;
-  * the header trace at 1000 RoIs per image.
+  * the header trace at 1000 RoIs per image;
+and first, the fp16 rpn's CUDA kernel time at batch 8 grouped by kind (torch.profiler).
 Median of CUDA-event timings after warm-up.  Reports ms per image and the share of the dense
 floor: 355 GFLOP per image at the measured 760 TFLOP/s fp16 (ENVIRONMENT.md) = 0.47 ms.
 
-    python benchmarks/bench_dense.py
+    python benchmarks/bench_dense.py [--profile-only]      # about 3 minutes on an H100 (1 with --profile-only)
 """
 from __future__ import annotations
 
@@ -84,13 +85,27 @@ def profile_rpn(path: str, dims, batch: int, options, x, sizes) -> list[tuple[st
     return rows + [("wall (CUDA events)", wall, 0)]
 
 
-def main() -> int:
+def print_profile(rows, batch: int) -> None:
+    print(f"rpn trace fp16, channels last, batch {batch}: CUDA kernel time by kind (torch.profiler)")
+    print("| kernels | count | ms per call | ms per image |")
+    print("| --- | ---: | ---: | ---: |")
+    for group, ms, n in rows:
+        print(f"| {group} | {n or ''} | {ms:.2f} | {ms / batch:.2f} |")
+    print(flush=True)
+
+
+def main(argv=None) -> int:
+    import argparse
+
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
     from exporters.split import RpnNetwork
     from python_backend import names
     from python_backend.torch_runtime import TorchNetwork
 
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile-only", action="store_true", help="only the fp16 rpn's kernel profile (about 1 minute)")
+    args = ap.parse_args(argv)
     variants = _variants()
 
     torch.backends.cudnn.benchmark = True
@@ -100,9 +115,26 @@ def main() -> int:
     model = random_model(num_classes=91, seed=0)
     settings = settings_from_model(model)
     tmp = Path(tempfile.mkdtemp(prefix="bench_dense_"))
-    paths = {p: torch_export.export_torch(model, settings, tmp / p, device="gpu", precision=p) for p in ("fp32", "fp16")}
+    precisions = ("fp16",) if args.profile_only else ("fp32", "fp16")
+    paths = {p: torch_export.export_torch(model, settings, tmp / p, device="gpu", precision=p) for p in precisions}
     h, w = settings.canvas
-    rows = []
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; dense floor {FLOOR_MS:.2f} ms/image\n")
+
+    # where the fp16 rpn's time goes: kernels by kind at batch 8, channels last (the served layout)
+    batch = 8
+    x = torch.randn(batch, 3, h, w, device=dev)
+    sizes = torch.tensor([[h, 1066.0]] * batch, device=dev)
+    with torch.no_grad():
+        print_profile(profile_rpn(str(paths["fp16"][names.RPN]), [[3, h, w], [2]], batch, variants[1], x, sizes), batch)
+    if args.profile_only:
+        return 0
+
+    print("| network | batch | ms per call | ms per image | floor / ms per image |")
+    print("| --- | ---: | ---: | ---: | ---: |", flush=True)
+
+    def row(name: str, batch: int, ms: float) -> None:
+        print(f"| {name} | {batch} | {ms:.2f} | {ms / batch:.2f} | {FLOOR_MS / (ms / batch):.0%} |", flush=True)
+
     with torch.no_grad():
         for batch in (1, 8):
             x = torch.randn(batch, 3, h, w, device=dev)
@@ -110,46 +142,23 @@ def main() -> int:
 
             backbone = model.backbone.to(dev).eval()
             head = model.rpn.head.to(dev).eval()
-            rows.append(("torchvision backbone+FPN+RPN head, eager fp32", batch,
-                         time_ms(lambda: head(list(backbone(x).values())))))
+            row("torchvision backbone+FPN+RPN head, eager fp32", batch, time_ms(lambda: head(list(backbone(x).values()))))
             rpn = RpnNetwork(model, settings).to(dev).eval()
-            rows.append(("RpnNetwork eager fp32 (masks, anchors, top-k)", batch, time_ms(lambda: rpn(x, sizes))))
+            row("RpnNetwork eager fp32 (masks, anchors, top-k; batch norms folded)", batch, time_ms(lambda: rpn(x, sizes)))
             for precision in ("fp32", "fp16"):
                 rpn_path = str(paths[precision][names.RPN])
                 for options in variants:
                     net = TorchNetwork(rpn_path, dev, [[3, h, w], [2]], batch, options)
                     net.warm_up()
-                    rows.append((f"rpn trace {precision}, {_describe(options)}", batch,
-                                 time_ms(lambda: net([x, sizes]))))
+                    row(f"rpn trace {precision}, {_describe(options)}", batch, time_ms(lambda: net([x, sizes])))
                     net = None
                 htraced = torch.jit.load(str(paths[precision][names.HEADER]), map_location=dev)
                 feats = torch.randn(batch * 1000, 7, 7, 256, device=dev)
                 rois = torch.tensor([[10.0, 10.0, 200.0, 300.0]], device=dev).repeat(batch * 1000, 1)
                 with torch.jit.optimized_execution(False):
-                    rows.append((f"header trace {precision}, 1000 RoIs/image", batch,
-                                 time_ms(lambda: htraced(feats, rois))))
+                    row(f"header trace {precision}, 1000 RoIs/image", batch, time_ms(lambda: htraced(feats, rois)))
             backbone = head = rpn = None  # free before the next batch size
             torch.cuda.empty_cache()
-    # where the fp16 rpn's time goes: kernels by kind at batch 8, channels last (the served layout)
-    batch = 8
-    x = torch.randn(batch, 3, h, w, device=dev)
-    sizes = torch.tensor([[h, 1066.0]] * batch, device=dev)
-    try:
-        prof_rows = profile_rpn(str(paths["fp16"][names.RPN]), [[3, h, w], [2]], batch, variants[1], x, sizes)
-    except Exception as e:  # the timings above still stand
-        print(f"profile failed: {e!r}")
-        prof_rows = []
-    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; dense floor {FLOOR_MS:.2f} ms/image")
-    print(f"\nrpn trace fp16, channels last, batch {batch}: CUDA kernel time by kind (torch.profiler)")
-    print("| kernels | count | ms per call | ms per image |")
-    print("| --- | ---: | ---: | ---: |")
-    for group, ms, n in prof_rows:
-        print(f"| {group} | {n or ''} | {ms:.2f} | {ms / batch:.2f} |")
-    print()
-    print("| network | batch | ms per call | ms per image | floor / ms per image |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, batch, ms in rows:
-        print(f"| {name} | {batch} | {ms:.2f} | {ms / batch:.2f} | {FLOOR_MS / (ms / batch):.0%} |")
     return 0
 
 

@@ -99,7 +99,7 @@ def jpeg_payloads(folder: Path) -> dict[str, bytes]:
     return out
 
 
-def synthetic_payloads(folder: Path, count: int = 6) -> dict[str, bytes]:
+def synthetic_payloads(folder: Path, count: int = 24) -> dict[str, bytes]:
     """Held-out scenes of benchmarks/train_synthetic.py (what its checkpoint was trained on, where
     its detections are confident), as PNG bytes (lossless: the server sees the generated pixels)."""
     from PIL import Image
