@@ -75,14 +75,17 @@ def profile_rpn(path: str, dims, batch: int, options, x, sizes) -> list[tuple[st
         net([x, sizes])
         torch.cuda.synchronize()
     groups: dict[str, list[float]] = {}
+    names: dict[str, list[float]] = {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = e.name
         group = next((g for g, keys in KERNEL_GROUPS if any(k.lower() in name.lower() for k in keys)), "other")
         groups.setdefault(group, []).append(e.time_range.elapsed_us() / 1e3)
+        names.setdefault(name, []).append(e.time_range.elapsed_us() / 1e3)
     rows = sorted(((g, sum(v), len(v)) for g, v in groups.items()), key=lambda r: -r[1])
-    return rows + [("wall (CUDA events)", wall, 0)]
+    top = sorted(((n, sum(v), len(v)) for n, v in names.items()), key=lambda r: -r[1])[:15]
+    return rows + [("wall (CUDA events)", wall, 0)] + [("  " + n[:110], ms, c) for n, ms, c in top]
 
 
 def print_profile(rows, batch: int) -> None:
@@ -126,6 +129,18 @@ def main(argv=None) -> int:
     sizes = torch.tensor([[h, 1066.0]] * batch, device=dev)
     with torch.no_grad():
         print_profile(profile_rpn(str(paths["fp16"][names.RPN]), [[3, h, w], [2]], batch, variants[1], x, sizes), batch)
+        # torch.jit.optimize_for_inference: frozen module, cuDNN conv+add+ReLU fusion where it applies
+        try:
+            net = TorchNetwork(str(paths["fp16"][names.RPN]), dev, [[3, h, w], [2]], batch, variants[1])
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(net.module.eval()))
+            xc = x.contiguous(memory_format=torch.channels_last)
+            for _ in range(3):
+                frozen(xc, sizes)
+            ms = time_ms(lambda: frozen(xc, sizes))
+            print(f"rpn trace fp16, channels last, torch.jit.optimize_for_inference: batch {batch}: {ms:.2f} ms "
+                  f"({ms / batch:.2f} ms/image)", flush=True)
+        except Exception as e:  # informational only
+            print(f"optimize_for_inference failed: {e!r}"[:500], flush=True)
     if args.profile_only:
         return 0
 
