@@ -5,9 +5,7 @@
 #   OUT=/some/dir bash benchmarks/knobs_h100.sh [VARIANT ...]
 # Variants (default: plain mps): plain = the exporter's defaults; mps = the same repository under a
 # CUDA MPS daemon; mps_delay0 = MPS and max_queue_delay_microseconds 0; mps_nographs = MPS, no CUDA
-# graphs; mps_i2 = MPS and 2 instances of every step; mps_i2_delay0 = both; mps_optimize = MPS and
-# --optimize-for-inference; trained_optimize = that, fp16 accuracy only, with a checkpoint trained by
-# benchmarks/train_synthetic.py (90 s) on its held-out scenes.
+# graphs; mps_i2 = MPS and 2 instances of every step; mps_i2_delay0 = both.
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (perf.py's summary of each variant).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,11 +42,6 @@ perf() {  # name, work folder, extra perf.py arguments...
       mps_nographs) perf mps_nographs "$WORK/nographs" --mps --export-args "--no-cuda-graphs" ;;
       mps_i2) perf mps_i2 "$WORK/i2" --mps --instances 2 ;;
       mps_i2_delay0) perf mps_i2_delay0 "$WORK/i2_delay0" --mps --instances 2 --queue-delay-us 0 ;;
-      mps_optimize) perf mps_optimize "$WORK/optimize" --mps --export-args "--optimize-for-inference" ;;
-      trained_optimize)  # fp16 accuracy of the optimized rpn with a trained checkpoint (no speed sweep)
-        timeout 200 "$PY" benchmarks/train_synthetic.py --out "$WORK/synthetic.pt" --seconds 90 | tail -3
-        perf trained_optimize "$WORK/trained_optimize" --mps --export-args "--optimize-for-inference" \
-          --weights "$WORK/synthetic.pt" --accuracy-images synthetic --no-perf ;;
       *) echo "unknown variant $v" ;;
     esac
   done

@@ -10,10 +10,6 @@ Two run-time options, both off by default and both set per model by the exporter
   transform (ENVIRONMENT.md: the dense part at batch 8 takes 2.95 ms/image channels last against
   4.4 ms/image as traced).  The results are the same computation (different cuDNN algorithms,
   so not bit-identical).
-* ``optimize_for_inference`` (GPU only): ``torch.jit.freeze`` then ``torch.jit.optimize_for_inference``:
-  cuDNN's fused convolution + bias + ReLU (+ residual add) instead of one element-wise kernel
-  each (the H100 profile: 2.22 against 3.19 ms/image for the fp16 rpn at batch 8).  Numerics:
-  another cuDNN path, so float16 results move by float16 rounding.
 * ``cuda_graphs``: one CUDA graph per batch size, captured at warm-up and replayed; it removes
   the CPU cost of launching a few hundred kernels per call, which is most of a batch-1 call's
   time when several processes share the GPU.  Only for inputs whose batch is bounded and whose
@@ -45,15 +41,12 @@ def _flag(value) -> bool:
 class RuntimeOptions:
     channels_last: bool = False
     cuda_graphs: bool = False
-    optimize_for_inference: bool = False
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "RuntimeOptions":
-        """From model-config parameters ``channels_last`` / ``cuda_graphs`` / ``optimize_for_inference``
-        ("true"/"false")."""
+        """From model-config parameters ``channels_last`` / ``cuda_graphs`` ("true"/"false")."""
         try:
-            return cls(*(_flag(params.get(k, "false")) for k in ("channels_last", "cuda_graphs",
-                                                                   "optimize_for_inference")))
+            return cls(_flag(params.get("channels_last", "false")), _flag(params.get("cuda_graphs", "false")))
         except ValueError as e:
             raise ValueError(f"torch runner parameters: {e}") from None
 
@@ -77,18 +70,11 @@ class TorchNetwork:
         self.max_batch = int(max_batch)
         if options.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs needs a GPU instance")
-        if options.optimize_for_inference and self.device.type != "cuda":
-            raise ValueError("optimize_for_inference is for GPU instances (on the CPU it switches to MKL-DNN ops)")
         if options.cuda_graphs and not 0 < self.max_batch <= 64:
             raise ValueError(f"cuda_graphs needs a bounded batch (max_batch_size 1..64), got {self.max_batch}")
         self.module = torch.jit.load(path, map_location=self.device).eval()
         if options.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
-        if options.optimize_for_inference:
-            # frozen weights, then cuDNN's fused convolution + bias (+ residual add) + ReLU where the
-            # pattern allows; the separate bias-add, ReLU and add kernels were 60% of the fp16 rpn's
-            # kernel time on the H100 (benchmarks/bench_dense.py --profile-only)
-            self.module = torch.jit.optimize_for_inference(torch.jit.freeze(self.module))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
         self._pool = None
 
