@@ -1,6 +1,8 @@
 """The exporter CLI: progress, artifacts in the repository layout, clear errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -76,3 +78,36 @@ def test_impossible_canvas(canvas, message, capsys):
     with pytest.raises(SystemExit):
         main(["export", "--canvas", canvas])
     assert message in capsys.readouterr().err
+
+
+def test_mps_without_its_control_binary_is_a_clear_error(monkeypatch, tmp_path):
+    """``serve --mps`` on a machine without ``nvidia-cuda-mps-control`` names what is missing,
+    before any server process starts."""
+    import client.server as server_mod
+
+    monkeypatch.setattr(server_mod.shutil, "which", lambda name: None)
+    with pytest.raises(server_mod.ServerError, match="nvidia-cuda-mps-control is not on PATH"):
+        server_mod.MpsDaemon().start()
+
+
+def test_mps_daemon_environment_and_stop(monkeypatch, tmp_path):
+    """The daemon gets its own pipe and log folders, the server gets them through the environment,
+    and stop() sends ``quit`` to the same pipe folder and removes the folders."""
+    import client.server as server_mod
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append((cmd, kw.get("input"), kw["env"]["CUDA_MPS_PIPE_DIRECTORY"]))
+        return server_mod.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(server_mod.shutil, "which", lambda name: "/usr/bin/nvidia-cuda-mps-control")
+    monkeypatch.setattr(server_mod.subprocess, "run", fake_run)
+    daemon = server_mod.MpsDaemon().start()
+    env = daemon.env()
+    assert sorted(env) == ["CUDA_MPS_LOG_DIRECTORY", "CUDA_MPS_PIPE_DIRECTORY"]
+    assert all(Path(v).is_dir() for v in env.values())
+    daemon.stop()
+    assert [c[0][-1] for c in calls] == ["-d", "/usr/bin/nvidia-cuda-mps-control"]
+    assert calls[1][1] == "quit\n" and calls[0][2] == calls[1][2] == env["CUDA_MPS_PIPE_DIRECTORY"]
+    assert not Path(env["CUDA_MPS_PIPE_DIRECTORY"]).exists()
