@@ -10,13 +10,8 @@
 # Writes $OUT/accuracy_trained.log, $OUT/accuracy_trained.md (perf.py's summary), $OUT/accuracy_trained.csv,
 # $OUT/dense.txt.  Exit code 0 only if the ensemble passes both accuracy criteria.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-$PWD/out/accuracy_trained}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# shellcheck disable=SC1091
-source .device/setup.sh || { echo "no .device/setup.sh: run bash ../shared/tools/device-bundle.sh first"; exit 2; }
-PY="${PYTHON:-python3}"
+# shellcheck source=benchmarks/device_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh" accuracy_trained
 WORK="${WORK:-/tmp/fasterrcnn_trained}"
 mkdir -p "$WORK"
 {

@@ -8,13 +8,8 @@
 # graphs; mps_i2 = MPS and 2 instances of every step; mps_i2_delay0 = both.
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (perf.py's summary of each variant).
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-$PWD/out/knobs}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-# shellcheck disable=SC1091
-source .device/setup.sh || { echo "no .device/setup.sh: run bash ../shared/tools/device-bundle.sh first"; exit 2; }
-PY="${PYTHON:-python3}"
+# shellcheck source=benchmarks/device_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh" knobs
 WORK="${WORK:-/tmp/fasterrcnn_knobs}"
 CONC="${CONC:-1,4,16,64}"
 variants=("$@")

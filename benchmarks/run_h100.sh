@@ -7,13 +7,8 @@
 # Writes to $OUT (default ./out/bench): summary.md, perf.csv, perf.png, breakdown.csv, accuracy.csv,
 # soak.csv, soak.png, run.log (8 files).  Exit code 0 only if every stage passed.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT="${OUT:-$PWD/out/bench}"
-mkdir -p "$OUT"
-export OUT PYTHONUNBUFFERED=1
-# shellcheck disable=SC1091
-source .device/setup.sh || { echo "no .device/setup.sh: run bash ../shared/tools/device-bundle.sh first"; exit 2; }
-PY="${PYTHON:-python3}"
+# shellcheck source=benchmarks/device_env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh" bench
 WORK="${WORK:-/tmp/fasterrcnn_bench}"
 # every server (ensemble and baseline alike) under a CUDA MPS daemon of its own; NO_MPS=1 to compare
 MPS=(--mps)
