@@ -53,8 +53,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # tests/parity.py: the project's match criterion
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 # Shape classes, label = index + 1 (0 is torchvision's background).  Each has a colour family
 # (base RGB, jittered per object) so that colour alone separates the classes: a brief training run
@@ -342,28 +343,16 @@ def train(cfg: TrainConfig, log=print):
     return model.eval()
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of ``[N, 4]`` and ``[M, 4]`` (x1, y1, x2, y2) boxes: ``[N, M]``."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def count_matched(ref_boxes, ref_labels, boxes, labels, iou_min: float) -> int:
-    """Greedy one-to-one matching, same label and IoU >= ``iou_min``; how many of ``ref`` are matched."""
-    if len(ref_boxes) == 0 or len(boxes) == 0:
-        return 0
-    iou = box_iou(np.asarray(ref_boxes, np.float64), np.asarray(boxes, np.float64))
-    iou[np.asarray(ref_labels)[:, None] != np.asarray(labels)[None, :]] = 0
-    used, matched = set(), 0
-    for i in range(len(ref_boxes)):
-        order = [j for j in np.argsort(-iou[i]) if j not in used and iou[i, j] >= iou_min]
-        if order:
-            used.add(order[0])
-            matched += 1
-    return matched
+    """How many ``ref`` boxes are matched one to one by ``boxes`` with the same label and IoU >= ``iou_min``
+    (the project's matching, ``tests/parity.py`` ``match``, scores ignored)."""
+    from parity import Detections, match
+
+    def dets(b, lab):
+        b = np.asarray(b, np.float32).reshape(-1, 4)
+        return Detections(b, np.zeros(len(b), np.float32), np.asarray(lab, np.int64).reshape(-1))
+
+    return match(dets(ref_boxes, ref_labels), dets(boxes, labels), iou_min=iou_min, score_tol=float("inf"))[0]
 
 
 def self_check(model, num_images: int = 8, seed: int = 0, num_classes: int = len(SHAPES), log=print) -> dict:
