@@ -89,8 +89,8 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def tree_rss(root_pid: int) -> int:
-    """VmRSS of ``root_pid`` and all its descendants (the python-backend stubs), in bytes."""
+def tree_pids(root_pid: int) -> list[int]:
+    """``root_pid`` and all its descendants (the python-backend stubs)."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -99,12 +99,50 @@ def tree_rss(root_pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(d.name))
-    total, todo = 0, [root_pid]
+    pids, todo = [], [root_pid]
     while todo:
         pid = todo.pop()
-        total += _rss(pid)
+        pids.append(pid)
         todo += children.get(pid, [])
-    return total
+    return pids
+
+
+def tree_rss(root_pid: int) -> int:
+    """VmRSS of ``root_pid`` and all its descendants, in bytes."""
+    return sum(_rss(pid) for pid in tree_pids(root_pid))
+
+
+def _process_label(pid: int) -> str:
+    """``tritonserver``, or the model a python-backend stub serves (the model folder in its arguments)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    for a in args:
+        a = a.decode(errors="replace")
+        if a.endswith("model.py"):
+            return Path(a).parent.parent.name  # <repository>/<model>/<version>/model.py
+    return Path(args[0].decode(errors="replace")).name or str(pid)
+
+
+def gpu_memory_by_process(root_pid: int) -> str:
+    """GPU memory of the server's processes as ``label=MiB`` pairs (nvidia-smi's compute apps), so a
+    growth can be traced to a step; empty where nvidia-smi lists none of them."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    ours = set(tree_pids(root_pid))
+    pairs = []
+    for line in out.splitlines():
+        try:
+            pid, mib = (int(float(v)) for v in line.split(","))
+        except ValueError:
+            continue
+        if pid in ours:
+            pairs.append(f"{_process_label(pid)}={mib}")
+    return " ".join(sorted(pairs))
 
 
 class BadInputClient(threading.Thread):
@@ -259,7 +297,8 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         while pa.poll() is None:
             samples.append({"t_s": round(time.monotonic() - t0, 1), "gpu_mib": gpu_memory_used() // MIB,
-                            "server_rss_mib": tree_rss(server.process.pid) // MIB, "bad_sent": bad_client.sent})
+                            "server_rss_mib": tree_rss(server.process.pid) // MIB, "bad_sent": bad_client.sent,
+                            "gpu_mib_by_process": gpu_memory_by_process(server.process.pid)})
             if time.monotonic() - t0 > args.seconds * 2 + 60:
                 pa.kill()
                 break
