@@ -4,8 +4,8 @@
 # Usage on the GPU machine, from the repository root (.device/ from ../shared/tools/device-bundle.sh):
 #   OUT=/some/dir bash benchmarks/knobs_h100.sh [VARIANT ...]
 # Variants (default: plain mps): plain = the exporter's defaults; mps = the same repository under a
-# CUDA MPS daemon; mps_delay0 = MPS and max_queue_delay_microseconds 0; mps_nographs = MPS, no CUDA
-# graphs; mps_i2 = MPS and 2 instances of every step; mps_i2_delay0 = both.
+# CUDA MPS daemon; mps_delay2ms = MPS and max_queue_delay_microseconds 2000 (the default is 0);
+# mps_nographs = MPS, no CUDA graphs; mps_i2 = MPS and 2 instances of every step.
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (perf.py's summary of each variant).
 set -uo pipefail
 # shellcheck source=benchmarks/device_env.sh
@@ -33,10 +33,9 @@ perf() {  # name, work folder, extra perf.py arguments...
     case $v in
       plain) perf plain "$WORK/default" ;;
       mps) perf mps "$WORK/default" --reuse --mps ;;
-      mps_delay0) perf mps_delay0 "$WORK/delay0" --mps --queue-delay-us 0 ;;
-      mps_nographs) perf mps_nographs "$WORK/nographs" --mps --export-args "--no-cuda-graphs" ;;
+      mps_delay2ms) perf mps_delay2ms "$WORK/delay2ms" --mps --queue-delay-us 2000 ;;
+      mps_nographs) perf mps_nographs "$WORK/nographs" --mps --export-args=--no-cuda-graphs ;;
       mps_i2) perf mps_i2 "$WORK/i2" --mps --instances 2 ;;
-      mps_i2_delay0) perf mps_i2_delay0 "$WORK/i2_delay0" --mps --instances 2 --queue-delay-us 0 ;;
       *) echo "unknown variant $v" ;;
     esac
   done

@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic batcher queue delay of the ensemble steps")
     p.add_argument("--mps", action="store_true", help="servers under a CUDA MPS daemon (client/server.py MpsDaemon)")
     p.add_argument("--export-args", default="", help="more arguments for `python -m exporters export`, "
-                                                     "as one string (\"--no-cuda-graphs\", say)")
+                                                     "as one string after '=' (--export-args=--no-cuda-graphs)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: try the plumbing on a machine without a GPU (no perf_analyzer: use --no-perf)")
     p.add_argument("--no-perf", action="store_true", help="skip perf_analyzer (accuracy and statistics only)")

@@ -107,11 +107,6 @@ def tree_pids(root_pid: int) -> list[int]:
     return pids
 
 
-def tree_rss(root_pid: int) -> int:
-    """VmRSS of ``root_pid`` and all its descendants, in bytes."""
-    return sum(_rss(pid) for pid in tree_pids(root_pid))
-
-
 def _process_label(pid: int) -> str:
     """``tritonserver``, or the model a python-backend stub serves (the model folder in its arguments)."""
     try:
@@ -125,15 +120,15 @@ def _process_label(pid: int) -> str:
     return Path(args[0].decode(errors="replace")).name or str(pid)
 
 
-def gpu_memory_by_process(root_pid: int) -> str:
-    """GPU memory of the server's processes as ``label=MiB`` pairs (nvidia-smi's compute apps), so a
-    growth can be traced to a step; empty where nvidia-smi lists none of them."""
+def gpu_memory_by_process(pids: list[int]) -> str:
+    """GPU memory of the server's processes ``pids`` as ``label=MiB`` pairs (nvidia-smi's compute
+    apps), so a growth can be traced to a step; empty where nvidia-smi lists none of them."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    ours = set(tree_pids(root_pid))
+    ours = set(pids)
     pairs = []
     for line in out.splitlines():
         try:
@@ -296,9 +291,10 @@ def main(argv=None) -> int:
         bad_client.start()
         t0 = time.monotonic()
         while pa.poll() is None:
+            pids = tree_pids(server.process.pid)  # the server and its python-backend stubs
             samples.append({"t_s": round(time.monotonic() - t0, 1), "gpu_mib": gpu_memory_used() // MIB,
-                            "server_rss_mib": tree_rss(server.process.pid) // MIB, "bad_sent": bad_client.sent,
-                            "gpu_mib_by_process": gpu_memory_by_process(server.process.pid)})
+                            "server_rss_mib": sum(_rss(pid) for pid in pids) // MIB, "bad_sent": bad_client.sent,
+                            "gpu_mib_by_process": gpu_memory_by_process(pids)})
             if time.monotonic() - t0 > args.seconds * 2 + 60:
                 pa.kill()
                 break
