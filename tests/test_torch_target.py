@@ -161,6 +161,8 @@ def test_torch_network_configs(torch_repo, model):
     if model == names.RPN:
         assert params["channels_last"] == "true"
         assert params["cuda_graphs"] == ("true" if device == "gpu" else "false")
+        fused = device == "gpu" and params["precision"] == "fp16"
+        assert params["optimize_for_inference"] == ("true" if fused else "false")
     else:
         assert "channels_last" not in params and "cuda_graphs" not in params
     version = out / model / "1"
@@ -296,12 +298,15 @@ def _rpn_inputs(settings, batch, device="cpu"):
 
 
 def test_runtime_options_from_parameters():
-    assert RuntimeOptions.from_parameters({}) == RuntimeOptions(False, False)
+    assert RuntimeOptions.from_parameters({}) == RuntimeOptions(False, False, False)
     assert RuntimeOptions.from_parameters({"channels_last": "true", "cuda_graphs": "False"}) == RuntimeOptions(True, False)
+    assert RuntimeOptions.from_parameters({"optimize_for_inference": "yes"}) == RuntimeOptions(optimize_for_inference=True)
     with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
         RuntimeOptions.from_parameters({"cuda_graphs": "maybe"})
     with pytest.raises(ValueError, match="cuda_graphs needs a GPU"):
         TorchNetwork(__file__, torch.device("cpu"), [[3, 8, 8]], 4, RuntimeOptions(cuda_graphs=True))
+    with pytest.raises(ValueError, match="optimize_for_inference is for GPU"):
+        TorchNetwork(__file__, torch.device("cpu"), [[3, 8, 8]], 4, RuntimeOptions(optimize_for_inference=True))
 
 
 def test_channels_last_rpn_equals_the_plain_trace(traces):
@@ -353,6 +358,83 @@ def test_cuda_graph_rpn_equals_eager_calls(small_model, square_export, tmp_path,
     for _, snapshot, got in kept:  # later replays did not overwrite earlier outputs
         for a, b in zip(snapshot, got):
             assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_warmed_header_serves_any_roi_count_without_growing(small_model, square_export, tmp_path):
+    """After warm_up, header calls of any RoI count up to the largest reuse the cached blocks: the
+    process's reserved GPU memory stays where warm_up left it (the 5-minute soak's header step grew
+    by 624 MiB without the warm-up's last, largest call).  Control: the same calls after dropping
+    the cache do grow it, so the measure can see growth."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    settings, _ = square_export
+    dev = torch.device("cuda")
+    paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision="fp32")
+    s, ch = settings.roi_output_size, settings.fpn_channels
+    max_rois = 4 * settings.rpn_post_nms_top_n
+    net = TorchNetwork(str(paths[names.HEADER]), dev, [[s, s, ch], [4]], max_rois)
+    g = torch.Generator().manual_seed(0)
+    counts = [int(n) for n in torch.randint(1, max_rois + 1, (12,), generator=g)] + [max_rois, 1, max_rois - 1]
+    # the requests' tensors exist before the warm-up: in serving they are Triton's memory, not this
+    # process's allocator
+    feeds = {n: (torch.rand([n, s, s, ch], device=dev),
+                 torch.tensor([[0.0, 0.0, 50.0, 60.0]], device=dev).repeat(n, 1)) for n in set(counts)}
+
+    def serve(parts):
+        for n in counts:
+            f, r = feeds[n]
+            # one request as is; several are joined with torch.cat, as the runner does
+            args = [f, r] if parts == 1 else [torch.cat(f.chunk(parts)), torch.cat(r.chunk(parts))]
+            out = net(args)
+            assert out[0].shape == (n, settings.num_classes)
+            del out, args
+        torch.cuda.synchronize(dev)
+
+    torch.cuda.empty_cache()
+    net.warm_up()
+    reserved = torch.cuda.memory_reserved(dev)
+    serve(1)
+    serve(3)
+    assert torch.cuda.memory_reserved(dev) == reserved
+    torch.cuda.empty_cache()
+    serve(1)
+    assert torch.cuda.memory_reserved(dev) > 0
+
+
+@pytest.mark.gpu
+def test_optimized_fp16_rpn_is_as_close_to_fp32_as_the_plain_fp16(small_model, square_export, tmp_path):
+    """optimize_for_inference (cuDNN's fused convolution + bias + ReLU, in a CUDA graph) against the
+    fp32 trace of the same weights, next to the plain fp16 trace: its FPN maps and proposals must
+    be no further from fp32 than the plain fp16 ones.  (Fused, a convolution's output is rounded to
+    float16 once instead of after each of conv, bias and ReLU; with random weights, objectness
+    near-ties let either fp16 path swap a few top-k rows, so proposals are compared as fractions.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    settings, _ = square_export
+    dev = torch.device("cuda")
+    dims = [[3, *settings.canvas], [2]]
+    p16 = torch_export.export_torch(small_model, settings, tmp_path / "fp16", device="gpu", precision="fp16")
+    p32 = torch_export.export_torch(small_model, settings, tmp_path / "fp32", device="gpu", precision="fp32")
+    fused = TorchNetwork(str(p16[names.RPN]), dev, dims, 3, RuntimeOptions(True, True, True))
+    fused.warm_up()
+    assert "aten::cudnn_convolution_relu" in str(fused.module.inlined_graph)  # the fusion happened
+    plain = TorchNetwork(str(p16[names.RPN]), dev, dims, 3, RuntimeOptions(channels_last=True))
+    ref = TorchNetwork(str(p32[names.RPN]), dev, dims, 3)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    args = _rpn_inputs(settings, 3, dev)
+    want, base, got = ref(args), plain(args), fused(args)
+    for name, a, b, c in zip(names.FEATURES, want[1:], base[1:], got[1:]):
+        scale = float(a.abs().max())
+        err_plain, err_fused = float((b - a).abs().max()) / scale, float((c - a).abs().max()) / scale
+        assert err_fused <= max(1.5 * err_plain, 2e-3), f"{name}: fused {err_fused:.2e}, plain fp16 {err_plain:.2e}"
+
+    def found(rows, reference):
+        return torch.isclose(rows[:, None, :], reference[None, :, :], rtol=1e-3, atol=0.5).all(-1).any(1).float().mean()
+
+    for i in range(args[0].shape[0]):
+        f_plain, f_fused = float(found(base[0][i], want[0][i])), float(found(got[0][i], want[0][i]))
+        assert f_fused >= f_plain - 0.05, f"image {i}: fused {f_fused:.3f}, plain fp16 {f_plain:.3f} found"
 
 
 @pytest.mark.gpu

@@ -9,6 +9,8 @@ With the model parameter ``device`` = "gpu" the step runs :mod:`python_backend.c
 arrays that stay on the GPU (inputs through DLPack, outputs through ``Tensor.from_dlpack``);
 CuPy is imported only then.  Otherwise :func:`python_backend.steps.roi_step` (NumPy).
 """
+import json
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -30,6 +32,8 @@ class TritonPythonModel:
             self.xp = cupy
             self.read = lambda t: cupy.asarray(to_device_array(t))
             self.roi_step = gpu_steps.roi_step
+            max_batch = int(json.loads(args["model_config"]).get("max_batch_size", 0))
+            gpu_steps.warm_up_roi_step(self.settings, max(max_batch, 1))
         else:
             self.xp = np
             self.read = to_numpy

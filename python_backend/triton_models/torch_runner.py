@@ -47,10 +47,7 @@ class TritonPythonModel:
         self.net = TorchNetwork(path, device, [[int(d) for d in i["dims"]] for i in model_config["input"]],
                                 int(model_config.get("max_batch_size", 0)), RuntimeOptions.from_parameters(params))
         if gpu:
-            self.net.warm_up()
-            # cudnn's autotuning tries algorithms with large workspaces; hand that memory back, or
-            # this process keeps tens of GiB that the other steps then lack (seen on the H100)
-            torch.cuda.empty_cache()
+            self.net.warm_up()  # autotuning, graphs, then the largest call's memory kept (not more)
 
     def execute(self, requests):
         device = self.net.device
