@@ -396,10 +396,15 @@ def test_warmed_header_serves_any_roi_count_without_growing(small_model, square_
     reserved = torch.cuda.memory_reserved(dev)
     serve(1)
     serve(3)
-    assert torch.cuda.memory_reserved(dev) == reserved
+    # a few 2 MiB small-block segments may still come (seen on the H100: +8 MiB); the soak's
+    # growth without the warm-up's last call was 624 MiB
+    slack = 32 << 20
+    assert torch.cuda.memory_reserved(dev) - reserved <= slack
     torch.cuda.empty_cache()
+    cold = torch.cuda.memory_reserved(dev)
     serve(1)
-    assert torch.cuda.memory_reserved(dev) > 0
+    serve(3)
+    assert torch.cuda.memory_reserved(dev) - cold > slack
 
 
 @pytest.mark.gpu
