@@ -25,6 +25,7 @@ turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -52,11 +53,9 @@ class RuntimeOptions:
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "RuntimeOptions":
-        """From model-config parameters ``channels_last`` / ``cuda_graphs`` / ``optimize_for_inference``
-        ("true"/"false")."""
+        """From the model-config parameters named as the fields ("true"/"false"; absent: false)."""
         try:
-            return cls(*(_flag(params.get(k, "false")) for k in ("channels_last", "cuda_graphs",
-                                                                   "optimize_for_inference")))
+            return cls(**{f.name: _flag(params.get(f.name, "false")) for f in dataclasses.fields(cls)})
         except ValueError as e:
             raise ValueError(f"torch runner parameters: {e}") from None
 

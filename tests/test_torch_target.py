@@ -363,9 +363,9 @@ def test_cuda_graph_rpn_equals_eager_calls(small_model, square_export, tmp_path,
 @pytest.mark.gpu
 def test_warmed_header_serves_any_roi_count_without_growing(small_model, square_export, tmp_path):
     """After warm_up, header calls of any RoI count up to the largest reuse the cached blocks: the
-    process's reserved GPU memory stays where warm_up left it (the 5-minute soak's header step grew
-    by 624 MiB without the warm-up's last, largest call).  Control: the same calls after dropping
-    the cache do grow it, so the measure can see growth."""
+    process's reserved GPU memory stays within a few small-block segments of where warm_up left it
+    (the 5-minute soak's header step grew by 624 MiB without the warm-up's last, largest call).
+    Control: the same calls after dropping the cache grow it by more than that slack."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     settings, _ = square_export
