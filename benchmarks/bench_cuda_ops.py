@@ -6,7 +6,10 @@ Ops, at B images of 4390 proposals (5 levels) and 1000 RoIs each, 256 channels, 
     (remove_small_boxes, score threshold, ``batched_nms`` per level, top 1000);
   * ROIAlign: ours = ``multilevel_roi_align`` (one launch, channels-last maps and output);
     torchvision = ``MultiScaleRoIAlign`` on NCHW copies of the same maps;
-  * roi step: ours = ``python_backend.cuda.steps.roi_step``; torchvision = the two above.
+  * roi step: ours = ``python_backend.cuda.steps.roi_step``; torchvision = the two above;
+  * preprocess, B host uint8 480x640 images: ours = ``python_backend.cuda.image.preprocess_batch``
+    (upload, then one launch per image onto the 800x1344 canvas); torchvision =
+    ``GeneralizedRCNNTransform`` on the uploaded images (it pads the batch to a multiple of 32 only).
 
 Each figure is the median of CUDA-event timings after a warm-up; every timed run takes the next
 of several input sets drawn beforehand, so no run reuses the previous run's inputs.  GB/s counts
@@ -112,7 +115,10 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
     import torchvision
     from torchvision.ops import MultiScaleRoIAlign, batched_nms, remove_small_boxes
 
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
     from python_backend.cuda import steps as gpu_steps
+    from python_backend.cuda.image import preprocess_batch as gpu_preprocess
     from python_backend.cuda.proposals import filter_proposals_batched
     from python_backend.cuda.roi_align import multilevel_roi_align
     from python_backend.settings import DetectorSettings
@@ -171,14 +177,27 @@ def run(batches, rois_per_image: int, channels: int, warmup: int, repeat: int, i
         def tv_step(i):
             pool(tv_maps(i), tv_filter(props[i][0]), image_shapes)
 
+        photos = [[rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(batch)]
+                  for _ in range(input_sets)]
+        transform = GeneralizedRCNNTransform(settings.min_size, settings.max_size, list(settings.image_mean),
+                                             list(settings.image_std))
+
+        def ours_pre(i):
+            gpu_preprocess(photos[i], settings)
+
+        def tv_pre(i):
+            transform([torch.from_numpy(p).cuda().permute(2, 0, 1).float() / 255 for p in photos[i]])
+
         k = sum(LEVEL_TOPK)
         r = batch * rois_per_image
         nms_bytes = batch * k * 6 * 4 + r * 4 * 4
         align_bytes = r * 4 * 4 + r * channels * 49 * 4
+        pre_bytes = batch * (480 * 640 * 3 + 3 * CANVAS[0] * CANVAS[1] * 4)
         window_bytes = gather_bytes(cp.asnumpy(rois[0][0]), channels) + align_bytes
         for op, ours, theirs, nbytes in (("proposal NMS", ours_nms, tv_nms, nms_bytes),
                                           ("ROIAlign", ours_align, tv_align, align_bytes),
-                                          ("roi step (NMS + ROIAlign)", ours_step, tv_step, nms_bytes + align_bytes)):
+                                          ("roi step (NMS + ROIAlign)", ours_step, tv_step, nms_bytes + align_bytes),
+                                          ("preprocess (480x640 uint8)", ours_pre, tv_pre, pre_bytes)):
             t_ours = time_ms(cp, ours, list(range(input_sets)), warmup, repeat)
             t_tv = time_ms(cp, theirs, list(range(input_sets)), warmup, max(5, repeat // 5))
             gbps = nbytes / (t_ours * 1e-3) / 1e9

@@ -1,40 +1,39 @@
-"""GeneralizedRCNNTransform (normalize, resize, pad) on the GPU with CuPy.
+"""GeneralizedRCNNTransform (normalize, resize, pad) on the GPU: one CuPy RawKernel launch per image.
 
 Same signature and results as :func:`python_backend.reference.image.preprocess_batch`: images
-are decoded on the CPU (Pillow), then uploaded as uint8 and transformed on the device.  Every
-step is the same float32 operation in the same order as the NumPy path, and the bilinear taps
-are the NumPy path's own (:func:`~python_backend.reference.image._linear_taps`, computed on the
-host: they depend only on the sizes), so the two agree to float32 rounding (~1e-6).
+are decoded on the CPU (Pillow), uploaded as uint8, and ``image.cu`` writes each one's canvas
+slot, padding included.  Every step is the same float32 operation in the same order as the NumPy
+path (no fused multiply-add), and the bilinear taps are the NumPy path's own
+(:func:`~python_backend.reference.image._linear_taps`, computed on the host once per size pair
+and kept on the device), so the two agree bit for bit.
 """
 from __future__ import annotations
+
+import functools
 
 import cupy as cp
 import numpy as np
 
 from ..reference.image import _linear_taps, check_fits_canvas
 from ..settings import DetectorSettings
+from ._modules import EXACT, blocks, kernel, THREADS
+
+TAPS_CACHE = 256  # (device, in, out) size pairs whose taps stay on the device
 
 
-def resize_bilinear(image: cp.ndarray, out_h: int, out_w: int) -> cp.ndarray:
-    """``[C, H, W]`` float32 -> ``[C, out_h, out_w]``; the NumPy ``resize_bilinear`` on the device."""
-    y0, y1, hy0, hy1 = (cp.asarray(a) for a in _linear_taps(image.shape[1], out_h))
-    x0, x1, wx0, wx1 = (cp.asarray(a) for a in _linear_taps(image.shape[2], out_w))
-    # torch: h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d), one rounding per operation as in NumPy
-    rows0 = image[:, y0]
-    rows1 = image[:, y1]
-    top = wx0 * rows0[:, :, x0] + wx1 * rows0[:, :, x1]
-    bottom = wx0 * rows1[:, :, x0] + wx1 * rows1[:, :, x1]
-    return hy0[None, :, None] * top + hy1[None, :, None] * bottom
+@functools.lru_cache(maxsize=TAPS_CACHE)
+def _device_taps(device: int, in_size: int, out_size: int) -> tuple[cp.ndarray, cp.ndarray]:
+    """``([2, out] int32 indices, [2, out] float32 weights)`` of one axis, on ``device``."""
+    i0, i1, w0, w1 = _linear_taps(in_size, out_size)
+    with cp.cuda.Device(device):
+        return (cp.asarray(np.stack([i0, i1]).astype(np.int32)),
+                cp.asarray(np.stack([w0, w1]).astype(np.float32)))
 
 
-def transform_image(image: np.ndarray | cp.ndarray, settings: DetectorSettings) -> cp.ndarray:
-    """``[H, W, 3]`` uint8 (host or device) -> normalized, resized ``[3, h, w]`` float32 on the device."""
-    x = cp.asarray(image).transpose(2, 0, 1).astype(cp.float32) / np.float32(255)
-    mean = cp.asarray(np.asarray(settings.image_mean, dtype=np.float32)[:, None, None])
-    std = cp.asarray(np.asarray(settings.image_std, dtype=np.float32)[:, None, None])
-    x = (x - mean) / std
-    out_h, out_w = settings.resized_size(image.shape[0], image.shape[1])
-    return resize_bilinear(x, out_h, out_w)
+@functools.lru_cache(maxsize=8)
+def _mean_std(device: int, mean: tuple[float, ...], std: tuple[float, ...]) -> cp.ndarray:
+    with cp.cuda.Device(device):
+        return cp.asarray(np.asarray(tuple(mean) + tuple(std), dtype=np.float32))
 
 
 def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
@@ -53,8 +52,16 @@ def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
         check_fits_canvas(image.shape[0], image.shape[1], h, w, settings)
         sizes[i] = (h, w)
         originals[i] = image.shape[:2]
-    batch = cp.zeros((len(images), 3, ch, cw), dtype=cp.float32)
+    device = cp.cuda.Device().id
+    mean_std = _mean_std(device, tuple(settings.image_mean), tuple(settings.image_std))
+    resize = kernel("image", "resize_normalize_pad", EXACT)
+    batch = cp.empty((len(images), 3, ch, cw), dtype=cp.float32)  # the kernel writes the padding too
+    n = 3 * ch * cw
     for i, image in enumerate(images):
+        src = cp.ascontiguousarray(cp.asarray(image, dtype=cp.uint8))
         h, w = int(sizes[i, 0]), int(sizes[i, 1])
-        batch[i, :, :h, :w] = transform_image(image, settings)
+        ys, hy = _device_taps(device, int(image.shape[0]), h)
+        xs, wx = _device_taps(device, int(image.shape[1]), w)
+        resize((blocks(n),), (THREADS,), (src, np.int32(image.shape[1]), ys, hy, xs, wx, np.int32(h),
+                                          np.int32(w), mean_std, batch[i], np.int32(ch), np.int32(cw)))
     return batch, cp.asarray(sizes), cp.asarray(originals)
