@@ -23,7 +23,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from python_backend import names
-from python_backend.settings import FPN_STRIDES, DetectorSettings
+from python_backend.settings import FPN_STRIDES, DetectorSettings, bucket_file, check_buckets, format_buckets
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class RepositoryOptions:
     torch_channels_last: bool = True
     torch_cuda_graphs: bool = True
     torch_optimize_for_inference: bool = True
+    # torch target, rpn only: smaller canvases (height, width) the rpn is also traced at; each batch
+    # runs on the smallest that holds it (python_backend.torch_runtime.CanvasBuckets)
+    torch_rpn_buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -75,6 +78,11 @@ class RepositoryOptions:
             raise ValueError(f"torch_precision must be one of {TRT_PRECISIONS}, got {self.torch_precision!r}")
         if self.trt_workspace_bytes < 1:
             raise ValueError(f"trt_workspace_bytes must be positive, got {self.trt_workspace_bytes}")
+
+
+def bucket_key(height: int, width: int) -> str:
+    """Key of the rpn trace at one canvas bucket in the torch target's traces."""
+    return f"{names.RPN}_{height}x{width}"
 
 
 def max_rois(settings: DetectorSettings, options: RepositoryOptions) -> int:
@@ -168,6 +176,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
                                                        and options.torch_precision == "fp16").lower()
+                params["canvas_buckets"] = format_buckets(check_buckets(options.torch_rpn_buckets, settings.canvas))
         else:
             params["onnx_file"] = "model.onnx"
     if gpu:
@@ -276,8 +285,9 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
 
     ``onnx_paths``: {"rpn": path, "header": path} (may be empty for the torch target).
     ``plans``: TensorRT engines for the tensorrt target ({"rpn": path, "header": path}).
-    ``torch_models``: TorchScript traces for the torch target ({"rpn": path, "header": path},
-    from :func:`exporters.torch_export.export_torch`).
+    ``torch_models``: TorchScript traces for the torch target ({"rpn": path, "header": path} and
+    ``"rpn_<h>x<w>"`` for each of ``options.torch_rpn_buckets``, from
+    :func:`exporters.torch_export.export_torch`).
     """
     out = Path(out)
     try:
@@ -292,6 +302,11 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
     if options.target == "torch" and not (torch_models and all(n in torch_models for n in (names.RPN, names.HEADER))):
         raise ValueError("the torch target needs TorchScript traces of rpn and header: "
                          "make them with exporters.torch_export.export_torch first")
+    if options.target == "torch":
+        missing = [f"{h}x{w}" for h, w in options.torch_rpn_buckets if bucket_key(h, w) not in torch_models]
+        if missing:
+            raise ValueError(f"the torch target needs an rpn trace for each canvas bucket; missing {missing} "
+                             "(export_torch(..., buckets=...))")
     for name, cfg in all_configs(settings, options).items():
         folder = out / name
         if folder.exists():
@@ -306,6 +321,9 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         if name in (names.RPN, names.HEADER):
             if torch_step:
                 shutil.copy(torch_models[name], version / TORCH_FILE)
+                if name == names.RPN:
+                    for h, w in options.torch_rpn_buckets:
+                        shutil.copy(torch_models[bucket_key(h, w)], version / bucket_file(h, w))
             elif cfg.platform == "tensorrt_plan":
                 shutil.copy(plans[name], version / "model.plan")
             else:

@@ -18,6 +18,7 @@ Precisions (outputs are float32 in both, so the rest of the ensemble does not ch
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -25,8 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from python_backend import names
-from python_backend.settings import DetectorSettings
+from python_backend.settings import DetectorSettings, check_buckets
 
+from .repository import bucket_key
 from .split import HeaderNetwork, RpnNetwork
 
 log = logging.getLogger(__name__)
@@ -157,16 +159,26 @@ def resolve_device(device: str) -> torch.device:
 
 
 def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str = "gpu",
-                 precision: str = "fp32") -> dict[str, Path]:
-    """Write ``rpn.pt`` and ``header.pt`` (TorchScript) into ``out_dir``; returns {"rpn": path, "header": path}."""
+                 precision: str = "fp32", buckets=()) -> dict[str, Path]:
+    """Write ``rpn.pt`` and ``header.pt`` (TorchScript) into ``out_dir``; returns {"rpn": path, "header": path}.
+
+    ``buckets``: smaller canvases (height, width) to trace the rpn at as well
+    (:func:`python_backend.settings.default_buckets`); each is returned under
+    :func:`bucket_key` and served by ``python_backend.torch_runtime.CanvasBuckets``.
+    """
     _check_precision(precision)
+    buckets = check_buckets(buckets, settings.canvas)
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rpn_in, header_in = example_inputs(settings, dev)
+    jobs = [(names.RPN, rpn_module(model, settings, precision), rpn_in),
+            (names.HEADER, header_module(model, precision), header_in)]
+    for h, w in buckets:
+        at = dataclasses.replace(settings, canvas_height=h, canvas_width=w)
+        jobs.append((bucket_key(h, w), rpn_module(model, at, precision), example_inputs(at, dev)[0]))
     paths = {}
-    for name, module, inputs in ((names.RPN, rpn_module(model, settings, precision), rpn_in),
-                                 (names.HEADER, header_module(model, precision), header_in)):
+    for name, module, inputs in jobs:
         log.info("tracing %s (%s) on %s", name, precision, dev)
         traced = trace(module, inputs, dev)
         path = out_dir / f"{name}.pt"

@@ -150,3 +150,56 @@ def coco_class_names() -> tuple[str, ...]:
     return tuple(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
 
 
+
+
+# --- canvas buckets: smaller canvases the torch target's rpn is also traced at --------------------
+
+BUCKET_ASPECTS = ((1, 1), (4, 3), (3, 4))  # (width, height) of the images the default buckets are for
+
+
+def default_buckets(settings: DetectorSettings) -> tuple[tuple[int, int], ...]:
+    """The padded resized size of a square, a 4:3 landscape and a 3:4 portrait image, each kept
+    where it fits the canvas and is smaller than it; smallest first."""
+    ch, cw = settings.canvas
+    out = set()
+    for aw, ah in BUCKET_ASPECTS:
+        h, w = settings.resized_size(ah * 1000, aw * 1000)
+        bucket = (padded_extent(h), padded_extent(w))
+        if bucket[0] <= ch and bucket[1] <= cw and bucket != (ch, cw):
+            out.add(bucket)
+    return tuple(sorted(out, key=lambda b: (b[0] * b[1], b)))
+
+
+def check_buckets(buckets, canvas: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """``buckets`` as sorted (height, width) pairs; raises ValueError for one that is not a valid
+    canvas, is not smaller than ``canvas`` or does not fit in it."""
+    out = set()
+    for b in buckets:
+        h, w = (int(v) for v in b)
+        validate_canvas(h, w)
+        if h > canvas[0] or w > canvas[1] or (h, w) == tuple(canvas):
+            raise ValueError(f"canvas bucket {h}x{w} must fit in the {canvas[0]}x{canvas[1]} canvas and be smaller")
+        out.add((h, w))
+    return tuple(sorted(out, key=lambda b: (b[0] * b[1], b)))
+
+
+def format_buckets(buckets) -> str:
+    """``((800, 1088), ...)`` -> ``"800x1088,..."`` (the rpn config's ``canvas_buckets`` parameter)."""
+    return ",".join(f"{h}x{w}" for h, w in buckets)
+
+
+def parse_buckets(text: str) -> tuple[tuple[int, int], ...]:
+    """Inverse of :func:`format_buckets`; ``""`` is no bucket."""
+    out = []
+    for item in filter(None, (t.strip() for t in str(text).split(","))):
+        try:
+            h, w = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"canvas bucket {item!r} is not HEIGHTxWIDTH") from None
+        out.append((h, w))
+    return tuple(out)
+
+
+def bucket_file(height: int, width: int) -> str:
+    """The rpn trace of one bucket, next to ``model.pt`` in the rpn's version folder."""
+    return f"model_{height}x{width}.pt"

@@ -22,6 +22,9 @@ turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
   time when several processes share the GPU.  Only for inputs whose batch is bounded and whose
   other dimensions are fixed (the rpn: images on a fixed canvas).  The header's batch is a RoI
   count that changes every call, so it runs without graphs.
+
+:class:`CanvasBuckets` runs the rpn on the smallest of a few canvases ("buckets") that holds a
+batch, so that a batch of 4:3 photos does not pay for the padding of a canvas sized for wider images.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from python_backend.settings import FPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings, check_buckets, level_grid
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +137,7 @@ class TorchNetwork:
             return list(range(1, self.max_batch + 1))
         return [1, self.max_batch // 8, self.max_batch]
 
-    def warm_up(self, example=None) -> None:
+    def warm_up(self, example=None, pool=None) -> None:
         """One call per batch size, so that cuDNN's autotuning happens at load rather than in the
         first requests; with ``cuda_graphs``, then one graph per batch size.
 
@@ -144,7 +150,8 @@ class TorchNetwork:
         ever larger batches first arrived (docs/benchmarks.md).
 
         ``example(batch)`` gives inputs of a batch (default: ones, valid image sizes and boxes,
-        so the call takes the normal path).
+        so the call takes the normal path).  ``pool``: a CUDA graph memory pool to capture into
+        (shared with other networks' graphs that are never replayed at once; default: a new one).
         """
         make = example or (lambda b: [torch.ones([b, *d], device=self.device) for d in self.input_dims])
         for b in self.batch_sizes():
@@ -153,7 +160,7 @@ class TorchNetwork:
             return
         torch.cuda.synchronize(self.device)
         if self.options.cuda_graphs:
-            self._pool = torch.cuda.graph_pool_handle()
+            self._pool = pool if pool is not None else torch.cuda.graph_pool_handle()
             # largest first: the shared pool is sized by it, the smaller graphs reuse its blocks
             for b in sorted(self.batch_sizes(), reverse=True):
                 self._capture(b, make(b))
@@ -176,3 +183,65 @@ class TorchNetwork:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         static_out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         self._graphs[batch] = (graph, static_in, static_out)
+
+
+class CanvasBuckets:
+    """The rpn, run on the smallest canvas ("bucket") that holds every image of a batch.
+
+    The fixed canvas is sized for the widest images a deployment takes (800x1344 by default), but
+    a batch of 480x640 photos resizes to 800x1066 and pads to 800x1088: on the full canvas, 19% of
+    the rpn's work would be padding.  The exporter also traces the rpn at a few smaller canvases
+    (:func:`python_backend.settings.default_buckets`).  Each call crops the canvas batch to the
+    smallest bucket that holds every image's padded extent, runs that bucket's trace and pads its
+    outputs back to the canvas's shapes: proposal rows of level -1 (dropped by the roi step, after
+    every real row, so the order of the real ones is kept) and zero map cells past the bucket (the
+    roi step reads no cell past an image's extent).  The rpn masks everything outside each image's
+    extent (exporters/split.py), so an image's outputs are the same on any canvas that holds it.
+
+    Args:
+        full: the network on the full canvas (``model.pt``).
+        buckets: {(height, width): the network traced on that canvas}.
+        settings: the detector's settings (canvas, proposals per image).
+    """
+
+    def __init__(self, full: TorchNetwork, buckets: dict[tuple[int, int], TorchNetwork],
+                 settings: DetectorSettings):
+        self.full = full
+        self.device = full.device
+        self.canvas = settings.canvas
+        self.num_proposals = settings.num_proposals
+        self.grids = [(level_grid(self.canvas[0], s), level_grid(self.canvas[1], s)) for s in FPN_STRIDES]
+        order = check_buckets(buckets, self.canvas)  # smallest first
+        self.buckets = [(b, buckets[b]) for b in order]
+        self.calls: dict[tuple[int, int], int] = {}  # canvas -> calls run on it
+
+    def select(self, image_sizes: torch.Tensor) -> tuple[tuple[int, int], TorchNetwork]:
+        """(canvas, network) for a batch of resized ``image_sizes [B, 2]`` (h, w): the smallest
+        bucket holding every image's padded extent, else the full canvas.  Reads the sizes on the host."""
+        extent = torch.ceil(image_sizes.amax(dim=0) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE
+        eh, ew = (int(v) for v in extent.tolist())
+        for (h, w), net in self.buckets:
+            if eh <= h and ew <= w:
+                return (h, w), net
+        return self.canvas, self.full
+
+    def __call__(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        images, image_sizes = args
+        (h, w), net = self.select(image_sizes)
+        self.calls[(h, w)] = self.calls.get((h, w), 0) + 1
+        if net is self.full:
+            return self.full(args)
+        proposals, *maps = net([images[:, :, :h, :w], image_sizes])
+        batch, rows = int(proposals.shape[0]), int(proposals.shape[1])
+        pad = proposals.new_zeros((batch, self.num_proposals - rows, proposals.shape[2]))
+        pad[:, :, 5] = -1.0  # level -1: not a proposal
+        # maps are channels last [B, h, w, C]: F.pad's pairs run from the last dim (C, w, h)
+        maps = [F.pad(m, (0, 0, 0, gw - m.shape[2], 0, gh - m.shape[1])) for m, (gh, gw) in zip(maps, self.grids)]
+        return (torch.cat([proposals, pad], dim=1), *maps)
+
+    def warm_up(self) -> None:
+        """Each network's warm-up, the full canvas first; on a GPU with CUDA graphs, every
+        bucket's graphs go into the full canvas's pool (the largest), which they reuse."""
+        self.full.warm_up()
+        for _, net in self.buckets:
+            net.warm_up(pool=self.full._pool)

@@ -17,7 +17,9 @@ from exporters.split import HeaderNetwork, RpnNetwork
 from parity import assert_parity, encode, from_packed, textured_image, torchvision_detect
 from python_backend import names
 from python_backend.reference.image import preprocess_batch
-from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
+from python_backend.settings import (DetectorSettings, bucket_file, check_buckets, default_buckets, format_buckets,
+                                     parse_buckets)
+from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions, TorchNetwork
 from tritonclient.grpc import model_config_pb2 as mc
 
 TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.int32: mc.TYPE_INT32}
@@ -25,9 +27,11 @@ TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.int32: mc.TYPE_INT32}
 
 @pytest.fixture(scope="module")
 def traces(small_model, square_export, tmp_path_factory):
-    """(settings, {"rpn": path, "header": path}) traced on the CPU in fp32 on the 320x320 canvas."""
+    """(settings, {"rpn": path, "header": path, "rpn_<h>x<w>": path, ...}) traced on the CPU in fp32 on
+    the 320x320 canvas, the rpn also at the default buckets (256x256, 256x320, 320x256)."""
     settings, _ = square_export
-    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu")
+    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu",
+                                               buckets=default_buckets(settings))
 
 
 def _images():
@@ -135,7 +139,8 @@ def test_bad_precision_and_device_are_named():
 def torch_repo(request, traces, tmp_path_factory):
     settings, paths = traces
     out = tmp_path_factory.mktemp(f"torch_repo_{request.param}")
-    options = RepositoryOptions(target="torch", device=request.param, max_batch_size=4, torch_precision="fp16")
+    options = RepositoryOptions(target="torch", device=request.param, max_batch_size=4, torch_precision="fp16",
+                                torch_rpn_buckets=default_buckets(settings))
     write_repository(out, settings, {}, options, torch_models=paths)
     return out, settings, paths, request.param
 
@@ -163,10 +168,13 @@ def test_torch_network_configs(torch_repo, model):
         assert params["cuda_graphs"] == ("true" if device == "gpu" else "false")
         fused = device == "gpu" and params["precision"] == "fp16"
         assert params["optimize_for_inference"] == ("true" if fused else "false")
+        assert params["canvas_buckets"] == "256x256,256x320,320x256"
     else:
-        assert "channels_last" not in params and "cuda_graphs" not in params
+        assert "channels_last" not in params and "cuda_graphs" not in params and "canvas_buckets" not in params
     version = out / model / "1"
     assert (version / "model.pt").is_file() and not (version / "model.onnx").exists()
+    buckets = sorted(p.name for p in version.glob("model_*.pt"))
+    assert buckets == (["model_256x256.pt", "model_256x320.pt", "model_320x256.pt"] if model == names.RPN else [])
     assert "TorchNetwork(" in (version / "model.py").read_text()
 
 
@@ -213,6 +221,12 @@ def test_torch_target_needs_traces(traces, tmp_path):
     with pytest.raises(ValueError, match="needs TorchScript traces"):
         write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"),
                          torch_models={names.RPN: paths[names.RPN]})
+    with pytest.raises(ValueError, match=r"an rpn trace for each canvas bucket; missing \['288x288'\]"):
+        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch", torch_rpn_buckets=((288, 288),)),
+                         torch_models=paths)
+    with pytest.raises(ValueError, match="canvas bucket 320x352 must fit in the 320x320 canvas"):
+        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch", torch_rpn_buckets=((320, 352),)),
+                         torch_models={**paths, "rpn_320x352": paths[names.RPN]})
 
 
 def test_cli_exports_the_torch_target(tmp_path):
@@ -224,6 +238,36 @@ def test_cli_exports_the_torch_target(tmp_path):
         assert (repo / model / "1" / "model.pt").is_file()
         params = read_config(repo / model / "config.pbtxt").parameters
         assert params["precision"].string_value == "fp32"
+    # --rpn-buckets auto (the default): the square, 4:3 and 3:4 buckets of this canvas
+    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model_*.pt")) == [
+        "model_256x256.pt", "model_256x320.pt", "model_320x256.pt"]
+
+
+@pytest.mark.parametrize("arg, want", [("none", ""), ("288x320, 256x256", "256x256,288x320")])
+def test_cli_rpn_buckets(tmp_path, arg, want):
+    repo = tmp_path / "repo"
+    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
+                   "--max-size", "320", "--rpn-buckets", arg, "--repository", str(repo)])
+    assert rc == 0
+    params = read_config(repo / names.RPN / "config.pbtxt").parameters
+    assert params["canvas_buckets"].string_value == want
+    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model_*.pt")) == [
+        bucket_file(h, w) for h, w in parse_buckets(want)]
+
+
+@pytest.mark.parametrize("arg, error", [("320", "not HEIGHTxWIDTH"), ("300x320", "multiple of 32")])
+def test_cli_rejects_bad_rpn_buckets(tmp_path, capsys, arg, error):
+    with pytest.raises(SystemExit):
+        cli_main(["export", "--target", "torch", "--device", "cpu", "--rpn-buckets", arg,
+                  "--repository", str(tmp_path / "repo")])
+    assert error in capsys.readouterr().err
+
+
+def test_cli_rejects_a_bucket_larger_than_the_canvas(tmp_path, capsys):
+    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
+                   "--max-size", "320", "--rpn-buckets", "352x320", "--repository", str(tmp_path / "repo")])
+    assert rc == 2
+    assert "canvas bucket 352x320 must fit in the 320x320 canvas" in capsys.readouterr().err
 
 
 def test_cli_torch_gpu_without_cuda_is_an_error(tmp_path, capsys):
@@ -245,8 +289,9 @@ def test_torch_target_on_tritonserver_matches_torchvision(small_model, traces, t
 
     settings, paths = traces
     repo = tmp_path / "repo"
-    write_repository(repo, settings, {}, RepositoryOptions(target="torch", max_batch_size=4, queue_delay_us=100_000),
-                     torch_models=paths)
+    options = RepositoryOptions(target="torch", max_batch_size=4, queue_delay_us=100_000,
+                                torch_rpn_buckets=default_buckets(settings))
+    write_repository(repo, settings, {}, options, torch_models=paths)
     server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     try:
         server.start(timeout=240)
@@ -255,12 +300,15 @@ def test_torch_target_on_tritonserver_matches_torchvision(small_model, traces, t
     try:
         client = detect.connect(server.grpc_url)
         images = _images()
-        results = detect.infer_many(client, [encode(im) for im in images], concurrency=3)
-        for i, (image, res) in enumerate(zip(images, results)):
-            assert not isinstance(res, Exception), res
-            ours = from_packed(*(res.as_numpy(n) for n in (names.DETECTION_BOXES, names.DETECTION_SCORES,
-                                                            names.DETECTION_LABELS, names.NUM_DETECTIONS)))
-            assert_parity(torchvision_detect(small_model, image), ours, f"torch target image {i}")
+        # together (batched onto the full canvas) and one at a time (each on its own bucket)
+        for concurrency in (3, 1):
+            results = detect.infer_many(client, [encode(im) for im in images], concurrency=concurrency)
+            for i, (image, res) in enumerate(zip(images, results)):
+                assert not isinstance(res, Exception), res
+                ours = from_packed(*(res.as_numpy(n) for n in (names.DETECTION_BOXES, names.DETECTION_SCORES,
+                                                                names.DETECTION_LABELS, names.NUM_DETECTIONS)))
+                assert_parity(torchvision_detect(small_model, image), ours,
+                              f"torch target image {i} at concurrency {concurrency}")
         bad = detect.infer_many(client, [b"not an image"])[0]
         assert isinstance(bad, Exception) and "bad input image" in str(bad)
     finally:
@@ -329,6 +377,97 @@ def test_channels_last_rpn_equals_the_plain_trace(traces):
     for i in range(a.shape[0]):
         close = torch.isclose(b[i][:, None, :], a[i][None, :, :], rtol=1e-4, atol=1e-3).all(-1).any(1)
         assert close.float().mean() >= 0.99, f"image {i}: {close.float().mean():.3f} of the proposals found"
+
+
+# --- canvas buckets: the rpn on the smallest canvas that holds a batch ---------------------------
+
+def test_default_buckets_and_their_checks():
+    assert default_buckets(DetectorSettings(num_classes=91)) == ((800, 800), (800, 1088))  # 800x1344: landscape only
+    assert default_buckets(DetectorSettings(num_classes=91, canvas_height=1344)) == (
+        (800, 800), (800, 1088), (1088, 800))
+    assert default_buckets(DetectorSettings(num_classes=91, canvas_width=800)) == ()  # the canvas is the square one
+    assert parse_buckets(format_buckets(((800, 1088), (800, 800)))) == ((800, 1088), (800, 800))
+    assert parse_buckets("") == ()
+    assert check_buckets([(800, 1088), (800, 800), (800, 800)], (800, 1344)) == ((800, 800), (800, 1088))
+    for bad, error in ((((800, 1344),), "be smaller"), (((832, 800),), "must fit"), (((800, 1000),), "multiple of 32")):
+        with pytest.raises(ValueError, match=error):
+            check_buckets(bad, (800, 1344))
+
+
+def _bucketed(settings, paths, device="cpu", options=RuntimeOptions(), max_batch=4):
+    dev = torch.device(device)
+    full = TorchNetwork(str(paths[names.RPN]), dev, [[3, *settings.canvas], [2]], max_batch, options)
+    nets = {(h, w): TorchNetwork(str(paths[f"{names.RPN}_{h}x{w}"]), dev, [[3, h, w], [2]], max_batch, options)
+            for h, w in default_buckets(settings)}
+    return full, CanvasBuckets(full, nets, settings)
+
+
+def assert_same_rpn_outputs(want, got, image_sizes, tol):
+    """Outputs of one batch on two canvases: each image's proposals of each level, and its map cells
+    inside its padded extent.  Convolutions at another width sum in another order, so values agree
+    to ``tol``, and random weights give near-tied objectness, so a few rows of a level may swap
+    places in the top-k: nearly every row must be found, in the same number per level."""
+    proposals_want, proposals_got = want[0], got[0]
+    assert proposals_got.shape == proposals_want.shape
+    for i in range(proposals_want.shape[0]):
+        for level in range(5):
+            a = proposals_want[i][proposals_want[i][:, 5] == level]
+            b = proposals_got[i][proposals_got[i][:, 5] == level]
+            assert b.shape == a.shape, f"image {i} level {level}: {b.shape[0]} proposals, want {a.shape[0]}"
+            found = torch.isclose(b[:, None, :], a[None, :, :], **tol).all(-1).any(1).float().mean()
+            assert found >= 0.99, f"image {i} level {level}: {found:.3f} of the proposals found"
+    for name, stride, a, b in zip(names.FEATURES, (4, 8, 16, 32), want[1:], got[1:]):
+        assert b.shape == a.shape and b.dtype == a.dtype, name
+        for i, (h, w) in enumerate(image_sizes.tolist()):
+            eh, ew = -(-int(h) // 32) * 32 // stride, -(-int(w) // 32) * 32 // stride
+            torch.testing.assert_close(b[i, :eh, :ew], a[i, :eh, :ew], **tol, msg=lambda m: f"{name} image {i}: {m}")
+
+
+@pytest.mark.parametrize("images, canvas", [
+    ([0], (256, 256)),  # astronaut 512x512 -> 256x256
+    ([0, 2], (256, 320)),  # with a 240x400 landscape (192x320)
+    ([1], (320, 256)),  # a 400x240 portrait (320x192)
+    ([0, 1, 2], (320, 320)),  # portrait and landscape: the full canvas
+])
+def test_bucketed_rpn_equals_the_full_canvas(traces, images, canvas):
+    settings, paths = traces
+    full, bucketed = _bucketed(settings, paths)
+    x, sizes, _ = preprocess_batch([_images()[i] for i in images], settings)
+    args = [torch.from_numpy(x), torch.from_numpy(sizes)]
+    assert bucketed.select(args[1])[0] == canvas
+    got = bucketed(args)
+    assert bucketed.calls == {canvas: 1}
+    want = full(args)
+    assert_same_rpn_outputs(want, got, args[1], dict(rtol=1e-4, atol=1e-3))
+    if canvas != settings.canvas:  # past the bucket: zero cells
+        for stride, m in zip((4, 8, 16, 32), got[1:]):
+            assert not m[:, canvas[0] // stride:].any() and not m[:, :, canvas[1] // stride:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_bucketed_rpn_with_graphs_equals_the_full_canvas(small_model, square_export, tmp_path, precision):
+    """As served on the GPU (graphs in one shared pool; fp16: channels last and the fused
+    convolutions): every batch on its bucket gives the full canvas's outputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    settings, _ = square_export
+    paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision=precision,
+                                      buckets=default_buckets(settings))
+    fp16 = precision == "fp16"
+    options = RuntimeOptions(channels_last=fp16, cuda_graphs=True, optimize_for_inference=fp16)
+    tol = dict(rtol=1e-2, atol=5e-2) if fp16 else dict(rtol=1e-4, atol=1e-3)
+    with torch_export._tf32_off():
+        full, bucketed = _bucketed(settings, paths, "cuda", options, max_batch=3)
+        bucketed.warm_up()
+        assert all(sorted(net._graphs) == [1, 2, 3] and net._pool == full._pool for _, net in bucketed.buckets)
+        cases = (([0], (256, 256)), ([0, 2], (256, 320)), ([1], (320, 256)), ([0, 1, 2], (320, 320)))
+        for images, canvas in cases:
+            x, sizes, _ = preprocess_batch([_images()[i] for i in images], settings)
+            args = [torch.from_numpy(x).cuda(), torch.from_numpy(sizes).cuda()]
+            got = bucketed(args)
+            assert_same_rpn_outputs(full(args), got, args[1], tol)
+    assert bucketed.calls == {canvas: 1 for _, canvas in cases}
 
 
 @pytest.mark.gpu

@@ -5,6 +5,8 @@ KIND_GPU, the CPU for KIND_CPU), reads inputs through DLPack (GPU tensors stay o
 returns outputs through ``Tensor.from_dlpack``.  All requests of a batch run as one call, split
 back per request along the batch axis (images for rpn, RoIs for header).  Memory format and
 CUDA graphs: :mod:`python_backend.torch_runtime` (model parameters ``channels_last``, ``cuda_graphs``).
+With the parameter ``canvas_buckets`` (rpn only), the rpn's traces at smaller canvases
+(``model_<h>x<w>.pt``) run each batch on the smallest canvas that holds it (``CanvasBuckets``).
 """
 import json
 import os
@@ -12,7 +14,8 @@ import os
 import torch
 import triton_python_backend_utils as pb_utils
 
-from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
+from python_backend.settings import DetectorSettings, bucket_file, parse_buckets
+from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions, TorchNetwork
 from python_backend.triton_io import model_parameters
 
 
@@ -43,9 +46,17 @@ class TritonPythonModel:
         model_config = json.loads(args["model_config"])
         self.inputs = [i["name"] for i in model_config["input"]]
         self.outputs = [o["name"] for o in model_config["output"]]
-        path = os.path.join(args["model_repository"], args["model_version"], params.get("torch_file", "model.pt"))
-        self.net = TorchNetwork(path, device, [[int(d) for d in i["dims"]] for i in model_config["input"]],
-                                int(model_config.get("max_batch_size", 0)), RuntimeOptions.from_parameters(params))
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        max_batch = int(model_config.get("max_batch_size", 0))
+        options = RuntimeOptions.from_parameters(params)
+        self.net = TorchNetwork(os.path.join(folder, params.get("torch_file", "model.pt")), device,
+                                [[int(d) for d in i["dims"]] for i in model_config["input"]], max_batch, options)
+        buckets = parse_buckets(params.get("canvas_buckets", ""))
+        if buckets:
+            # rpn: inputs images [3, h, w] and image_sizes [2]
+            nets = {(h, w): TorchNetwork(os.path.join(folder, bucket_file(h, w)), device, [[3, h, w], [2]],
+                                         max_batch, options) for h, w in buckets}
+            self.net = CanvasBuckets(self.net, nets, DetectorSettings.from_parameters(params))
         if gpu:
             self.net.warm_up()  # autotuning, graphs, then the largest call's memory kept (not more)
 
