@@ -176,7 +176,12 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
                                                        and options.torch_precision == "fp16").lower()
-                params["canvas_buckets"] = format_buckets(check_buckets(options.torch_rpn_buckets, settings.canvas))
+                buckets = check_buckets(options.torch_rpn_buckets, settings.canvas)
+                params["canvas_buckets"] = format_buckets(buckets)
+                # the caching allocator's cap for this process (torch_runner.py): every bucket's CUDA
+                # graphs keep their own outputs (H100, fp16: 8.4 GiB peak reserved on the canvas alone,
+                # 19.4 GiB with the two default buckets)
+                params["gpu_memory_fraction"] = "0.5" if buckets else "0.3"
         else:
             params["onnx_file"] = "model.onnx"
     if gpu:

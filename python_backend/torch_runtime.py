@@ -33,7 +33,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from python_backend.settings import FPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings, check_buckets, level_grid
 
@@ -118,14 +117,20 @@ class TorchNetwork:
     def __call__(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Outputs for one batch.  With graphs, outputs are fresh tensors (copies of the graph's
         static outputs), so they stay valid after the next call."""
+        out, static = self.run(args)
+        return tuple(o.clone() for o in out) if static else out
+
+    def run(self, args: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """(outputs, static): with a graph for this batch, its static outputs, which the next replay
+        overwrites (copy what must outlive it); else fresh outputs of an eager call."""
         batch = int(args[0].shape[0])
         if batch in self._graphs:
             graph, static_in, static_out = self._graphs[batch]
             for dst, src in zip(static_in, args):
                 dst.copy_(src)
             graph.replay()
-            return tuple(o.clone() for o in static_out)
-        return self._eager(args)
+            return static_out, True
+        return self._eager(args), False
 
     # --- warm-up and capture ----------------------------------------------------------------------
 
@@ -231,13 +236,19 @@ class CanvasBuckets:
         self.calls[(h, w)] = self.calls.get((h, w), 0) + 1
         if net is self.full:
             return self.full(args)
-        proposals, *maps = net([images[:, :, :h, :w], image_sizes])
+        # the bucket's outputs are copied once, straight into canvas-sized tensors (no temporary
+        # of the bucket's size: each call allocates what a full-canvas call allocates)
+        (proposals, *maps), _ = net.run([images[:, :, :h, :w], image_sizes])
         batch, rows = int(proposals.shape[0]), int(proposals.shape[1])
-        pad = proposals.new_zeros((batch, self.num_proposals - rows, proposals.shape[2]))
-        pad[:, :, 5] = -1.0  # level -1: not a proposal
-        # maps are channels last [B, h, w, C]: F.pad's pairs run from the last dim (C, w, h)
-        maps = [F.pad(m, (0, 0, 0, gw - m.shape[2], 0, gh - m.shape[1])) for m, (gh, gw) in zip(maps, self.grids)]
-        return (torch.cat([proposals, pad], dim=1), *maps)
+        out = proposals.new_zeros((batch, self.num_proposals, proposals.shape[2]))
+        out[:, :rows] = proposals
+        out[:, rows:, 5] = -1.0  # level -1: not a proposal
+        padded = []
+        for m, (gh, gw) in zip(maps, self.grids):  # channels last [B, h, w, C]
+            full = m.new_zeros((batch, gh, gw, m.shape[3]))
+            full[:, :m.shape[1], :m.shape[2]] = m
+            padded.append(full)
+        return (out, *padded)
 
     def warm_up(self) -> None:
         """Each network's warm-up, the full canvas first; on a GPU with CUDA graphs, every

@@ -169,6 +169,7 @@ def test_torch_network_configs(torch_repo, model):
         fused = device == "gpu" and params["precision"] == "fp16"
         assert params["optimize_for_inference"] == ("true" if fused else "false")
         assert params["canvas_buckets"] == "256x256,256x320,320x256"
+        assert params["gpu_memory_fraction"] == "0.5"  # room for every bucket's graphs
     else:
         assert "channels_last" not in params and "cuda_graphs" not in params and "canvas_buckets" not in params
     version = out / model / "1"
@@ -251,6 +252,7 @@ def test_cli_rpn_buckets(tmp_path, arg, want):
     assert rc == 0
     params = read_config(repo / names.RPN / "config.pbtxt").parameters
     assert params["canvas_buckets"].string_value == want
+    assert params["gpu_memory_fraction"].string_value == ("0.5" if want else "0.3")
     assert sorted(p.name for p in (repo / names.RPN / "1").glob("model_*.pt")) == [
         bucket_file(h, w) for h, w in parse_buckets(want)]
 

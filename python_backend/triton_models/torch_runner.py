@@ -57,8 +57,10 @@ class TritonPythonModel:
             nets = {(h, w): TorchNetwork(os.path.join(folder, bucket_file(h, w)), device, [[3, h, w], [2]],
                                          max_batch, options) for h, w in buckets}
             self.net = CanvasBuckets(self.net, nets, DetectorSettings.from_parameters(params))
+        self.name, self.calls = args["model_name"], 0
         if gpu:
             self.net.warm_up()  # autotuning, graphs, then the largest call's memory kept (not more)
+            self._log_allocator("after warm-up")
 
     def execute(self, requests):
         device = self.net.device
@@ -66,6 +68,9 @@ class TritonPythonModel:
         counts = [t.shape[0] for t in feeds[0]]
         args = [ts[0] if len(ts) == 1 else torch.cat(ts) for ts in feeds]
         results = self.net(args)
+        self.calls += 1
+        if self.calls % 1000 == 0:
+            self._log_allocator("while serving")
         if device.type == "cuda":
             # from_dlpack hands Triton the memory; the kernels writing it must have finished
             torch.cuda.current_stream(device).synchronize()
@@ -76,3 +81,17 @@ class TritonPythonModel:
                 for n, r in zip(self.outputs, results)]))
             start += c
         return responses
+
+    def finalize(self):
+        self._log_allocator("at unload")
+
+    def _log_allocator(self, when: str) -> None:
+        """How often the caching allocator went to the driver (cudaMalloc/cudaFree stall the GPU
+        for every process under MPS): one line in the server log, read by the benchmarks."""
+        device = self.net.device
+        if device.type != "cuda":
+            return
+        stats = torch.cuda.memory_stats(device)
+        print(f"{self.name}: torch allocator {when}, {self.calls} calls: {stats.get('num_device_alloc', '?')} segment "
+              f"allocations, {stats.get('num_device_free', '?')} frees, {stats.get('num_alloc_retries', '?')} "
+              f"retries, peak reserved {stats.get('reserved_bytes.all.peak', 0) / 2**20:.0f} MiB", flush=True)

@@ -1,0 +1,87 @@
+"""Time the served rpn on the full canvas against its canvas bucket, outside Triton.
+
+The rpn as the Triton torch runner serves it (python_backend/torch_runtime.py: fp16 with channels
+last, the fused convolutions and CUDA graphs; fp32 with graphs), seeded random weights, the
+800x1344 canvas, images of 800x1066 (a 480x640 photo resized), batch 1, 4 and 8:
+  * ``TorchNetwork`` on the full canvas;
+  * ``CanvasBuckets`` (which picks the 800x1088 bucket for these images): the host read of the
+    image sizes, the bucket's graph and the padding of its outputs back to the canvas's shapes.
+Wall-clock milliseconds per call (the host read synchronizes, so CUDA events alone would hide
+it), median after warm-up.
+
+    python benchmarks/bench_buckets.py [--precisions fp16 fp32]   # about 2 minutes per precision on an H100
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def wall_ms(fn, warmup=5, repeat=30) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from exporters import torch_export
+    from exporters.loading import random_model, settings_from_model
+    from python_backend import names
+    from python_backend.settings import default_buckets
+    from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions, TorchNetwork
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precisions", nargs="+", choices=("fp16", "fp32"), default=["fp16", "fp32"])
+    args = ap.parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    model = random_model(num_classes=91, seed=0)
+    settings = settings_from_model(model)
+    buckets = default_buckets(settings)
+    h, w = settings.canvas
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; canvas {h}x{w}; buckets {buckets}")
+    print("| precision | batch | full canvas ms | bucket ms | bucket / full |")
+    print("| --- | ---: | ---: | ---: | ---: |", flush=True)
+    for precision in args.precisions:
+        tmp = Path(tempfile.mkdtemp(prefix=f"bench_buckets_{precision}_"))
+        paths = torch_export.export_torch(model, settings, tmp, device="gpu", precision=precision, buckets=buckets)
+        fp16 = precision == "fp16"
+        options = RuntimeOptions(channels_last=fp16, cuda_graphs=True, optimize_for_inference=fp16)
+        full = TorchNetwork(str(paths[names.RPN]), dev, [[3, h, w], [2]], 8, options)
+        nets = {(bh, bw): TorchNetwork(str(paths[f"{names.RPN}_{bh}x{bw}"]), dev, [[3, bh, bw], [2]], 8, options)
+                for bh, bw in buckets}
+        bucketed = CanvasBuckets(full, nets, settings)
+        bucketed.warm_up()
+        for batch in (1, 4, 8):
+            x = torch.randn(batch, 3, h, w, device=dev)
+            x[:, :, :, 1066:] = 0
+            sizes = torch.tensor([[800.0, 1066.0]] * batch, device=dev)
+            assert bucketed.select(sizes)[0] == (800, 1088)
+            t_full = wall_ms(lambda: full([x, sizes]))
+            t_bucket = wall_ms(lambda: bucketed([x, sizes]))
+            print(f"| {precision} | {batch} | {t_full:.2f} | {t_bucket:.2f} | {t_bucket / t_full:.2f} |", flush=True)
+        del full, nets, bucketed
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
