@@ -41,10 +41,11 @@ def main(argv=None) -> int:
     import argparse
 
     from exporters import torch_export
+    from exporters.repository import bucket_key
     from exporters.loading import random_model, settings_from_model
     from python_backend import names
     from python_backend.settings import default_buckets
-    from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions, TorchNetwork
+    from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", nargs="+", choices=("fp16", "fp32"), default=["fp16", "fp32"])
@@ -65,10 +66,9 @@ def main(argv=None) -> int:
         paths = torch_export.export_torch(model, settings, tmp, device="gpu", precision=precision, buckets=buckets)
         fp16 = precision == "fp16"
         options = RuntimeOptions(channels_last=fp16, cuda_graphs=True, optimize_for_inference=fp16)
-        full = TorchNetwork(str(paths[names.RPN]), dev, [[3, h, w], [2]], 8, options)
-        nets = {(bh, bw): TorchNetwork(str(paths[f"{names.RPN}_{bh}x{bw}"]), dev, [[3, bh, bw], [2]], 8, options)
-                for bh, bw in buckets}
-        bucketed = CanvasBuckets(full, nets, settings)
+        bucketed = CanvasBuckets.load(paths[names.RPN], {b: paths[bucket_key(*b)] for b in buckets}, dev, 8, options,
+                                      settings)
+        full = bucketed.full
         bucketed.warm_up()
         for batch in (1, 4, 8):
             x = torch.randn(batch, 3, h, w, device=dev)
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             t_full = wall_ms(lambda: full([x, sizes]))
             t_bucket = wall_ms(lambda: bucketed([x, sizes]))
             print(f"| {precision} | {batch} | {t_full:.2f} | {t_bucket:.2f} | {t_bucket / t_full:.2f} |", flush=True)
-        del full, nets, bucketed
+        full = bucketed = None  # free this precision's graphs before the next
         torch.cuda.empty_cache()
     return 0
 

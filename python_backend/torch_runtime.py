@@ -220,6 +220,16 @@ class CanvasBuckets:
         self.buckets = [(b, buckets[b]) for b in order]
         self.calls: dict[tuple[int, int], int] = {}  # canvas -> calls run on it
 
+    @classmethod
+    def load(cls, full_path: str, bucket_paths: dict[tuple[int, int], str], device: torch.device, max_batch: int,
+             options: RuntimeOptions, settings: DetectorSettings) -> "CanvasBuckets":
+        """The rpn's traces (``model.pt`` and one per bucket) as :class:`TorchNetwork` objects on ``device``."""
+        h, w = settings.canvas
+        full = TorchNetwork(str(full_path), device, [[3, h, w], [2]], max_batch, options)
+        nets = {(bh, bw): TorchNetwork(str(path), device, [[3, bh, bw], [2]], max_batch, options)
+                for (bh, bw), path in bucket_paths.items()}
+        return cls(full, nets, settings)
+
     def select(self, image_sizes: torch.Tensor) -> tuple[tuple[int, int], TorchNetwork]:
         """(canvas, network) for a batch of resized ``image_sizes [B, 2]`` (h, w): the smallest
         bucket holding every image's padded extent, else the full canvas.  Reads the sizes on the host."""

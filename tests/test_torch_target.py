@@ -12,7 +12,7 @@ import torch
 
 from exporters import torch_export
 from exporters.__main__ import main as cli_main
-from exporters.repository import RepositoryOptions, read_config, write_repository
+from exporters.repository import RepositoryOptions, bucket_key, read_config, write_repository
 from exporters.split import HeaderNetwork, RpnNetwork
 from parity import assert_parity, encode, from_packed, textured_image, torchvision_detect
 from python_backend import names
@@ -397,11 +397,9 @@ def test_default_buckets_and_their_checks():
 
 
 def _bucketed(settings, paths, device="cpu", options=RuntimeOptions(), max_batch=4):
-    dev = torch.device(device)
-    full = TorchNetwork(str(paths[names.RPN]), dev, [[3, *settings.canvas], [2]], max_batch, options)
-    nets = {(h, w): TorchNetwork(str(paths[f"{names.RPN}_{h}x{w}"]), dev, [[3, h, w], [2]], max_batch, options)
-            for h, w in default_buckets(settings)}
-    return full, CanvasBuckets(full, nets, settings)
+    bucketed = CanvasBuckets.load(paths[names.RPN], {b: paths[bucket_key(*b)] for b in default_buckets(settings)},
+                                  torch.device(device), max_batch, options, settings)
+    return bucketed.full, bucketed
 
 
 def assert_same_rpn_outputs(want, got, image_sizes, tol):

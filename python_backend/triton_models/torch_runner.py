@@ -49,14 +49,14 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         max_batch = int(model_config.get("max_batch_size", 0))
         options = RuntimeOptions.from_parameters(params)
-        self.net = TorchNetwork(os.path.join(folder, params.get("torch_file", "model.pt")), device,
-                                [[int(d) for d in i["dims"]] for i in model_config["input"]], max_batch, options)
+        path = os.path.join(folder, params.get("torch_file", "model.pt"))
         buckets = parse_buckets(params.get("canvas_buckets", ""))
-        if buckets:
-            # rpn: inputs images [3, h, w] and image_sizes [2]
-            nets = {(h, w): TorchNetwork(os.path.join(folder, bucket_file(h, w)), device, [[3, h, w], [2]],
-                                         max_batch, options) for h, w in buckets}
-            self.net = CanvasBuckets(self.net, nets, DetectorSettings.from_parameters(params))
+        if buckets:  # the rpn, with its traces at smaller canvases
+            self.net = CanvasBuckets.load(path, {b: os.path.join(folder, bucket_file(*b)) for b in buckets}, device,
+                                          max_batch, options, DetectorSettings.from_parameters(params))
+        else:
+            self.net = TorchNetwork(path, device, [[int(d) for d in i["dims"]] for i in model_config["input"]],
+                                    max_batch, options)
         self.name, self.calls = args["model_name"], 0
         if gpu:
             self.net.warm_up()  # autotuning, graphs, then the largest call's memory kept (not more)
