@@ -6,7 +6,8 @@ Compares, at batch 1 and 8 on the 800x1344 canvas (seeded random weights, 91 cla
   * the exported TorchScript traces (fp32, fp16) as the Triton torch runner runs them
     (python_backend/torch_runtime.py): as traced, channels last, channels last + CUDA graphs;
   * the header trace at 1000 RoIs per image;
-and first, the fp16 rpn's CUDA kernel time at batch 8 grouped by kind (torch.profiler).
+and first, the fp16 rpn's CUDA kernel time at batch 8 grouped by kind (torch.profiler), as the
+runner serves it (channels last, torch.jit.optimize_for_inference) but without CUDA graphs.
 Median of CUDA-event timings after warm-up.  Reports ms per image and the share of the dense
 floor: 355 GFLOP per image at the measured 760 TFLOP/s fp16 (ENVIRONMENT.md) = 0.47 ms.
 
@@ -54,10 +55,12 @@ def time_ms(fn, warmup=3, repeat=10) -> float:
 
 
 KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
+    ("upsample / max pool", ("upsample", "max_pool")),
     ("convolution (cuDNN / implicit GEMM)", ("conv", "xmma", "implicit", "cudnn", "sm90_", "sm80_", "gemm", "nhwc")),
     ("layout transforms (NCHW <-> NHWC)", ("transpose", "nchwToNhwc", "nhwcToNchw", "permute")),
     ("top-k / sort", ("topk", "sort", "radix", "gatherTopK", "bitonic")),
-    ("element-wise (masks, ReLU, add, casts, upsample)", ("elementwise", "vectorized", "unrolled", "upsample", "copy")),
+    ("indexing (halo gather / index_put)", ("index", "scatter", "gather")),
+    ("element-wise (masks, ReLU, add, casts, copies)", ("elementwise", "vectorized", "unrolled", "copy")),
 )
 
 
@@ -68,7 +71,9 @@ def profile_rpn(path: str, dims, batch: int, options, x, sizes) -> list[tuple[st
 
     from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
 
-    net = TorchNetwork(path, torch.device("cuda"), dims, batch, RuntimeOptions(channels_last=options.channels_last))
+    net = TorchNetwork(path, torch.device("cuda"), dims, batch,
+                       RuntimeOptions(channels_last=options.channels_last,
+                                      optimize_for_inference=options.optimize_for_inference))
     net.warm_up()
     wall = time_ms(lambda: net([x, sizes]))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -89,7 +94,8 @@ def profile_rpn(path: str, dims, batch: int, options, x, sizes) -> list[tuple[st
 
 
 def print_profile(rows, batch: int) -> None:
-    print(f"rpn trace fp16, channels last, batch {batch}: CUDA kernel time by kind (torch.profiler)")
+    print(f"rpn trace fp16 as served (channels last, optimize_for_inference; without CUDA graphs, so that "
+          f"kernels show), batch {batch}: CUDA kernel time by kind (torch.profiler)")
     print("| kernels | count | ms per call | ms per image |")
     print("| --- | ---: | ---: | ---: |")
     for group, ms, n in rows:
@@ -104,7 +110,7 @@ def main(argv=None) -> int:
     from exporters.loading import random_model, settings_from_model
     from exporters.split import RpnNetwork
     from python_backend import names
-    from python_backend.torch_runtime import TorchNetwork
+    from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile-only", action="store_true", help="only the fp16 rpn's kernel profile (about 1 minute)")
@@ -123,24 +129,13 @@ def main(argv=None) -> int:
     h, w = settings.canvas
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; dense floor {FLOOR_MS:.2f} ms/image\n")
 
-    # where the fp16 rpn's time goes: kernels by kind at batch 8, channels last (the served layout)
+    # where the fp16 rpn's time goes: kernels by kind at batch 8, as served but without graphs
     batch = 8
     x = torch.randn(batch, 3, h, w, device=dev)
     sizes = torch.tensor([[h, 1066.0]] * batch, device=dev)
     with torch.no_grad():
-        print_profile(profile_rpn(str(paths["fp16"][names.RPN]), [[3, h, w], [2]], batch, variants[1], x, sizes), batch)
-        # torch.jit.optimize_for_inference: frozen module, cuDNN conv+add+ReLU fusion where it applies
-        try:
-            net = TorchNetwork(str(paths["fp16"][names.RPN]), dev, [[3, h, w], [2]], batch, variants[1])
-            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(net.module.eval()))
-            xc = x.contiguous(memory_format=torch.channels_last)
-            for _ in range(3):
-                frozen(xc, sizes)
-            ms = time_ms(lambda: frozen(xc, sizes))
-            print(f"rpn trace fp16, channels last, torch.jit.optimize_for_inference: batch {batch}: {ms:.2f} ms "
-                  f"({ms / batch:.2f} ms/image)", flush=True)
-        except Exception as e:  # informational only
-            print(f"optimize_for_inference failed: {e!r}"[:500], flush=True)
+        served = RuntimeOptions(channels_last=True, optimize_for_inference=True)
+        print_profile(profile_rpn(str(paths["fp16"][names.RPN]), [[3, h, w], [2]], batch, served, x, sizes), batch)
     if args.profile_only:
         return 0
 

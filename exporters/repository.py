@@ -43,6 +43,9 @@ class RepositoryOptions:
     device: str = "cpu"  # where python-backend steps run (KIND_CPU / KIND_GPU)
     max_batch_size: int = 8  # images per batch
     instances: int = 1
+    # postprocess is the one step without a batcher (each request carries its own number of RoIs),
+    # so more instances are its only way to take requests side by side; 0: as many as ``instances``
+    postprocess_instances: int = 0
     queue_delay_us: int = 0  # dynamic batcher max_queue_delay_microseconds (Triton's default; see docs/benchmarks.md)
     # onnxruntime target only: run the networks through ONNX Runtime's TensorRT execution
     # provider (Triton's gpu_execution_accelerator "tensorrt"), with these settings.
@@ -68,6 +71,9 @@ class RepositoryOptions:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.instances < 1 or self.postprocess_instances < 0:
+            raise ValueError(f"instances must be >= 1 and postprocess_instances >= 0, got {self.instances} and "
+                             f"{self.postprocess_instances}")
         if not 1 <= self.max_batch_size <= 64:
             raise ValueError(f"max_batch_size must be in 1..64, got {self.max_batch_size}")
         if self.ort_tensorrt and self.target != "onnxruntime":
@@ -150,7 +156,10 @@ def _batching(cfg: mc.ModelConfig, options: RepositoryOptions) -> None:
 
 
 def _instances(cfg: mc.ModelConfig, options: RepositoryOptions, gpu: bool) -> None:
-    group = cfg.instance_group.add(count=options.instances)
+    count = options.instances
+    if cfg.name == names.POSTPROCESS and options.postprocess_instances:
+        count = options.postprocess_instances
+    group = cfg.instance_group.add(count=count)
     group.kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
 
 

@@ -100,3 +100,22 @@ def test_repository_errors_are_clear(square_export, tmp_path):
     blocker.write_text("")
     with pytest.raises(OSError, match="cannot write the model repository"):
         write_repository(blocker / "repo", settings, paths, RepositoryOptions())
+
+
+@pytest.mark.parametrize("instances, postprocess, want", [(1, 0, 1), (2, 0, 2), (1, 3, 3)])
+def test_postprocess_instances(square_export, tmp_path, instances, postprocess, want):
+    """postprocess (no batcher) can get its own instance count; every other step keeps ``instances``."""
+    settings, paths = square_export
+    write_repository(tmp_path, settings, paths, RepositoryOptions(instances=instances,
+                                                                  postprocess_instances=postprocess))
+    counts = {name: [g.count for g in cfg.instance_group] for name, cfg in _configs(tmp_path).items()
+              if name not in (names.ENSEMBLE, names.ENSEMBLE_RAW)}
+    assert counts.pop(names.POSTPROCESS) == [want]
+    assert counts and all(c == [instances] for c in counts.values()), counts
+
+
+def test_instance_counts_are_checked():
+    with pytest.raises(ValueError, match="instances must be >= 1 and postprocess_instances >= 0"):
+        RepositoryOptions(postprocess_instances=-1)
+    with pytest.raises(ValueError, match="instances must be >= 1"):
+        RepositoryOptions(instances=0)
