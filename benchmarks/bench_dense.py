@@ -59,7 +59,7 @@ KERNEL_GROUPS = (  # (group, substrings of CUDA kernel names), first match wins
     ("convolution (cuDNN / implicit GEMM)", ("conv", "xmma", "implicit", "cudnn", "sm90_", "sm80_", "gemm", "nhwc")),
     ("layout transforms (NCHW <-> NHWC)", ("transpose", "nchwToNhwc", "nhwcToNchw", "permute")),
     ("top-k / sort", ("topk", "sort", "radix", "gatherTopK", "bitonic")),
-    ("indexing (halo gather / index_put)", ("index", "scatter", "gather")),
+    ("indexing (gather / scatter)", ("index", "scatter", "gather")),
     ("element-wise (masks, ReLU, add, casts, copies)", ("elementwise", "vectorized", "unrolled", "copy")),
 )
 

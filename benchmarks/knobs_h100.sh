@@ -7,8 +7,7 @@
 # CUDA MPS daemon; mps_delay2ms = MPS and max_queue_delay_microseconds 2000 (the default is 0);
 # mps_nographs = MPS, no CUDA graphs; mps_i2 = MPS and 2 instances of every step; mps_optimize = MPS
 # and --optimize-for-inference; mps_nobuckets = MPS and --rpn-buckets none (the rpn on the full
-# canvas only); mps_fullmask = MPS and --rpn-masking full (every conv input multiplied by the
-# extent mask); mps_pp2 = MPS and --postprocess-instances 2; trained_optimize = that, fp16 accuracy only (no speed sweep), with a
+# canvas only); mps_pp2 = MPS and --postprocess-instances 2; trained_optimize = that, fp16 accuracy only (no speed sweep), with a
 # checkpoint trained by benchmarks/train_synthetic.py (90 s), on its held-out scenes.
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (perf.py's summary of each variant).
 set -uo pipefail
@@ -30,7 +29,7 @@ perf() {  # name, work folder, extra perf.py arguments...
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   if [ -z "${SKIP_CHECKS:-}" ]; then
     timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -W ignore::FutureWarning tests/test_torch_target.py \
-      -k "cuda_graph or channels_last or gpu_preprocess or optimized or warmed or bucket or masking"
+      -k "cuda_graph or channels_last or gpu_preprocess or optimized or warmed or bucket"
     timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_ops.py -k "warm_up"
     timeout 200 "$PY" benchmarks/bench_dense.py | tee "$OUT/dense.txt"
   fi
@@ -43,7 +42,6 @@ perf() {  # name, work folder, extra perf.py arguments...
       mps_i2) perf mps_i2 "$WORK/i2" --mps --instances 2 ;;
       mps_optimize) perf mps_optimize "$WORK/optimize" --mps --export-args=--optimize-for-inference ;;
       mps_nobuckets) perf mps_nobuckets "$WORK/nobuckets" --mps --export-args=--rpn-buckets=none ;;
-      mps_fullmask) perf mps_fullmask "$WORK/fullmask" --mps --export-args=--rpn-masking=full ;;
       mps_pp2) perf mps_pp2 "$WORK/pp2" --mps --export-args=--postprocess-instances=2 ;;
       trained_optimize)
         [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" benchmarks/train_synthetic.py --out "$WORK/synthetic.pt" --seconds 90

@@ -19,7 +19,6 @@ from python_backend.settings import check_buckets, default_buckets, parse_bucket
 
 from . import loading
 from .repository import DEVICES, TARGETS, RepositoryOptions, write_repository
-from .split import MASKINGS
 
 log = logging.getLogger("exporters")
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +80,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=int, default=8, help="images per batch")
     g.add_argument("--instances", type=int, default=1, help="instances of every step (instance_group count)")
     g.add_argument("--postprocess-instances", type=int, default=0,
-                   help="instances of postprocess, the one step without a batcher (0: as --instances)")
+                   help="instances of postprocess, the one step without a batcher (0, the default: 2 with "
+                        "--device gpu, else as --instances)")
     g.add_argument("--queue-delay-us", type=int, default=0,
                    help="dynamic batcher max_queue_delay_microseconds (0: batch what is queued when an instance frees)")
     g.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
@@ -102,10 +102,6 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "runs on the smallest that holds it. 'auto' (default): the padded sizes of square, 4:3 "
                         "and 3:4 images where smaller than the canvas (800x800 and 800x1088 for 800x1344); "
                         "'none': the full canvas only")
-    g.add_argument("--rpn-masking", choices=MASKINGS, default="halo",
-                   help="--target torch: how the rpn keeps each image's extent on the canvas: 'halo' (default) "
-                        "zeroes only the rows and columns each convolution reads past it; 'full' multiplies "
-                        "every convolution's input by a mask, as the ONNX export does")
     g.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository to write")
 
 
@@ -145,7 +141,7 @@ def export(args) -> Path:
             if buckets:
                 log.info("      and the rpn at the canvas buckets %s", ", ".join(f"{h}x{w}" for h, w in buckets))
             traces = export_torch(model, settings, Path(tmp), device=args.device, precision=args.precision,
-                                  buckets=buckets, masking=args.rpn_masking)
+                                  buckets=buckets)
             log.info("[3/3] writing the model repository to %s (target torch, device %s)",
                      args.repository, args.device)
             write_repository(args.repository, settings, {}, options, torch_models=traces)

@@ -10,19 +10,6 @@ depend on the canvas and the batch.  ``RpnNetwork`` therefore zeroes every activ
 the image's own padded extent before each spatial conv or pool, and anchors outside that
 extent are kept out of top-k.  With that, an image's proposals and FPN maps (inside its
 extent) are the ones torchvision computes for that image alone.
-
-Two ways to do the zeroing (``RpnNetwork(masking=...)``):
-
-* ``"full"`` multiplies each spatial conv's and pool's input by a 0/1 mask of the extent: one
-  pass over the whole activation per conv.  The ONNX export (TensorRT) uses it.
-* ``"halo"`` zeroes, in place, only the cells outside the extent that a valid output cell
-  reads: for a conv with kernel k, stride s and padding p the last valid output reads
-  ``k - s - p`` rows (columns) past the extent, so 1 for a 3x3 stride-1 conv, 2 for the 7x7
-  stem, none for the stride-2 3x3 convs and the max pool.  Past that halo, cells keep whatever
-  the network computed there; no valid cell ever reads them.  This holds when each extent is
-  a multiple of the module's stride, which the padding to 32 guarantees for ResNet's strides
-  (at most 2 per module, 16 at the deepest stride-2 input).  It writes a few rows and columns
-  instead of every activation, and the torch target uses it.
 """
 from __future__ import annotations
 
@@ -34,9 +21,6 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
 from python_backend.settings import RPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings
-
-
-MASKINGS = ("full", "halo")
 
 
 class _ExtentMasks:
@@ -60,40 +44,6 @@ class _ExtentMasks:
         sh = 2 ** round(math.log2(self.canvas[0] / h))
         sw = 2 ** round(math.log2(self.canvas[1] / w))
         return torch.ceil(self.padded[:, 0] / sh), torch.ceil(self.padded[:, 1] / sw)
-
-    def halo_cells(self, h: int, w: int, rows: int, cols: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Cells ``(image, row, col)`` of the ``rows`` rows and ``cols`` columns just past each
-        image's extent on a map of size (h, w), and a flag for the entries that fall off the
-        map.  Those point at the image's cell (0, 0), always valid, which is written back
-        unchanged.  Every image has the same number of entries, so the trace has no
-        data-dependent shape."""
-        key = ("halo", int(h), int(w), int(rows), int(cols))  # static under tracing, as in mask()
-        _, h, w, rows, cols = key
-        if key not in self.cache:
-            vh, vw = (v.to(torch.int64) for v in self.valid_extent(h, w))
-            dev = vh.device
-            rr = vh[:, None] + torch.arange(rows, device=dev)[None, :]  # [B, rows]
-            cc = vw[:, None] + torch.arange(cols, device=dev)[None, :]  # [B, cols]
-            zb = torch.zeros_like(vh)[:, None, None]  # [B, 1, 1]: the batch axis without reading its size
-            all_r = torch.arange(h, device=dev)[None, :, None] + zb  # [B, h, 1]
-            all_c = torch.arange(w, device=dev)[None, None, :] + zb  # [B, 1, w]
-            r = torch.cat((rr[:, :, None].expand(-1, rows, w).reshape(-1, rows * w),
-                           all_r.expand(-1, h, cols).reshape(-1, h * cols)), dim=1)
-            c = torch.cat((all_c.expand(-1, rows, w).reshape(-1, rows * w),
-                           cc[:, None, :].expand(-1, h, cols).reshape(-1, h * cols)), dim=1)
-            off = (r >= h) | (c >= w)
-            zero = torch.zeros((), dtype=torch.int64, device=dev)
-            b = (torch.ones_like(vh).cumsum(0) - 1)[:, None].expand_as(r)
-            self.cache[key] = (b.reshape(-1), torch.where(off, zero, r).reshape(-1),
-                               torch.where(off, zero, c).reshape(-1), off.reshape(-1))
-        return self.cache[key]
-
-    def zero_halo_(self, x: Tensor, rows: int, cols: int) -> Tensor:
-        """Zero ``x``'s halo cells (see :meth:`halo_cells`) in place, in any memory format."""
-        b, r, c, off = self.halo_cells(x.shape[-2], x.shape[-1], rows, cols)
-        cells = x[b, :, r, c]  # [N, C]
-        x[b, :, r, c] = torch.where(off[:, None], cells, torch.zeros((), dtype=x.dtype, device=x.device))
-        return x
 
     def mask(self, h: int, w: int) -> Tensor:
         key = (int(h), int(w))  # static under tracing: the canvas fixes every map size
@@ -146,47 +96,19 @@ def fold_batch_norms(module: nn.Module) -> int:
     return count
 
 
-def _halo(m: nn.Module) -> tuple[int, int] | None:
-    """Rows and columns past the extent that module ``m``'s last valid output reads, or None
-    where the rule does not apply (dilation, string padding, ceil mode)."""
-    def pair(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    if isinstance(m, nn.Conv2d):
-        if isinstance(m.padding, str) or pair(m.dilation) != (1, 1):
-            return None
-    elif getattr(m, "ceil_mode", False) or pair(getattr(m, "dilation", 1)) != (1, 1):
-        return None
-    k, s, p = pair(m.kernel_size), pair(m.stride), pair(m.padding)
-    return max(0, k[0] - s[0] - p[0]), max(0, k[1] - s[1] - p[1])
-
-
-def _mask_spatial_inputs(module: nn.Module, masks: _ExtentMasks, masking: str = "full") -> int:
-    """Zero what each conv wider than 1x1 and each max pool would read outside each image's
-    extent (module doc: ``masking`` "full" or "halo"); returns how many modules got a hook."""
+def _mask_spatial_inputs(module: nn.Module, masks: _ExtentMasks) -> int:
+    """Zero the input outside each image's extent for every conv wider than 1x1 and every max pool."""
     count = 0
 
-    def full(_mod, args):
+    def hook(_mod, args):
         x = args[0]
         return (x * masks.mask(x.shape[-2], x.shape[-1]),) + tuple(args[1:])
 
-    def halo_hook(rows, cols):
-        def hook(_mod, args):
-            masks.zero_halo_(args[0], rows, cols)
-            return args
-        return hook
-
     for m in module.modules():
         spatial_conv = isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)
-        if not (spatial_conv or isinstance(m, nn.MaxPool2d)):
-            continue
-        halo = _halo(m) if masking == "halo" else None
-        if halo is None:
-            m.register_forward_pre_hook(full)
-        elif halo == (0, 0):
-            continue
-        else:
-            m.register_forward_pre_hook(halo_hook(*halo))
-        count += 1
+        if spatial_conv or isinstance(m, nn.MaxPool2d):
+            m.register_forward_pre_hook(hook)
+            count += 1
     return count
 
 
@@ -205,19 +127,16 @@ class RpnNetwork(nn.Module):
             channels as one cache line.
     """
 
-    def __init__(self, model: FasterRCNN, settings: DetectorSettings, masking: str = "full"):
+    def __init__(self, model: FasterRCNN, settings: DetectorSettings):
         super().__init__()
-        if masking not in MASKINGS:
-            raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
         self.settings = settings
-        self.masking = masking
         self.backbone = copy.deepcopy(model.backbone).eval()
         fold_batch_norms(self.backbone)
         self.head = copy.deepcopy(model.rpn.head).eval()
         self.box_coder = model.rpn.box_coder
         self.masks = _ExtentMasks(settings.canvas)
-        _mask_spatial_inputs(self.backbone, self.masks, masking)
-        _mask_spatial_inputs(self.head, self.masks, masking)
+        _mask_spatial_inputs(self.backbone, self.masks)
+        _mask_spatial_inputs(self.head, self.masks)
         gen = model.rpn.anchor_generator
         cells = gen.cell_anchors if gen.cell_anchors is not None else []
         if len(cells) != len(RPN_STRIDES):
@@ -251,8 +170,6 @@ class RpnNetwork(nn.Module):
 
     def forward(self, images: Tensor, image_sizes: Tensor):
         self.masks.reset(image_sizes)
-        if self.masking == "halo":  # a fresh tensor past the extent, so the stem's halo is zeroed in place in it
-            images = images * self.masks.mask(images.shape[-2], images.shape[-1])
         feats = self.backbone(images)
         maps = list(feats.values())  # P2, P3, P4, P5, P6 ('pool')
         logits, deltas = self.head(maps)

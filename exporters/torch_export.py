@@ -77,13 +77,10 @@ class _FloatFeatures(nn.Module):
         return (proposals, *(m.float() for m in maps))
 
 
-def rpn_module(model, settings: DetectorSettings, precision: str = "fp32", masking: str = "halo") -> nn.Module:
-    """``RpnNetwork`` in the given precision; same inputs and (float32) outputs.
-
-    ``masking``: how the extent is kept (:mod:`exporters.split`); "halo", the default here, zeroes
-    only the cells each conv reads past the extent instead of multiplying every conv input by a mask."""
+def rpn_module(model, settings: DetectorSettings, precision: str = "fp32") -> nn.Module:
+    """``RpnNetwork`` in the given precision; same inputs and (float32) outputs."""
     _check_precision(precision)
-    net = RpnNetwork(model, settings, masking).eval()
+    net = RpnNetwork(model, settings).eval()
     if precision == "fp32":
         return net
     # Backbone takes float16 images; the RPN head returns float32 logits and deltas, so
@@ -162,10 +159,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str = "gpu",
-                 precision: str = "fp32", buckets=(), masking: str = "halo") -> dict[str, Path]:
+                 precision: str = "fp32", buckets=()) -> dict[str, Path]:
     """Write ``rpn.pt`` and ``header.pt`` (TorchScript) into ``out_dir``; returns {"rpn": path, "header": path}.
-
-    ``masking``: the rpn's extent masking, :func:`rpn_module`.
 
     ``buckets``: smaller canvases (height, width) to trace the rpn at as well
     (:func:`python_backend.settings.default_buckets`); each is returned under
@@ -177,11 +172,11 @@ def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rpn_in, header_in = example_inputs(settings, dev)
-    jobs = [(names.RPN, rpn_module(model, settings, precision, masking), rpn_in),
+    jobs = [(names.RPN, rpn_module(model, settings, precision), rpn_in),
             (names.HEADER, header_module(model, precision), header_in)]
     for h, w in buckets:
         at = dataclasses.replace(settings, canvas_height=h, canvas_width=w)
-        jobs.append((bucket_key(h, w), rpn_module(model, at, precision, masking), example_inputs(at, dev)[0]))
+        jobs.append((bucket_key(h, w), rpn_module(model, at, precision), example_inputs(at, dev)[0]))
     paths = {}
     for name, module, inputs in jobs:
         log.info("tracing %s (%s) on %s", name, precision, dev)

@@ -102,11 +102,13 @@ def test_repository_errors_are_clear(square_export, tmp_path):
         write_repository(blocker / "repo", settings, paths, RepositoryOptions())
 
 
-@pytest.mark.parametrize("instances, postprocess, want", [(1, 0, 1), (2, 0, 2), (1, 3, 3)])
-def test_postprocess_instances(square_export, tmp_path, instances, postprocess, want):
-    """postprocess (no batcher) can get its own instance count; every other step keeps ``instances``."""
+@pytest.mark.parametrize("device, instances, postprocess, want", [
+    ("cpu", 1, 0, 1), ("cpu", 2, 0, 2), ("cpu", 1, 3, 3), ("gpu", 1, 0, 2), ("gpu", 3, 0, 3), ("gpu", 1, 1, 1)])
+def test_postprocess_instances(square_export, tmp_path, device, instances, postprocess, want):
+    """postprocess (no batcher) gets its own instance count (0: 2 on the GPU, else ``instances``);
+    every other step keeps ``instances``."""
     settings, paths = square_export
-    write_repository(tmp_path, settings, paths, RepositoryOptions(instances=instances,
+    write_repository(tmp_path, settings, paths, RepositoryOptions(device=device, instances=instances,
                                                                   postprocess_instances=postprocess))
     counts = {name: [g.count for g in cfg.instance_group] for name, cfg in _configs(tmp_path).items()
               if name not in (names.ENSEMBLE, names.ENSEMBLE_RAW)}

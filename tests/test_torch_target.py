@@ -45,7 +45,7 @@ def test_traced_rpn_equals_eager_split_module(small_model, traces, batch):
     settings, paths = traces
     x, sizes, _ = preprocess_batch(_images()[:batch], settings)
     x, sizes = torch.from_numpy(x), torch.from_numpy(sizes)
-    eager = RpnNetwork(small_model, settings, masking="halo").eval()  # what export_torch traces by default
+    eager = RpnNetwork(small_model, settings).eval()
     traced = torch.jit.load(str(paths[names.RPN]))
     with torch.no_grad():
         want, got = eager(x, sizes), traced(x, sizes)
@@ -53,43 +53,6 @@ def test_traced_rpn_equals_eager_split_module(small_model, traces, batch):
     for name, a, b in zip((names.PROPOSALS, *names.FEATURES), want, got):
         assert b.dtype == torch.float32 and b.shape == a.shape, name
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
-
-
-def test_halo_masking_equals_full_masking_inside_each_extent(small_model, traces):
-    """The torch target's "halo" masking zeroes only what each conv reads past the extent; the
-    "full" masking (the ONNX export's) multiplies every conv input by the extent mask.  Inside each
-    image's extent, both give the same maps and the same proposals, bit for bit, in a batch of
-    four sizes (some reaching the canvas's edge, where the halo falls off the map) and in either
-    memory format."""
-    from exporters.split import _halo
-
-    settings, _ = traces
-    images = _images() + [textured_image(100, 90, seed=4)]
-    x, sizes, _ = preprocess_batch(images, settings)
-    x, sizes = torch.from_numpy(x), torch.from_numpy(sizes)
-    full = RpnNetwork(small_model, settings, masking="full").eval()
-    halo = RpnNetwork(small_model, settings, masking="halo").eval()
-    # the rule: 1 row and column for a 3x3 stride-1 conv, 2 for the 7x7 stem, none for stride 2 or the pool
-    assert _halo(halo.backbone.body.conv1) == (2, 2) and _halo(halo.backbone.body.maxpool) == (0, 0)
-    assert _halo(halo.backbone.body.layer1[0].conv2) == (1, 1) and _halo(halo.backbone.body.layer2[0].conv2) == (0, 0)
-    padded = (torch.ceil(sizes / 32) * 32).to(torch.int64)
-    assert (padded == torch.tensor(settings.canvas)).any() and (padded < torch.tensor(settings.canvas)).any()
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        xf = x.contiguous(memory_format=fmt)
-        with torch.no_grad():
-            want, got = full(xf, sizes), halo(xf.clone(), sizes)
-        valid = want[0][..., 5] >= 0  # padding rows (level -1) hold whatever the deltas there gave
-        assert torch.equal(valid, got[0][..., 5] >= 0) and int(valid.sum()) > 0
-        assert torch.equal(want[0][valid], got[0][valid]), fmt
-        for level, (a, b) in enumerate(zip(want[1:], got[1:])):
-            s = 4 * 2 ** level
-            for i, (h, w) in enumerate(padded.tolist()):
-                assert torch.equal(a[i, :h // s, :w // s], b[i, :h // s, :w // s]), (fmt, level, i)
-
-
-def test_unknown_masking_is_named(small_model, traces):
-    with pytest.raises(ValueError, match="masking must be one of"):
-        RpnNetwork(small_model, traces[0], masking="none")
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["BatchNorm2d", "FrozenBatchNorm2d"])
@@ -281,27 +244,14 @@ def test_cli_exports_the_torch_target(tmp_path):
         "model_256x256.pt", "model_256x320.pt", "model_320x256.pt"]
 
 
-def _writes_halos(trace_path) -> bool:
-    """Whether an rpn trace zeroes halos in place (masking "halo") rather than multiplying by masks."""
-    return any(n.kind() == "aten::index_put_" for n in torch.jit.load(str(trace_path)).inlined_graph.nodes())
-
-
-@pytest.mark.parametrize("arg, halo", [(None, True), ("halo", True), ("full", False)])
-def test_cli_rpn_masking(tmp_path, arg, halo):
+def test_cli_postprocess_instances(tmp_path):
     repo = tmp_path / "repo"
     rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
-                   "--max-size", "320", "--rpn-buckets", "256x320", "--repository", str(repo)]
-                  + (["--rpn-masking", arg] if arg else []))
+                   "--max-size", "320", "--rpn-buckets", "none", "--postprocess-instances", "3",
+                   "--repository", str(repo)])
     assert rc == 0
-    assert _writes_halos(repo / names.RPN / "1" / "model.pt") is halo
-    assert _writes_halos(repo / names.RPN / "1" / bucket_file(256, 320)) is halo
-
-
-def test_cli_rejects_an_unknown_rpn_masking(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cli_main(["export", "--target", "torch", "--device", "cpu", "--rpn-masking", "none",
-                  "--repository", str(tmp_path / "repo")])
-    assert "--rpn-masking: invalid choice: 'none'" in capsys.readouterr().err
+    assert [g.count for g in read_config(repo / names.POSTPROCESS / "config.pbtxt").instance_group] == [3]
+    assert [g.count for g in read_config(repo / names.RPN / "config.pbtxt").instance_group] == [1]
 
 
 @pytest.mark.parametrize("arg, want", [("none", ""), ("288x320, 256x256", "256x256,288x320")])
