@@ -7,8 +7,9 @@
 # CUDA MPS daemon; mps_delay2ms = MPS and max_queue_delay_microseconds 2000 (the default is 0);
 # mps_nographs = MPS, no CUDA graphs; mps_i2 = MPS and 2 instances of every step; mps_optimize = MPS
 # and --optimize-for-inference; mps_nobuckets = MPS and --rpn-buckets none (the rpn on the full
-# canvas only); mps_pp2 = MPS and --postprocess-instances 2; trained_optimize = that, fp16 accuracy only (no speed sweep), with a
-# checkpoint trained by benchmarks/train_synthetic.py (90 s), on its held-out scenes.
+# canvas only); mps_pp1 = MPS and one postprocess instance (--postprocess-instances 1; the GPU
+# default is 2); trained_optimize = MPS and --optimize-for-inference, fp16 accuracy only (no speed
+# sweep), with a checkpoint trained by benchmarks/train_synthetic.py (90 s), on its held-out scenes.
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (perf.py's summary of each variant).
 set -uo pipefail
 # shellcheck source=benchmarks/device_env.sh
@@ -42,7 +43,7 @@ perf() {  # name, work folder, extra perf.py arguments...
       mps_i2) perf mps_i2 "$WORK/i2" --mps --instances 2 ;;
       mps_optimize) perf mps_optimize "$WORK/optimize" --mps --export-args=--optimize-for-inference ;;
       mps_nobuckets) perf mps_nobuckets "$WORK/nobuckets" --mps --export-args=--rpn-buckets=none ;;
-      mps_pp2) perf mps_pp2 "$WORK/pp2" --mps --export-args=--postprocess-instances=2 ;;
+      mps_pp1) perf mps_pp1 "$WORK/pp1" --mps --export-args=--postprocess-instances=1 ;;
       trained_optimize)
         [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" benchmarks/train_synthetic.py --out "$WORK/synthetic.pt" --seconds 90
         perf trained_optimize "$WORK/trained_optimize" --mps --export-args=--optimize-for-inference \
