@@ -14,7 +14,7 @@
 #   MIN_SIZE, MAX_SIZE  torchvision transform sizes                                                [the model's: 800, 1333]
 #   CANVAS           HxW canvas the rpn runs on, multiples of 32                                   [800x1344]
 #   MAX_BATCH_SIZE   images per batch                                                              [8]
-#   INSTANCES        instances per model                                                           [1]
+#   INSTANCES        instances per model (postprocess: at least 2)                                 [1]
 #   TARGET           tensorrt | onnxruntime | onnxruntime-trt | python                             [tensorrt]
 #   PRECISION        fp32 | tf32 | fp16 (tensorrt); fp32 | fp16 (onnxruntime-trt)                  [fp16]
 #   WORKSPACE_GIB    TensorRT builder workspace                                                    [4]
