@@ -15,6 +15,7 @@ floor: 355 GFLOP per image at the measured 760 TFLOP/s fp16 (ENVIRONMENT.md) = 0
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -69,11 +70,9 @@ def profile_rpn(path: str, dims, batch: int, options, x, sizes) -> list[tuple[st
     [(group, ms, kernels)], plus the call's wall time as ("wall (CUDA events)", ms, 0)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
+    from python_backend.torch_runtime import TorchNetwork
 
-    net = TorchNetwork(path, torch.device("cuda"), dims, batch,
-                       RuntimeOptions(channels_last=options.channels_last,
-                                      optimize_for_inference=options.optimize_for_inference))
+    net = TorchNetwork(path, torch.device("cuda"), dims, batch, dataclasses.replace(options, cuda_graphs=False))
     net.warm_up()
     wall = time_ms(lambda: net([x, sizes]))
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

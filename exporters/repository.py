@@ -157,10 +157,7 @@ def _batching(cfg: mc.ModelConfig, options: RepositoryOptions) -> None:
     cfg.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
 
 
-def _instances(cfg: mc.ModelConfig, options: RepositoryOptions, gpu: bool) -> None:
-    count = options.instances
-    if cfg.name == names.POSTPROCESS:
-        count = options.postprocess_instances or (max(2, count) if gpu else count)
+def _instances(cfg: mc.ModelConfig, count: int, gpu: bool) -> None:
     group = cfg.instance_group.add(count=count)
     group.kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
 
@@ -173,7 +170,10 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     if batching:
         _batching(cfg, options)
     gpu = options.device == "gpu"
-    _instances(cfg, options, gpu)
+    # the step without a batcher (postprocess) has its own count: see RepositoryOptions.postprocess_instances
+    count = options.instances if batching else (options.postprocess_instances
+                                                 or (max(2, options.instances) if gpu else options.instances))
+    _instances(cfg, count, gpu)
     params = settings.to_parameters()
     params["device"] = options.device
     if name in (names.RPN, names.HEADER):
@@ -215,7 +215,7 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
     platform = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}[options.target]
     cfg = _base(name, specs, max_batch, platform=platform)
     _batching(cfg, options)
-    _instances(cfg, options, gpu=True)
+    _instances(cfg, options.instances, gpu=True)
     if options.ort_tensorrt:
         _ort_tensorrt_accelerator(cfg, name, settings, options)
     return cfg
