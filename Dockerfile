@@ -30,6 +30,7 @@ COPY pyproject.toml ./
 COPY exporters ./exporters
 COPY python_backend ./python_backend
 COPY client ./client
+COPY fasterrcnn ./fasterrcnn
 COPY docker/entrypoint.sh ./docker/entrypoint.sh
 
 # Serving Python (3.10): what the python-backend models import.  cupy-cuda12x uses the image's

@@ -436,7 +436,7 @@ def environment(weights: Path | None = None) -> str:
 # --- the run ---------------------------------------------------------------------------------------
 
 def start_server(repo: Path, mps: bool = False):
-    from client.server import TritonServer, free_port
+    from fasterrcnn.server import TritonServer, free_port
 
     server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                           cuda_pool_bytes=POOL_BYTES, mps=mps)
@@ -489,7 +489,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--instances", type=int, default=1, help="instances of every ensemble step")
     p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic batcher queue delay of the ensemble steps")
-    p.add_argument("--mps", action="store_true", help="servers under a CUDA MPS daemon (client/server.py MpsDaemon)")
+    p.add_argument("--mps", action="store_true", help="servers under a CUDA MPS daemon (fasterrcnn/server.py MpsDaemon)")
     p.add_argument("--export-args", default="", help="more arguments for `python -m exporters export`, "
                                                      "as one string after '=' (--export-args=--no-cuda-graphs)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",

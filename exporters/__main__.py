@@ -167,7 +167,7 @@ def repository_ready(path: Path) -> bool:
 
 
 def serve(args, block: bool = True):
-    from client.server import TritonServer
+    from fasterrcnn.server import TritonServer
 
     if args.rebuild or not repository_ready(args.repository):
         export(args)

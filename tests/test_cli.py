@@ -83,7 +83,7 @@ def test_impossible_canvas(canvas, message, capsys):
 def test_mps_without_its_control_binary_is_a_clear_error(monkeypatch, tmp_path):
     """``serve --mps`` on a machine without ``nvidia-cuda-mps-control`` names what is missing,
     before any server process starts."""
-    import client.server as server_mod
+    import fasterrcnn.server as server_mod
 
     monkeypatch.setattr(server_mod.shutil, "which", lambda name: None)
     with pytest.raises(server_mod.ServerError, match="nvidia-cuda-mps-control is not on PATH"):
@@ -93,7 +93,7 @@ def test_mps_without_its_control_binary_is_a_clear_error(monkeypatch, tmp_path):
 def test_mps_daemon_environment_and_stop(monkeypatch, tmp_path):
     """The daemon gets its own pipe and log folders, the server gets them through the environment,
     and stop() sends ``quit`` to the same pipe folder and removes the folders."""
-    import client.server as server_mod
+    import fasterrcnn.server as server_mod
 
     calls = []
 

@@ -297,7 +297,7 @@ def test_cli_torch_gpu_without_cuda_is_an_error(tmp_path, capsys):
 def test_torch_target_on_tritonserver_matches_torchvision(small_model, traces, tmp_path):
     pytest.importorskip("tritonclient.grpc")
     from client import detect
-    from client.server import ServerError, TritonServer, free_port
+    from fasterrcnn.server import ServerError, TritonServer, free_port
 
     settings, paths = traces
     repo = tmp_path / "repo"

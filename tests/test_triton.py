@@ -9,7 +9,7 @@ import pytest
 import skimage.data
 
 from client import detect
-from client.server import ServerError, TritonServer, free_port
+from fasterrcnn.server import ServerError, TritonServer, free_port
 from exporters.repository import RepositoryOptions, write_repository
 from parity import assert_parity, encode, from_packed, textured_image, torchvision_detect
 from python_backend import names

@@ -7,7 +7,7 @@ import pytest
 import skimage.data
 
 from client import detect
-from client.server import TritonServer, free_port
+from fasterrcnn.server import TritonServer, free_port
 from exporters.repository import RepositoryOptions, write_repository
 from parity import OnnxPipeline, assert_parity, encode, from_packed, textured_image, torchvision_detect
 from python_backend import names

@@ -1,0 +1,1 @@
+"""The deployment surface: ``python -m fasterrcnn {export,serve,demo,detect,prepare}``."""
