@@ -23,7 +23,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from python_backend import names
-from python_backend.settings import FPN_STRIDES, DetectorSettings, bucket_file, check_buckets, format_buckets
+from python_backend.settings import DetectorSettings, bucket_file, check_buckets, format_buckets
+
+from .specs import FP32, INT32, STRING, UINT8, max_rois, tensor_specs
+from .specs import io_spec as _io
+from .tensorrt.profiles import optimization_profiles, shapes_string
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,6 @@ TORCH_FILE = "model.pt"  # the torch target's TorchScript file in rpn/1 and head
 _TORCH_ADAPTER = "torch_runner.py"
 
 TRT_PRECISIONS = ("fp32", "fp16")
-FP32, INT32, UINT8, STRING = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8, mc.TYPE_STRING
 
 
 @dataclass(frozen=True)
@@ -93,47 +96,6 @@ def bucket_key(height: int, width: int) -> str:
     return f"{names.RPN}_{height}x{width}"
 
 
-def max_rois(settings: DetectorSettings, options: RepositoryOptions) -> int:
-    """The header's batch limit: every RoI of a full batch of images."""
-    return options.max_batch_size * settings.rpn_post_nms_top_n
-
-
-def _io(name: str, dtype: int, dims, **kw):
-    return dict(name=name, data_type=dtype, dims=list(dims), **kw)
-
-
-def tensor_specs(settings: DetectorSettings):
-    """(inputs, outputs) of every step, without the batch axis, as the ONNX carries them."""
-    h, w = settings.canvas
-    c = settings.num_classes
-    s = settings.roi_output_size
-    ch = settings.fpn_channels
-    feats = [_io(n, FP32, [h // st, w // st, ch]) for n, st in zip(names.FEATURES, FPN_STRIDES)]  # channels last
-    rpn_in = [_io(names.IMAGES, FP32, [3, h, w]), _io(names.IMAGE_SIZES, FP32, [2])]
-    rpn_out = [_io(names.PROPOSALS, FP32, [settings.num_proposals, 6])] + feats
-    header_in = [_io(names.ROI_FEATURES, FP32, [s, s, ch]), _io(names.ROIS, FP32, [4])]
-    header_out = [_io(names.CLASS_SCORES, FP32, [c]), _io(names.CLASS_BOXES, FP32, [c, 4])]
-    return {
-        names.RPN: (rpn_in, rpn_out),
-        names.HEADER: (header_in, header_out),
-        names.PREPROCESS: ([_io(names.IMAGE_BYTES, STRING, [1])],
-                           [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
-        names.PREPROCESS_RAW: ([_io(names.IMAGE_RAW, UINT8, [-1, -1, 3])],
-                               [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
-        names.ROI: ([rpn_out[0], *feats, _io(names.IMAGE_SIZES, FP32, [2])],
-                    [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [s, s, ch]),
-                     _io(names.NUM_ROIS, INT32, [1])]),
-        # non-batching: shapes carry their own leading axis
-        names.POSTPROCESS: ([_io(names.CLASS_SCORES, FP32, [-1, c]), _io(names.CLASS_BOXES, FP32, [-1, c, 4]),
-                             _io(names.NUM_ROIS, INT32, [-1, 1]), _io(names.IMAGE_SIZES, FP32, [-1, 2]),
-                             _io(names.ORIGINAL_SIZES, FP32, [-1, 2])],
-                            [_io(names.DETECTION_BOXES, FP32, [-1, settings.box_detections_per_img, 4]),
-                             _io(names.DETECTION_SCORES, FP32, [-1, settings.box_detections_per_img]),
-                             _io(names.DETECTION_LABELS, INT32, [-1, settings.box_detections_per_img]),
-                             _io(names.NUM_DETECTIONS, INT32, [-1, 1])]),
-    }
-
-
 def _params(config: mc.ModelConfig, values: dict[str, str]) -> None:
     for k, v in values.items():
         config.parameters[k].string_value = v
@@ -165,7 +127,9 @@ def _instances(cfg: mc.ModelConfig, count: int, gpu: bool) -> None:
 def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
     specs = tensor_specs(settings)[name]
     batching = name != names.POSTPROCESS
-    max_batch = {names.HEADER: max_rois(settings, options)}.get(name, options.max_batch_size) if batching else 0
+    max_batch = options.max_batch_size if batching else 0
+    if name == names.HEADER:
+        max_batch = max_rois(settings, options.max_batch_size)
     cfg = _base(name, specs, max_batch, backend="python")
     if batching:
         _batching(cfg, options)
@@ -211,7 +175,7 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
         # KIND_CPU with --device cpu (traced on the CPU: the CPU-only test setup)
         return python_step_config(name, settings, options)
     specs = tensor_specs(settings)[name]
-    max_batch = max_rois(settings, options) if name == names.HEADER else options.max_batch_size
+    max_batch = max_rois(settings, options.max_batch_size) if name == names.HEADER else options.max_batch_size
     platform = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}[options.target]
     cfg = _base(name, specs, max_batch, platform=platform)
     _batching(cfg, options)
@@ -229,9 +193,7 @@ def _ort_tensorrt_accelerator(cfg: mc.ModelConfig, name: str, settings: Detector
     The profile shapes are the tensorrt target's, so both targets accept the same batches; without
     them the EP rebuilds its engine whenever a larger batch arrives.
     """
-    from .tensorrt_build import optimization_profiles, shapes_string  # tensorrt_build imports this module
-
-    profile = optimization_profiles(settings, options)[name]
+    profile = optimization_profiles(settings, options.max_batch_size)[name]
     acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
     params = {
         "precision_mode": options.trt_precision.upper(),
@@ -314,7 +276,7 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
     except OSError as e:
         raise OSError(f"cannot write the model repository to {out}: {e.strerror or e}") from None
     if options.target == "tensorrt" and not plans:
-        raise ValueError("the tensorrt target needs engines: build them with exporters.tensorrt_build first")
+        raise ValueError("the tensorrt target needs engines: build them with exporters.tensorrt.build.build_plans first")
     if options.target == "torch" and not (torch_models and all(n in torch_models for n in (names.RPN, names.HEADER))):
         raise ValueError("the torch target needs TorchScript traces of rpn and header: "
                          "make them with exporters.torch_export.export_torch first")

@@ -33,7 +33,8 @@ import numpy as np
 from python_backend import names
 from python_backend.settings import DetectorSettings
 
-from .repository import RepositoryOptions, max_rois, tensor_specs
+from .repository import RepositoryOptions
+from .specs import max_rois, tensor_specs
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def optimization_profiles(settings: DetectorSettings, options: RepositoryOptions
     ``rpn_post_nms_top_n`` for a latency-first deployment of single images).
     """
     b = options.max_batch_size
-    r_max = max_rois(settings, options)
+    r_max = max_rois(settings, options.max_batch_size)
     r_opt = r_max if header_opt_rois is None else int(header_opt_rois)
     if not 1 <= r_opt <= r_max:
         raise ValueError(f"header_opt_rois must be in 1..{r_max}, got {header_opt_rois}")

@@ -16,7 +16,8 @@ import onnx
 import pytest
 
 from exporters import tensorrt_build as tb
-from exporters.repository import RepositoryOptions, max_rois, read_config, write_repository
+from exporters.repository import RepositoryOptions, read_config, write_repository
+from exporters.specs import max_rois
 from python_backend import names
 from python_backend.settings import DetectorSettings
 
@@ -59,7 +60,7 @@ def test_profiles_cover_batch_and_rois():
     assert set(p) == {names.RPN, names.HEADER}
     assert p[names.RPN][names.IMAGES] == ((1, 3, 320, 320), (4, 3, 320, 320), (4, 3, 320, 320))
     assert p[names.RPN][names.IMAGE_SIZES] == ((1, 2), (4, 2), (4, 2))
-    r = max_rois(settings, options)
+    r = max_rois(settings, options.max_batch_size)
     assert r == 1200
     assert p[names.HEADER][names.ROI_FEATURES] == ((1, 7, 7, 256), (r, 7, 7, 256), (r, 7, 7, 256))
     assert p[names.HEADER][names.ROIS] == ((1, 4), (r, 4), (r, 4))
@@ -485,7 +486,7 @@ def test_engine_accepts_the_profile_extremes(tiny, trt_ready, tmp_path):
     options = RepositoryOptions(target="tensorrt", max_batch_size=2)
     profile = tb.optimization_profiles(settings, options)[names.HEADER]
     plan = tb.build_engine(paths[names.HEADER], tmp_path / "header.plan", profile, "fp32", 1 << 30)
-    for r in (1, max_rois(settings, options)):
+    for r in (1, max_rois(settings, options.max_batch_size)):
         rng = np.random.default_rng(r)
         out = tb.run_engine(plan, {names.ROI_FEATURES: rng.standard_normal((r, 7, 7, 256), dtype=np.float32),
                                    names.ROIS: np.tile(np.array([[0, 0, 32, 32]], np.float32), (r, 1))})

@@ -1,0 +1,58 @@
+"""Tensor specs of every step: the one place the Triton configs and the TensorRT profiles take
+names, dtypes and per-item dims from.
+
+A low-level module (it imports only :mod:`python_backend` and Triton's config proto), so both
+:mod:`exporters.repository` and :mod:`exporters.tensorrt.profiles` import it without importing
+each other.
+"""
+from __future__ import annotations
+
+from tritonclient.grpc import model_config_pb2 as mc
+
+from python_backend import names
+from python_backend.settings import FPN_STRIDES, DetectorSettings
+
+FP32, INT32, UINT8, STRING = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8, mc.TYPE_STRING
+
+
+def max_rois(settings: DetectorSettings, max_batch_size: int) -> int:
+    """The header's batch limit: every RoI of a full batch of ``max_batch_size`` images."""
+    return int(max_batch_size) * settings.rpn_post_nms_top_n
+
+
+def io_spec(name: str, dtype: int, dims, **kw) -> dict:
+    """One ``ModelInput``/``ModelOutput`` as keyword arguments of ``cfg.input.add(**spec)``."""
+    return dict(name=name, data_type=dtype, dims=list(dims), **kw)
+
+
+def tensor_specs(settings: DetectorSettings) -> dict[str, tuple[list[dict], list[dict]]]:
+    """``{step: (inputs, outputs)}`` of every step, without the batch axis, as the ONNX carries them."""
+    h, w = settings.canvas
+    c = settings.num_classes
+    s = settings.roi_output_size
+    ch = settings.fpn_channels
+    _io = io_spec
+    feats = [_io(n, FP32, [h // st, w // st, ch]) for n, st in zip(names.FEATURES, FPN_STRIDES)]  # channels last
+    rpn_in = [_io(names.IMAGES, FP32, [3, h, w]), _io(names.IMAGE_SIZES, FP32, [2])]
+    rpn_out = [_io(names.PROPOSALS, FP32, [settings.num_proposals, 6])] + feats
+    header_in = [_io(names.ROI_FEATURES, FP32, [s, s, ch]), _io(names.ROIS, FP32, [4])]
+    header_out = [_io(names.CLASS_SCORES, FP32, [c]), _io(names.CLASS_BOXES, FP32, [c, 4])]
+    return {
+        names.RPN: (rpn_in, rpn_out),
+        names.HEADER: (header_in, header_out),
+        names.PREPROCESS: ([_io(names.IMAGE_BYTES, STRING, [1])],
+                           [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
+        names.PREPROCESS_RAW: ([_io(names.IMAGE_RAW, UINT8, [-1, -1, 3])],
+                               [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
+        names.ROI: ([rpn_out[0], *feats, _io(names.IMAGE_SIZES, FP32, [2])],
+                    [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [s, s, ch]),
+                     _io(names.NUM_ROIS, INT32, [1])]),
+        # non-batching: shapes carry their own leading axis
+        names.POSTPROCESS: ([_io(names.CLASS_SCORES, FP32, [-1, c]), _io(names.CLASS_BOXES, FP32, [-1, c, 4]),
+                             _io(names.NUM_ROIS, INT32, [-1, 1]), _io(names.IMAGE_SIZES, FP32, [-1, 2]),
+                             _io(names.ORIGINAL_SIZES, FP32, [-1, 2])],
+                            [_io(names.DETECTION_BOXES, FP32, [-1, settings.box_detections_per_img, 4]),
+                             _io(names.DETECTION_SCORES, FP32, [-1, settings.box_detections_per_img]),
+                             _io(names.DETECTION_LABELS, INT32, [-1, settings.box_detections_per_img]),
+                             _io(names.NUM_DETECTIONS, INT32, [-1, 1])]),
+    }
