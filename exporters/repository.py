@@ -38,6 +38,8 @@ TORCH_FILE = "model.pt"  # the torch target's TorchScript file in rpn/1 and head
 _TORCH_ADAPTER = "torch_runner.py"
 
 TRT_PRECISIONS = ("fp32", "fp16")
+# TensorRT's own builder (the tensorrt target) also offers tf32, its default for fp32 networks
+ENGINE_PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,17 @@ class RepositoryOptions:
     # ``instances`` on the CPU
     postprocess_instances: int = 0
     queue_delay_us: int = 0  # dynamic batcher max_queue_delay_microseconds (Triton's default; see docs/benchmarks.md)
+    # GPU ids (CUDA ordinals) every KIND_GPU instance group is placed on: ``instance_group { gpus: [...] }``,
+    # with ``count`` instances on each of them.  Empty: no list, which Triton reads as ``count``
+    # instances on every GPU the server sees (Triton's model_configuration.md, "Instance Groups").
+    gpus: tuple[int, ...] = ()
     # onnxruntime target only: run the networks through ONNX Runtime's TensorRT execution
     # provider (Triton's gpu_execution_accelerator "tensorrt"), with these settings.
     ort_tensorrt: bool = False
-    trt_precision: str = "fp16"  # precision_mode: fp32 | fp16
-    trt_workspace_bytes: int = 1 << 30  # max_workspace_size_bytes
+    # TensorRT's settings, for the tensorrt target's engines (exporters.export builds them with these)
+    # and for ONNX Runtime's TensorRT execution provider (precision_mode, max_workspace_size_bytes)
+    trt_precision: str = "fp16"  # fp32 | fp16, and tf32 for the tensorrt target
+    trt_workspace_bytes: int = 1 << 30
     ort_trt_cache_dir: str = ""  # trt_engine_cache_path; empty: ONNX Runtime rebuilds at every load
     # torch target only: precision the TorchScript traces were exported in (written as a
     # parameter; the runner sets TF32 off and reports it)
@@ -83,12 +91,18 @@ class RepositoryOptions:
             raise ValueError(f"max_batch_size must be in 1..64, got {self.max_batch_size}")
         if self.ort_tensorrt and self.target != "onnxruntime":
             raise ValueError(f"ort_tensorrt applies to the onnxruntime target only, got target {self.target!r}")
-        if self.trt_precision not in TRT_PRECISIONS:
-            raise ValueError(f"trt_precision must be one of {TRT_PRECISIONS}, got {self.trt_precision!r}")
+        allowed = ENGINE_PRECISIONS if self.target == "tensorrt" else TRT_PRECISIONS
+        if self.trt_precision not in allowed:
+            raise ValueError(f"trt_precision must be one of {allowed}, got {self.trt_precision!r}")
         if self.torch_precision not in TRT_PRECISIONS:
             raise ValueError(f"torch_precision must be one of {TRT_PRECISIONS}, got {self.torch_precision!r}")
         if self.trt_workspace_bytes < 1:
             raise ValueError(f"trt_workspace_bytes must be positive, got {self.trt_workspace_bytes}")
+        if len(set(self.gpus)) != len(self.gpus) or any(not isinstance(g, int) or g < 0 for g in self.gpus):
+            raise ValueError(f"gpus must be distinct GPU ids >= 0, got {self.gpus!r}")
+        if self.gpus and self.device == "cpu" and self.target in ("python", "torch"):
+            raise ValueError(f"gpus {list(self.gpus)} place GPU instances, but with device 'cpu' and target "
+                             f"{self.target!r} every step runs on the CPU")
 
 
 def bucket_key(height: int, width: int) -> str:
@@ -119,9 +133,13 @@ def _batching(cfg: mc.ModelConfig, options: RepositoryOptions) -> None:
     cfg.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
 
 
-def _instances(cfg: mc.ModelConfig, count: int, gpu: bool) -> None:
+def _instances(cfg: mc.ModelConfig, count: int, gpu: bool, options: RepositoryOptions) -> None:
+    """One instance group: ``count`` instances on the CPU, or on each GPU of ``options.gpus``
+    (every visible GPU when that is empty)."""
     group = cfg.instance_group.add(count=count)
     group.kind = mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU
+    if gpu:
+        group.gpus.extend(options.gpus)
 
 
 def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
@@ -137,7 +155,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     # the step without a batcher (postprocess) has its own count: see RepositoryOptions.postprocess_instances
     count = options.instances if batching else (options.postprocess_instances
                                                  or (max(2, options.instances) if gpu else options.instances))
-    _instances(cfg, count, gpu)
+    _instances(cfg, count, gpu, options)
     params = settings.to_parameters()
     params["device"] = options.device
     if name in (names.RPN, names.HEADER):
@@ -179,7 +197,7 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
     platform = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}[options.target]
     cfg = _base(name, specs, max_batch, platform=platform)
     _batching(cfg, options)
-    _instances(cfg, options.instances, gpu=True)
+    _instances(cfg, options.instances, True, options)
     if options.ort_tensorrt:
         _ort_tensorrt_accelerator(cfg, name, settings, options)
     return cfg
