@@ -1,47 +1,35 @@
-"""gRPC client for the ``fasterrcnn`` ensemble.
+"""gRPC client for the ``fasterrcnn`` ensemble (``fasterrcnn_raw`` with ``--raw``).
 
     python -m client.detect IMAGE_OR_DIR_OR_GLOB... [--url 127.0.0.1:8001] [--concurrency N] [--draw DIR]
+                            [--json] [--output FILE.jsonl]
 
-Prints one JSON object per image: boxes in original pixel coordinates, scores and class names.
-Before sending anything it checks the server's model metadata and config against what this
-client expects, and fails with "expected X, got Y".
+Library use: :func:`run` (a list of records) or :func:`detect_iter` (records as they come);
+:func:`infer_many` / :func:`infer_iter` for payloads already in memory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import glob
 import json
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from python_backend import names
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+from . import output
+from .inputs import IMAGE_SUFFIXES, ImageError, decode_image, expand_inputs, payloads  # noqa: F401  (public API)
+
+OUTPUTS = (names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS)
 
 
 class ClientError(RuntimeError):
     """The server can't be used as expected; the message says what differs."""
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Image files, folders (their images) and globs -> sorted unique paths."""
-    paths: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            paths.append(p)
-        else:
-            matched = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            if not matched:
-                raise ClientError(f"no image found at {item!r}")
-            paths += matched
-    return list(dict.fromkeys(paths))
 
 
 def connect(url: str):
@@ -63,10 +51,16 @@ def _expect(what: str, expected, got) -> None:
         raise ClientError(f"{what}: expected {expected}, got {got}")
 
 
-def check_model(client, model: str = names.ENSEMBLE) -> dict:
-    """Check the ensemble's metadata and config; return its config as a dict (parameters included)."""
+def check_model(client, model: str = names.ENSEMBLE, raw: bool | None = None) -> dict:
+    """Check an ensemble's metadata and config; return its config as a dict (parameters included).
+
+    ``raw`` (default: ``model == fasterrcnn_raw``) expects the ``image_raw`` UINT8 input of
+    ``fasterrcnn_raw`` instead of the ``image`` BYTES input of ``fasterrcnn``.
+    """
     from tritonclient.utils import InferenceServerException
 
+    raw = model == names.ENSEMBLE_RAW if raw is None else raw
+    image, dtype = (names.IMAGE_RAW, "UINT8") if raw else (names.IMAGE_BYTES, "BYTES")
     try:
         if not client.is_model_ready(model):
             raise ClientError(f"model {model!r} is not ready on the server")
@@ -75,11 +69,12 @@ def check_model(client, model: str = names.ENSEMBLE) -> dict:
     except InferenceServerException as e:
         raise ClientError(f"model {model!r}: {e.message()}") from None
     inputs = {i["name"]: i for i in meta["inputs"]}
-    _expect(f"{model} inputs", [names.IMAGE_BYTES], sorted(inputs))
-    _expect(f"{model} input {names.IMAGE_BYTES!r} datatype", "BYTES", inputs[names.IMAGE_BYTES]["datatype"])
+    _expect(f"{model} inputs", [image], sorted(inputs))
+    _expect(f"{model} input {image!r} datatype", dtype, inputs[image]["datatype"])
+    if raw:
+        _expect(f"{model} input {image!r} shape", ["-1", "-1", "-1", "3"], [str(s) for s in inputs[image]["shape"]])
     outputs = {o["name"]: o for o in meta["outputs"]}
-    expected = {names.DETECTION_BOXES: "FP32", names.DETECTION_SCORES: "FP32", names.DETECTION_LABELS: "INT32",
-                names.NUM_DETECTIONS: "INT32"}
+    expected = dict(zip(OUTPUTS, ("FP32", "FP32", "INT32", "INT32")))
     _expect(f"{model} outputs", sorted(expected), sorted(outputs))
     for name, dtype in expected.items():
         _expect(f"{model} output {name!r} datatype", dtype, outputs[name]["datatype"])
@@ -106,9 +101,7 @@ def _request(data):
     else:
         inp = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
-    outs = [grpcclient.InferRequestedOutput(n) for n in
-            (names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS)]
-    return [inp], outs
+    return [inp], [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
 
 
 def parse_result(result, labels: list[str]) -> list[dict]:
@@ -120,78 +113,110 @@ def parse_result(result, labels: list[str]) -> list[dict]:
              "score": float(s), "box": [float(v) for v in b]} for b, s, i in zip(boxes, scores, ids)]
 
 
-def infer_many(client, payloads: list, concurrency: int = 1, model: str | None = None) -> list:
-    """Send each payload as its own request, at most ``concurrency`` in flight (async gRPC).
+def infer_iter(client, payloads: Iterable, concurrency: int = 1, model: str | None = None) -> Iterator[tuple]:
+    """Send each payload as its own request, at most ``concurrency`` in flight (async gRPC), and
+    yield ``(InferResult or the exception it failed with, seconds from send to answer)`` in
+    payload order.
 
     A payload is encoded image bytes (sent to ``fasterrcnn``) or a decoded HWC uint8 array (sent
-    to ``fasterrcnn_raw``), unless ``model`` names another model with the same input.  Returns, per
-    payload, the InferResult or the InferenceServerException it failed with.
+    to ``fasterrcnn_raw``), unless ``model`` names another model with the same input.  A payload
+    that is an exception (an input that could not be read) is yielded as ``(exception, None)``
+    without a request.  ``payloads`` is consumed only as request slots free up, so a lazy iterable
+    keeps few images in memory on a long run.
     """
-    results: list = [None] * len(payloads)
     slots = threading.Semaphore(max(1, concurrency))
-    done = threading.Event()
-    remaining = [len(payloads)]
-    lock = threading.Lock()
+    ready = threading.Condition()
+    answers: dict[int, tuple] = {}
+    state: dict = {"count": None, "error": None}
+    stop = threading.Event()
 
-    def callback(index, result, error):
-        results[index] = error if error is not None else result
+    def answer(index, t0, result, error):
         slots.release()
-        with lock:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                done.set()
+        with ready:
+            answers[index] = (error if error is not None else result, time.perf_counter() - t0)
+            ready.notify()
 
-    if not payloads:
-        return results
-    for i, data in enumerate(payloads):
-        slots.acquire()
-        inputs, outputs = _request(data)
-        target = model or (names.ENSEMBLE_RAW if isinstance(data, np.ndarray) else names.ENSEMBLE)
-        client.async_infer(target, inputs, callback=functools.partial(callback, i), outputs=outputs)
-    done.wait()
-    return results
+    def send():
+        count = 0
+        try:
+            for i, data in enumerate(payloads):
+                count = i + 1
+                if isinstance(data, BaseException):
+                    with ready:
+                        answers[i] = (data, None)
+                        ready.notify()
+                    continue
+                while not slots.acquire(timeout=0.2):
+                    if stop.is_set():
+                        return
+                inputs, outputs = _request(data)
+                target = model or (names.ENSEMBLE_RAW if isinstance(data, np.ndarray) else names.ENSEMBLE)
+                client.async_infer(target, inputs, callback=functools.partial(answer, i, time.perf_counter()),
+                                   outputs=outputs)
+        except BaseException as e:  # handed to the consumer, which raises it
+            state["error"] = e
+        finally:
+            with ready:
+                state["count"] = count
+                ready.notify()
+
+    sender = threading.Thread(target=send, name="infer_iter-send", daemon=True)
+    sender.start()
+    try:
+        i = 0
+        while True:
+            with ready:
+                while i not in answers and state["error"] is None and (state["count"] is None or i < state["count"]):
+                    ready.wait()
+                if i not in answers:
+                    if state["error"] is not None:
+                        raise state["error"]
+                    return
+                item = answers.pop(i)
+            yield item
+            i += 1
+    finally:
+        stop.set()
 
 
-def draw(image_path: Path, detections: list[dict], out_path: Path) -> None:
-    from PIL import Image, ImageDraw
-
-    img = Image.open(image_path).convert("RGB")
-    pen = ImageDraw.Draw(img)
-    for d in detections:
-        x1, y1, x2, y2 = d["box"]
-        pen.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=2)
-        pen.text((x1 + 2, y1 + 2), f"{d['label']} {d['score']:.2f}", fill=(255, 255, 0))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out_path)
+def infer_many(client, payloads: list, concurrency: int = 1, model: str | None = None) -> list:
+    """:func:`infer_iter` as a list of InferResults or exceptions, one per payload."""
+    return [result for result, _ in infer_iter(client, payloads, concurrency, model)]
 
 
-def decode_file(path: Path) -> np.ndarray:
-    from PIL import Image
+def detect_iter(url: str, images: list[Path], concurrency: int = 1, draw_dir: Path | None = None,
+                min_score: float = 0.0, raw: bool = False) -> Iterator[dict]:
+    """Detect on image files; yield one record per image, in order, as answers arrive.
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+    A record is ``{"image", "detections", "latency_ms"}`` (+ ``"annotated"`` with ``draw_dir``),
+    or ``{"image", "error", "detections": []}`` for an image that failed.  ``raw``: decode here and
+    send uint8 pixels to ``fasterrcnn_raw`` (for servers whose python backend can't read string
+    tensors, see README).  Raises :class:`ClientError` (before any record) when the server or its
+    model can't be used.
+    """
+    client = connect(url)
+    labels = class_names(check_model(client, names.ENSEMBLE_RAW if raw else names.ENSEMBLE, raw=raw))
+    annotated = output.annotated_paths(images, draw_dir) if draw_dir is not None else {}
+    replies = infer_iter(client, payloads(images, raw), concurrency)
+    for path, (res, seconds) in zip(images, replies):
+        if isinstance(res, Exception):
+            yield output.error_record(str(path), res.message() if hasattr(res, "message") else str(res))
+            continue
+        dets = [d for d in parse_result(res, labels) if d["score"] >= min_score]
+        record = {"image": str(path), "detections": dets, "latency_ms": round(seconds * 1e3, 2)}
+        if path in annotated:
+            try:
+                output.draw(path, dets, annotated[path])
+                record["annotated"] = str(annotated[path])
+            except (OSError, ValueError) as e:
+                record["error"] = f"cannot write the annotated image {annotated[path]}: {e}"
+        yield record
 
 
 def run(url: str, images: list[Path], concurrency: int = 1, draw_dir: Path | None = None,
         min_score: float = 0.0, raw: bool = False) -> list[dict]:
-    """Detect on image files.  ``raw``: decode here and send uint8 pixels to ``fasterrcnn_raw``
-    (for servers whose python backend can't read string tensors, see README)."""
-    client = connect(url)
-    config = check_model(client)
-    labels = class_names(config)
-    payloads = [decode_file(p) if raw else p.read_bytes() for p in images]
-    results = infer_many(client, payloads, concurrency)
-    out = []
-    for path, res in zip(images, results):
-        if isinstance(res, Exception):
-            msg = res.message() if hasattr(res, "message") else str(res)
-            out.append({"image": str(path), "error": msg, "detections": []})
-            continue
-        dets = [d for d in parse_result(res, labels) if d["score"] >= min_score]
-        out.append({"image": str(path), "detections": dets})
-        if draw_dir is not None:
-            draw(path, dets, Path(draw_dir) / (path.stem + ".png"))
-    return out
+    """:func:`detect_iter` as a list."""
+    return list(detect_iter(url, images, concurrency, draw_dir, min_score, raw))
 
 
 def sample_images(folder: Path) -> list[Path]:
@@ -208,24 +233,98 @@ def sample_images(folder: Path) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", help="image files, folders or globs")
-    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint")
-    p.add_argument("--concurrency", type=int, default=1, help="requests in flight")
-    p.add_argument("--draw", type=Path, help="write annotated images into this folder")
-    p.add_argument("--min-score", type=float, default=0.0, help="drop detections below this score")
-    p.add_argument("--raw", action="store_true", help="decode here and send pixels to fasterrcnn_raw")
-    args = p.parse_args(argv)
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
+DESCRIPTION = """\
+Detect objects in images with the fasterrcnn ensemble on a Triton server, over gRPC.
+
+Prints one line per image (file, number of detections, top classes with scores, latency) and a
+throughput line at the end; --json prints one JSON object per image instead (boxes as x1 y1 x2 y2
+in original pixels, scores, class names), --output writes the same JSON lines to a file.
+Before sending anything it checks the server's model metadata and config against what this
+client expects, and fails with "expected X, got Y".  A bad input (missing, unreadable, empty,
+not an image) gets its own error; the other images are still processed."""
+
+EPILOG = """\
+exit status:
+  0  every image got detections
+  1  some input or image failed (the others were still processed)
+  2  usage error, or the server or model at --url can't be used"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows "(default: X)" except for options that are off or unset by default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (their image files) or globs")
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC endpoint HOST:PORT")
+    p.add_argument("--concurrency", type=_positive_int, default=1, metavar="N",
+                   help="requests in flight at once (one image per request)")
+    p.add_argument("--raw", action="store_true",
+                   help=f"decode images here and send pixels to {names.ENSEMBLE_RAW} (default: send the "
+                        f"encoded files to {names.ENSEMBLE})")
+    p.add_argument("--min-score", type=float, default=0.0, metavar="S", help="drop detections below this score")
+    p.add_argument("--draw", type=Path, metavar="DIR",
+                   help="write annotated copies into DIR as <file name>.png (x.jpg -> x.jpg.png; a second "
+                        "x.jpg from another folder -> x.jpg.2.png); files of an earlier run are replaced")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per image on stdout instead of the summary line")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="also write one JSON object per image to FILE (JSON lines)")
+    p.add_argument("--no-progress", action="store_true",
+                   help=f"no progress bar (default: shown on a terminal for runs of more than "
+                        f"{output.PROGRESS_MIN_IMAGES} images)")
+    return p
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """The command line; ``prog`` names it in the usage line (``fasterrcnn detect``)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     try:
-        results = run(args.url, expand_inputs(args.images), args.concurrency, args.draw, args.min_score, args.raw)
+        if args.draw is not None:
+            args.draw.mkdir(parents=True, exist_ok=True)
+        jsonl = open(args.output, "w", encoding="utf-8") if args.output is not None else None  # noqa: SIM115
+    except OSError as e:
+        parser.error(f"cannot write {e.filename}: {e.strerror}")
+    with jsonl if jsonl is not None else contextlib.nullcontext():
+        return _detect_and_report(args, jsonl)
+
+
+def _detect_and_report(args, jsonl) -> int:
+    images, problems = expand_inputs(args.images)
+    report = output.Report(len(images) + len(problems), json_lines=args.json, jsonl=jsonl,
+                           progress=not args.no_progress)
+    try:
+        for record in problems:
+            report.add(record)
+        if images:
+            with report.timed():
+                for record in detect_iter(args.url, images, args.concurrency, args.draw, args.min_score, args.raw):
+                    report.add(record)
     except ClientError as e:
+        report.close(summary=False)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for r in results:
-        print(json.dumps(r))
-    return 1 if any("error" in r for r in results) else 0
+    except KeyboardInterrupt:
+        report.close()
+        print("interrupted", file=sys.stderr)
+        return 130
+    report.close()
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m client.detect"))

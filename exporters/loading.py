@@ -20,6 +20,11 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit fasterrcnn_resnet50_fpn; the message says why."""
 
 
+class CocoWeightsUnavailable(OSError):
+    """torchvision's COCO weights are not in torch's cache and can't be downloaded; the message
+    names the alternatives and the cache path."""
+
+
 def _settings_kwargs(kwargs: dict) -> dict:
     # fasterrcnn_resnet50_fpn forwards these keyword arguments to FasterRCNN
     return {k: v for k, v in kwargs.items() if v is not None}
@@ -47,15 +52,34 @@ def random_model(num_classes: int = 91, seed: int = 0, peaky: float = 1.0, **mod
 
 
 def coco_model(**model_kwargs) -> FasterRCNN:
-    """torchvision's COCO weights, through torchvision's own download and cache."""
+    """torchvision's COCO weights, through torchvision's own download and cache.
+
+    Raises :class:`CocoWeightsUnavailable` when they are not cached and the download fails.
+    """
     weights = FasterRCNN_ResNet50_FPN_Weights.DEFAULT
-    return fasterrcnn_resnet50_fpn(weights=weights, **_settings_kwargs(model_kwargs)).eval()
+    try:
+        # The weights' only I/O is torch.hub's cache lookup and download; the network's failures
+        # (no route, DNS, proxy, HTTP errors) all arrive as OSError (urllib's URLError included).
+        model = fasterrcnn_resnet50_fpn(weights=weights, **_settings_kwargs(model_kwargs))
+    except OSError as e:
+        path = coco_weights_path()
+        raise CocoWeightsUnavailable(
+            f"cannot download torchvision's COCO weights from {weights.url} ({e}); use --weights random "
+            f"(seeded random weights, offline), --weights PATH (a fasterrcnn_resnet50_fpn state_dict), "
+            f"or copy that file to {path}"
+        ) from e
+    return model.eval()
+
+
+def coco_weights_path() -> Path:
+    """Where torchvision's COCO checkpoint is (or would be) in torch's hub cache."""
+    url = FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
 def coco_weights_cached() -> Path | None:
     """Path of torchvision's COCO checkpoint in torch's hub cache, or None."""
-    url = FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    path = coco_weights_path()
     return path if path.is_file() else None
 
 

@@ -1,0 +1,148 @@
+"""What the client writes: a line per image, JSON lines, annotated images, progress and throughput."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+# A bar for a handful of images would only flicker.
+PROGRESS_MIN_IMAGES = 8
+TOP_CLASSES = 3
+
+
+def error_record(image: str, message: str) -> dict:
+    return {"image": image, "error": message, "detections": []}
+
+
+def error_line(record: dict) -> str:
+    """``error: <image>: <message>``, or ``error: <message>`` where the message names the image."""
+    image, message = record["image"], record["error"]
+    return f"error: {message}" if image in message else f"error: {image}: {message}"
+
+
+def summary_line(record: dict) -> str:
+    """``photo.jpg: 7 detections, 48 ms: person 0.99 (x3), dog 0.80, cup 0.41 (+2 classes)``."""
+    dets = record["detections"]
+    best: dict[str, list] = {}  # label -> [top score, count]
+    for d in dets:
+        entry = best.setdefault(d["label"], [d["score"], 0])
+        entry[0] = max(entry[0], d["score"])
+        entry[1] += 1
+    ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
+    tops = [f"{label} {score:.2f}" + (f" (x{n})" if n > 1 else "") for label, (score, n) in ranked[:TOP_CLASSES]]
+    if len(ranked) > TOP_CLASSES:
+        tops.append(f"(+{len(ranked) - TOP_CLASSES} classes)")
+    line = f"{record['image']}: {len(dets)} detection{'' if len(dets) == 1 else 's'}"
+    if record.get("latency_ms") is not None:
+        line += f", {record['latency_ms']:.0f} ms"
+    if tops:
+        line += ": " + ", ".join(tops)
+    if record.get("annotated"):
+        line += f" -> {record['annotated']}"
+    return line
+
+
+def annotated_paths(images: list[Path], folder: Path) -> dict[Path, Path]:
+    """One distinct PNG per image: ``x.jpg`` -> ``folder/x.jpg.png``, so ``x.jpg`` and ``x.png``
+    don't collide; the same file name from another folder gets ``x.jpg.2.png``, ``x.jpg.3.png``...
+    Names are compared case-insensitively (macOS and Windows file systems)."""
+    taken: set[str] = set()
+    out = {}
+    for image in images:
+        name, k = f"{image.name}.png", 2
+        while name.casefold() in taken:
+            name, k = f"{image.name}.{k}.png", k + 1
+        taken.add(name.casefold())
+        out[image] = Path(folder) / name
+    return out
+
+
+def draw(image_path: Path, detections: list[dict], out_path: Path) -> None:
+    """The image with a box and a "label score" caption per detection, saved as PNG."""
+    from PIL import Image, ImageDraw
+
+    img = Image.open(image_path).convert("RGB")
+    pen = ImageDraw.Draw(img)
+    for d in detections:
+        x1, y1, x2, y2 = d["box"]
+        pen.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=2)
+        pen.text((x1 + 2, y1 + 2), f"{d['label']} {d['score']:.2f}", fill=(255, 255, 0))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out_path, format="PNG")
+
+
+def _progress_bar(total: int):
+    """A rich progress bar on stderr, started; None where rich is not installed."""
+    try:
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+    except ImportError:
+        return None
+    # Lines printed while the bar is live are routed above it.  stdout only when it is a terminal
+    # too: when it is piped, its lines must go down the pipe, not onto the bar's stderr.
+    bar = Progress(TextColumn("detecting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                   redirect_stdout=sys.stdout.isatty(), redirect_stderr=True)
+    bar.add_task("detecting", total=total)
+    bar.start()
+    return bar
+
+
+class Report:
+    """Writes each record as it comes, counts failures, and ends with a throughput line on stderr.
+
+    Default: a :func:`summary_line` per image on stdout.  ``json_lines``: the records as JSON on
+    stdout instead.  ``jsonl``: an open text file that gets the records as JSON lines as well.
+    Errors always go to stderr as ``error: <image>: <message>``.
+    """
+
+    def __init__(self, total: int, json_lines: bool = False, jsonl=None, progress: bool = True):
+        self.json_lines = json_lines
+        self.jsonl = jsonl
+        self.failed = 0
+        self.timed_images = 0
+        self.seconds = 0.0
+        self._timing = False
+        show = progress and total > PROGRESS_MIN_IMAGES and sys.stderr.isatty()
+        self._bar = _progress_bar(total) if show else None
+
+    def add(self, record: dict) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.json_lines:
+            print(json.dumps(record), flush=True)
+        elif "error" not in record:
+            print(summary_line(record), flush=True)
+        if "error" in record:
+            self.failed += 1
+            print(error_line(record), file=sys.stderr, flush=True)
+        if self._timing:
+            self.timed_images += 1
+        if self._bar is not None:
+            self._bar.advance(self._bar.task_ids[0])
+
+    @contextlib.contextmanager
+    def timed(self):
+        """Counts the records added inside, and their wall time, for the throughput line."""
+        t0, self._timing = time.perf_counter(), True
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self._timing = False
+
+    def close(self, summary: bool = True) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+        if not summary:
+            return
+        failed = f"; {self.failed} failed" if self.failed else ""
+        if self.timed_images and self.seconds > 0:
+            print(f"{self.timed_images} image{'' if self.timed_images == 1 else 's'} in {self.seconds:.2f} s, "
+                  f"{self.timed_images / self.seconds:.1f} images/s{failed}", file=sys.stderr)
+        else:
+            print(f"no images processed{failed}", file=sys.stderr)
