@@ -1,6 +1,6 @@
 """Faster R-CNN split into the two dense networks that TensorRT can take.
 
-``RpnNetwork``: backbone + FPN + RPN head, anchors decoded, top-k per level, on a fixed canvas.
+``RpnNetwork``: backbone + FPN + RPN head, anchors decoded, top-k per level, on any canvas.
 ``HeaderNetwork``: box head + predictor + box decode over a dynamic number of RoIs.
 
 Why the canvas needs care: torchvision pads each batch only to the largest image rounded up
@@ -24,35 +24,49 @@ from python_backend.settings import RPN_STRIDES, SIZE_DIVISIBLE, DetectorSetting
 
 
 class _ExtentMasks:
-    """Per-forward cache of {(h, w): [B, 1, h, w] float mask} for one canvas."""
+    """Per-forward cache of {map stride: [B, 1, h, w] float mask}.
 
-    def __init__(self, canvas: tuple[int, int]):
-        self.canvas = canvas
+    Works on any canvas: a map's stride is an architecture constant (read once from the shapes
+    the network first sees, a power of two), while the map's size and each image's valid extent
+    are tensors of this call, so a trace exported with dynamic height and width stays exact on
+    every canvas.
+    """
+
+    def __init__(self):
+        self.images: Tensor | None = None
         self.padded: Tensor | None = None  # [B, 2] float: each image's padded (h, w)
         self.cache: dict[tuple[int, int], Tensor] = {}
 
-    def reset(self, image_sizes: Tensor) -> None:
+    def reset(self, images: Tensor, image_sizes: Tensor) -> None:
+        self.images = images
         self.padded = torch.ceil(image_sizes / SIZE_DIVISIBLE) * SIZE_DIVISIBLE
         self.cache = {}
 
-    def valid_extent(self, h: int, w: int) -> tuple[Tensor, Tensor]:
-        """Each image's valid rows and columns on a map of size (h, w) on this canvas.
+    def stride(self, x: Tensor) -> tuple[int, int]:
+        """(sy, sx) of a map against the input images: powers of two (P6 rounds its size up)."""
+        assert self.images is not None
+        ih, iw = int(self.images.shape[-2]), int(self.images.shape[-1])
+        return (2 ** round(math.log2(ih / int(x.shape[-2]))), 2 ** round(math.log2(iw / int(x.shape[-1]))))
 
-        A map at stride s holds ceil(padded / s) valid cells: exact for P2..P5 (padded is a
-        multiple of 32) and LastLevelMaxPool's round-up for P6."""
+    def valid_extent(self, stride: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Each image's valid rows and columns on a map of ``stride``: ceil(padded / stride) cells,
+        exact for P2..P5 (padded is a multiple of 32) and LastLevelMaxPool's round-up for P6."""
         assert self.padded is not None
-        sh = 2 ** round(math.log2(self.canvas[0] / h))
-        sw = 2 ** round(math.log2(self.canvas[1] / w))
-        return torch.ceil(self.padded[:, 0] / sh), torch.ceil(self.padded[:, 1] / sw)
+        return torch.ceil(self.padded[:, 0] / stride[0]), torch.ceil(self.padded[:, 1] / stride[1])
 
-    def mask(self, h: int, w: int) -> Tensor:
-        key = (int(h), int(w))  # static under tracing: the canvas fixes every map size
-        if key not in self.cache:
-            vh, vw = self.valid_extent(*key)
-            rows = torch.arange(key[0], dtype=torch.float32, device=vh.device)[None, :] < vh[:, None]
-            cols = torch.arange(key[1], dtype=torch.float32, device=vw.device)[None, :] < vw[:, None]
-            self.cache[key] = (rows[:, None, :, None] & cols[:, None, None, :]).to(torch.float32)
-        return self.cache[key]
+    def cells(self, x: Tensor, stride: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """([B, h] rows, [B, w] columns) bool: which cells of map ``x`` lie inside each image's extent."""
+        vh, vw = self.valid_extent(stride)
+        rows = torch.arange(x.shape[-2], device=vh.device).to(torch.float32)[None, :] < vh[:, None]
+        cols = torch.arange(x.shape[-1], device=vw.device).to(torch.float32)[None, :] < vw[:, None]
+        return rows, cols
+
+    def mask(self, x: Tensor) -> Tensor:
+        stride = self.stride(x)
+        if stride not in self.cache:
+            rows, cols = self.cells(x, stride)
+            self.cache[stride] = (rows[:, None, :, None] & cols[:, None, None, :]).to(x.dtype)
+        return self.cache[stride]
 
 
 def fold_batch_norms(module: nn.Module) -> int:
@@ -102,7 +116,7 @@ def _mask_spatial_inputs(module: nn.Module, masks: _ExtentMasks) -> int:
 
     def hook(_mod, args):
         x = args[0]
-        return (x * masks.mask(x.shape[-2], x.shape[-1]),) + tuple(args[1:])
+        return (x * masks.mask(x),) + tuple(args[1:])
 
     for m in module.modules():
         spatial_conv = isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)
@@ -113,7 +127,13 @@ def _mask_spatial_inputs(module: nn.Module, masks: _ExtentMasks) -> int:
 
 
 class RpnNetwork(nn.Module):
-    """Backbone + FPN + RPN head with anchors decoded and top-k per level.
+    """Backbone + FPN + RPN head with anchors decoded and top-k per level, on any canvas.
+
+    The network has no canvas of its own: height and width are free (a multiple of 32), so one
+    ONNX export with dynamic height and width serves every canvas of the deployment, and a
+    TorchScript trace can be made per canvas.  The proposals per level are a constant
+    (``settings.rpn_level_topk()``): a level with fewer anchors on a small canvas is padded
+    with rows of level -1.
 
     Inputs:
         images ``[B, 3, H, W]`` float32: normalized, resized images zero-padded onto the canvas.
@@ -134,7 +154,7 @@ class RpnNetwork(nn.Module):
         fold_batch_norms(self.backbone)
         self.head = copy.deepcopy(model.rpn.head).eval()
         self.box_coder = model.rpn.box_coder
-        self.masks = _ExtentMasks(settings.canvas)
+        self.masks = _ExtentMasks()
         _mask_spatial_inputs(self.backbone, self.masks)
         _mask_spatial_inputs(self.head, self.masks)
         gen = model.rpn.anchor_generator
@@ -145,54 +165,53 @@ class RpnNetwork(nn.Module):
             self.register_buffer(f"cell_anchors_{i}", c.to(torch.float32).clone(), persistent=False)
         self.level_topk = settings.rpn_level_topk()
 
-    def _anchors(self, level: int, gh: int, gw: int, padded: Tensor) -> Tensor:
-        """``[B, gh*gw*A, 4]`` anchors of one level, torchvision AnchorGenerator order (y, x, a).
+    def _anchors(self, level: int, rows: Tensor, cols: Tensor, padded: Tensor) -> Tensor:
+        """``[B, gh, gw, A, 4]`` anchors of one level, torchvision AnchorGenerator order (y, x, a).
 
-        torchvision's stride is ``padded_size // grid_size`` per image: 4..32 exactly for P2..P5,
-        and for P6 (grid ceil(padded/64)) whatever that integer division gives."""
+        ``rows [B, gh]`` / ``cols [B, gw]`` only give the grid's size.  torchvision's stride is
+        ``padded_size // grid_size`` per image: 4..32 exactly for P2..P5, and for P6 (grid
+        ceil(padded/64)) whatever that integer division gives."""
         base = getattr(self, f"cell_anchors_{level}")  # [A, 4]
         s = RPN_STRIDES[level]
         grid = torch.ceil(padded / s)
         stride = torch.floor(padded / grid)  # [B, 2] (h, w)
-        ys = torch.arange(gh, dtype=torch.float32, device=padded.device)[None, :] * stride[:, 0:1]  # [B, gh]
-        xs = torch.arange(gw, dtype=torch.float32, device=padded.device)[None, :] * stride[:, 1:2]  # [B, gw]
-        sy = ys[:, :, None].expand(-1, gh, gw)
-        sx = xs[:, None, :].expand(-1, gh, gw)
-        shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, gh * gw, 1, 4)
-        return (shifts + base[None, None]).reshape(-1, gh * gw * int(base.shape[0]), 4)
-
-    def _valid_anchors(self, gh: int, gw: int, num_cell: int) -> Tensor:
-        vh, vw = self.masks.valid_extent(gh, gw)
-        rows = torch.arange(gh, dtype=torch.float32, device=vh.device)[None, :] < vh[:, None]
-        cols = torch.arange(gw, dtype=torch.float32, device=vw.device)[None, :] < vw[:, None]
-        cells = rows[:, :, None] & cols[:, None, :]  # [B, gh, gw]
-        return cells[:, :, :, None].expand(-1, gh, gw, num_cell).reshape(-1, gh * gw * num_cell)
+        ys = torch.arange(rows.shape[1], device=padded.device).to(torch.float32)[None, :] * stride[:, 0:1]
+        xs = torch.arange(cols.shape[1], device=padded.device).to(torch.float32)[None, :] * stride[:, 1:2]
+        sy = ys[:, :, None] + torch.zeros_like(xs)[:, None, :]  # [B, gh, gw]
+        sx = xs[:, None, :] + torch.zeros_like(ys)[:, :, None]
+        shifts = torch.stack((sx, sy, sx, sy), dim=-1)[:, :, :, None, :]  # [B, gh, gw, 1, 4]
+        return shifts + base[None, None, None]  # [B, gh, gw, A, 4]
 
     def forward(self, images: Tensor, image_sizes: Tensor):
-        self.masks.reset(image_sizes)
+        self.masks.reset(images, image_sizes)
         feats = self.backbone(images)
         maps = list(feats.values())  # P2, P3, P4, P5, P6 ('pool')
         logits, deltas = self.head(maps)
         padded = self.masks.padded
         assert padded is not None
-        # Reshapes keep the batch as -1 and every other dimension a Python int, so the ONNX
-        # graph has static shapes except the batch.
+        # Map sizes stay symbolic (read from the maps, broadcasting): only the anchors per cell (A)
+        # and the top-k sizes are constants, so an export may keep H and W dynamic.
         w_img = image_sizes[:, None, 1:2]  # [B, 1, 1]
         h_img = image_sizes[:, None, 0:1]
-        dev = images.device
-        zero = torch.zeros((), dtype=torch.float32, device=dev)
+        zero = torch.zeros((), dtype=torch.float32, device=images.device)
         out = []
         for level, (lg, dl) in enumerate(zip(logits, deltas)):
-            a, gh, gw = int(lg.shape[1]), int(lg.shape[2]), int(lg.shape[3])
-            k = self.level_topk[level]
+            a, k = int(lg.shape[1]), self.level_topk[level]
             # torchvision concat_box_prediction_layers: [B, A, H, W] -> [B, H*W*A]
+            gh, gw = lg.shape[2], lg.shape[3]  # symbolic under a dynamic-shape export
             lg = lg.permute(0, 2, 3, 1).reshape(-1, gh * gw * a)
             dl = dl.reshape(-1, a, 4, gh, gw).permute(0, 3, 4, 1, 2).reshape(-1, gh * gw * a, 4)
-            anchors = self._anchors(level, gh, gw, padded).reshape(-1, gh * gw * a, 4)
-            valid = self._valid_anchors(gh, gw, a).reshape(-1, gh * gw * a)
-            masked = torch.where(valid, lg, torch.tensor(float("-inf"), device=dev))
+            rows, cols = self.masks.cells(maps[level], (RPN_STRIDES[level], RPN_STRIDES[level]))
+            anchors = self._anchors(level, rows, cols, padded).reshape(-1, gh * gw * a, 4)
+            valid = (rows[:, :, None, None] & cols[:, None, :, None]).expand(-1, -1, -1, a).reshape(-1, gh * gw * a)
+            # k padding columns (score -inf, not valid) so that top-k of k is defined on any canvas
+            pad = torch.zeros_like(lg[:, :1]).expand(-1, k)
+            masked = torch.cat((torch.where(valid, lg, torch.full_like(lg, float("-inf"))), pad - float("inf")), 1)
+            valid = torch.cat((valid, pad > 0), 1)
+            dl = torch.cat((dl, pad[:, :, None].expand(-1, -1, 4)), 1)
+            anchors = torch.cat((anchors, pad[:, :, None].expand(-1, -1, 4)), 1)
             top, idx = masked.topk(k, dim=1)
-            idx4 = idx[:, :, None].expand(-1, k, 4)
+            idx4 = idx[:, :, None].expand(-1, -1, 4)
             sel_valid = torch.gather(valid, 1, idx)
             sel_deltas = torch.gather(dl, 1, idx4).reshape(-1, 4)
             sel_anchors = torch.gather(anchors, 1, idx4).reshape(-1, 4)
@@ -201,7 +220,7 @@ class RpnNetwork(nn.Module):
             x = torch.minimum(torch.maximum(boxes[:, :, 0::2], zero), w_img)
             y = torch.minimum(torch.maximum(boxes[:, :, 1::2], zero), h_img)
             prob = torch.where(sel_valid, torch.sigmoid(top), zero)
-            lvl = torch.where(sel_valid, torch.tensor(float(level), device=dev), torch.tensor(-1.0, device=dev))
+            lvl = torch.where(sel_valid, torch.full_like(prob, float(level)), torch.full_like(prob, -1.0))
             out.append(torch.stack((x[:, :, 0], y[:, :, 0], x[:, :, 1], y[:, :, 1], prob, lvl), dim=2))
         return (torch.cat(out, dim=1), *(m.permute(0, 2, 3, 1).contiguous() for m in maps[:4]))
 

@@ -87,10 +87,7 @@ def rpn_module(model, settings: DetectorSettings, precision: str = "fp32") -> nn
     # top-k and box decode (with float32 anchors) stay in float32.
     net.backbone = _HalfInput(net.backbone)
     net.head = _FloatOutputs(net.head)
-    # The extent-mask hooks multiply each conv input by a float32 mask, which would promote
-    # the float16 activations back to float32 and fail against float16 weights.
-    float_mask = net.masks.mask
-    net.masks.mask = lambda h, w: float_mask(h, w).half()
+    # the extent masks take each conv input's dtype (split._ExtentMasks.mask), so they stay float16 here
     return _FloatFeatures(net).eval()
 
 
