@@ -1,48 +1,39 @@
 """Triton model: decode (or take decoded) images, resize, normalize, pad onto the canvas.
 
-Thin adapter over python_backend.reference.image; serves ``preprocess`` (encoded bytes) and
-``preprocess_raw`` (uint8 HWC) depending on the configured input.  A bad image fails only
-its own request.
-
-With the model parameter ``device`` = "gpu", images are still decoded on the CPU (Pillow), then
-normalized, resized and padded on the GPU by :func:`python_backend.cuda.image.preprocess_batch`
-(same results as the NumPy path to float32 rounding), and the outputs stay on the GPU as CuPy
-arrays; CuPy is imported only then.
+Serves ``preprocess`` (encoded bytes) and ``preprocess_raw`` (uint8 HWC), by the model's name.
+Each request's images are decoded and checked on their own (a bad image fails only its own
+request); the good requests' images then go through the step backend's ``preprocess_batch`` as
+one batch: NumPy on a CPU instance, CuPy on the instance's GPU (images are decoded on the CPU by
+Pillow either way; the outputs stay on the GPU).
 """
 import triton_python_backend_utils as pb_utils
 
 from python_backend import names
-from python_backend.reference.image import BadImageError, preprocess_batch
-from python_backend.settings import DetectorSettings
-from python_backend.triton_io import error_response, model_parameters, output, request_images
+from python_backend.reference.image import BadImageError, check_fits_canvas
+from python_backend.triton_io import request_images
+from python_backend.triton_models.adapter import BadRequest, StepAdapter, split
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        self.settings = DetectorSettings.from_parameters(params)
+        self.adapter = StepAdapter(args, pb_utils)
         self.raw = args["model_name"] == names.PREPROCESS_RAW
-        self.transform = preprocess_batch
-        if params.get("device", "cpu") == "gpu":
-            from python_backend.cuda.image import preprocess_batch as gpu_preprocess_batch
-
-            import cupy
-
-            cupy.cuda.Device(int(args["model_instance_device_id"])).use()
-            self.transform = gpu_preprocess_batch
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                images, sizes, originals = self.transform(
-                    request_images(pb_utils, request, self.raw, self.settings), self.settings)
-            except BadImageError as e:
-                responses.append(error_response(pb_utils, f"bad input image: {e}"))
-                continue
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                output(pb_utils, names.IMAGES, images),
-                output(pb_utils, names.IMAGE_SIZES, sizes),
-                output(pb_utils, names.ORIGINAL_SIZES, originals),
-            ]))
-        return responses
+        return self.adapter.execute(requests, self._run, read=self._images)
+
+    def _images(self, request):
+        """The request's decoded images, each checked to fit the canvas."""
+        settings = self.adapter.settings
+        try:
+            images = request_images(pb_utils, request, self.raw, settings)
+            for image in images:
+                check_fits_canvas(*image.shape[:2], *settings.resized_size(*image.shape[:2]), settings)
+        except BadImageError as e:
+            raise BadRequest(f"bad input image: {e}") from None
+        return images
+
+    def _run(self, items):
+        images = [image for item in items for image in item]
+        outputs = self.adapter.backend.preprocess_batch(images, self.adapter.settings)
+        return split(outputs, [len(item) for item in items])

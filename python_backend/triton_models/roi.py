@@ -5,63 +5,45 @@ R = the request's surviving RoIs (R is the header's batch axis), plus ``num_rois
 A request with no RoI at all gets one zero-area filler row so that the header is never
 asked for an empty batch; ``num_rois`` tells postprocess to ignore it.
 
-With the model parameter ``device`` = "gpu" the step runs :mod:`python_backend.cuda` on CuPy
-arrays that stay on the GPU (inputs through DLPack, outputs through ``Tensor.from_dlpack``);
-CuPy is imported only then.  Otherwise :func:`python_backend.steps.roi_step` (NumPy).
+The requests of one ``execute`` run as one ``roi_step`` of the step backend: NumPy on a CPU
+instance, CuPy on the instance's GPU (warmed up at load for the largest batch; arrays stay on
+the GPU).
 """
-import json
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from python_backend import names
-from python_backend import steps as cpu_steps
-from python_backend.settings import DetectorSettings
-from python_backend.triton_io import model_parameters, output, to_device_array, to_numpy
+from python_backend.triton_models.adapter import StepAdapter, rows
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        self.settings = DetectorSettings.from_parameters(params)
-        if params.get("device", "cpu") == "gpu":
-            import cupy
-
-            from python_backend.cuda import steps as gpu_steps
-
-            self.xp = cupy
-            self.read = lambda t: cupy.asarray(to_device_array(t))
-            self.roi_step = gpu_steps.roi_step
-            max_batch = int(json.loads(args["model_config"]).get("max_batch_size", 0))
-            gpu_steps.warm_up_roi_step(self.settings, max(max_batch, 1))
-        else:
-            self.xp = np
-            self.read = to_numpy
-            self.roi_step = cpu_steps.roi_step
+        self.adapter = StepAdapter(args, pb_utils)
+        self.adapter.backend.warm_up(self.adapter.settings, max(self.adapter.max_batch, 1))
 
     def execute(self, requests):
-        xp = self.xp
-        get = lambda r, n: self.read(pb_utils.get_input_tensor_by_name(r, n))  # noqa: E731
-        join = lambda arrays: arrays[0] if len(arrays) == 1 else xp.concatenate(arrays)  # noqa: E731
-        sizes = [get(r, names.IMAGE_SIZES) for r in requests]
-        proposals = join([get(r, names.PROPOSALS) for r in requests])
-        features = [join([get(r, f) for r in requests]) for f in names.FEATURES]
-        batch = self.roi_step(proposals, features, join(sizes), self.settings)
-        counts_host = np.asarray(batch.counts.get() if xp is not np else batch.counts)
-        responses, img, row = [], 0, 0
-        for n in (s.shape[0] for s in sizes):
-            counts = counts_host[img:img + n]
-            total = int(counts.sum())
-            rois = batch.rois[row:row + total]
-            feats = batch.features[row:row + total]
-            if total == 0:
-                rois = xp.zeros((1, 4), xp.float32)
-                feats = xp.zeros((1,) + batch.features.shape[1:], xp.float32)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                output(pb_utils, names.ROIS, rois),
-                output(pb_utils, names.ROI_FEATURES, feats),
-                output(pb_utils, names.NUM_ROIS, counts.astype(np.int32).reshape(-1, 1)),
-            ]))
-            img += n
-            row += total
-        return responses
+        return self.adapter.execute(requests, self._run)
+
+    def _run(self, items):
+        a = self.adapter
+        sizes = a.join(items, names.IMAGE_SIZES)
+        a.check_values({names.IMAGE_SIZES: sizes})
+        batch = a.backend.roi_step(a.join(items, names.PROPOSALS), [a.join(items, f) for f in names.FEATURES],
+                                   sizes, a.settings)
+        return split_rois(batch, a.to_host(batch.counts), rows(items, names.IMAGE_SIZES), a.backend.xp)
+
+
+def split_rois(batch, counts: np.ndarray, images: list, xp) -> list:
+    """(rois, roi_features, num_rois) of each request, whose ``images`` are consecutive in ``batch``."""
+    results, image, row = [], 0, 0
+    for n in images:
+        own = counts[image:image + n]
+        total = int(own.sum())
+        rois, feats = batch.rois[row:row + total], batch.features[row:row + total]
+        if total == 0:  # the filler RoI
+            rois = xp.zeros((1, 4), xp.float32)
+            feats = xp.zeros((1,) + tuple(batch.features.shape[1:]), xp.float32)
+        results.append((rois, feats, own.astype(np.int32).reshape(-1, 1)))
+        image += n
+        row += total
+    return results
