@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m exporters demo
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m fasterrcnn demo
 
 test: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs $(PYTEST_ARGS)

@@ -2,11 +2,16 @@
 
 Finds the binary in this order: an explicit path, the nvidia-pytriton wheel's tritonserver
 (python backend + ensembles), ``tritonserver`` on PATH (NVIDIA's Triton image).
+
+The server runs in a process group of its own; :meth:`TritonServer.stop` stops the group, so the
+python-backend stub processes go with it, and the CUDA MPS daemon if one was started.  Signals are
+the command line's business (``fasterrcnn serve``), not this module's.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +19,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
+
+from .gpus import visible_gpu_ids
 
 
 class ServerError(RuntimeError):
@@ -115,6 +123,20 @@ class MpsDaemon:
         self.folder = None
 
 
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for child ``pid`` to exit, without reaping it; True if it did."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+                return True
+        except ChildProcessError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -140,7 +162,11 @@ class TritonServer:
     http_port: int = 8000
     metrics_port: int = 8002
     binary: str | None = None
-    cuda_pool_bytes: int = 0  # 0: Triton's default; the GPU path needs room for FPN maps
+    # Triton's CUDA memory pool on each GPU of ``gpus`` (0: Triton's 64 MiB default).  Tensors passed
+    # between steps that don't fit are staged through host memory, so the GPU path needs room
+    # for the FPN maps and RoI features of a full batch on every GPU it uses.
+    cuda_pool_bytes: int = 0
+    gpus: Sequence[int] | None = None  # GPU ids the pools are set on; None: every visible GPU
     log_verbose: int = 0
     mps: bool = False  # run the server's processes under a CUDA MPS daemon of its own (MpsDaemon)
     process: subprocess.Popen | None = field(default=None, init=False)
@@ -158,16 +184,9 @@ class TritonServer:
                                   "or stop what holds it")
         if not Path(self.repository).is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
-        tb = find_tritonserver(self.binary)
-        cmd = [str(tb.path), f"--model-repository={Path(self.repository).resolve()}",
-               f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
-               f"--metrics-port={self.metrics_port}", "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=5",
-               f"--log-verbose={self.log_verbose}"]
-        if tb.backend_dir:
-            cmd.append(f"--backend-directory={tb.backend_dir}")
-        if self.cuda_pool_bytes:
-            cmd.append(f"--cuda-memory-pool-byte-size=0:{self.cuda_pool_bytes}")
+        cmd = self.command(find_tritonserver(self.binary))
         env = dict(os.environ)
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # GPU ids as nvidia-smi numbers them (fasterrcnn/gpus.py)
         # The python backend stub finds its environment through the first python3 on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         root = str(Path(__file__).resolve().parent.parent)
@@ -177,10 +196,28 @@ class TritonServer:
             env.update(self._mps.env())
         fd, log_name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
         self.log_path = Path(log_name)
-        self.process = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        os.close(fd)
+        try:
+            self.process = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        except BaseException:
+            self.stop()  # the MPS daemon
+            raise
+        finally:
+            os.close(fd)
         self._wait_ready(timeout)
         return self
+
+    def command(self, binary: TritonBinary) -> list[str]:
+        """The tritonserver command line, a CUDA memory pool argument for every GPU in use."""
+        cmd = [str(binary.path), f"--model-repository={Path(self.repository).resolve()}",
+               f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
+               f"--metrics-port={self.metrics_port}", "--exit-on-error=true", "--strict-readiness=true",
+               "--exit-timeout-secs=5", f"--log-verbose={self.log_verbose}"]
+        if binary.backend_dir:
+            cmd.append(f"--backend-directory={binary.backend_dir}")
+        if self.cuda_pool_bytes:
+            gpus = visible_gpu_ids() if self.gpus is None else self.gpus
+            cmd += [f"--cuda-memory-pool-byte-size={g}:{self.cuda_pool_bytes}" for g in gpus]
+        return cmd
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
@@ -196,7 +233,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         client = grpcclient.InferenceServerClient(self.grpc_url)
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if _wait_exit(self.process.pid, 0):
                 self.stop()  # the MPS daemon, if any
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
                                   f"model errors:\n{self._load_errors()}\n(full log: {self.log_path})")
@@ -209,17 +246,31 @@ class TritonServer:
         self.stop()
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self._load_errors()}\n(full log: {self.log_path})")
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self._mps is not None:
-            self._mps.stop()
-            self._mps = None
+    def wait(self) -> int:
+        """Block until tritonserver exits; its exit code (minus the signal that killed it).  The
+        process is not reaped here, so :meth:`stop` can still clear its process group."""
+        info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM to tritonserver (it unloads its models and stops their stub processes), then SIGKILL
+        to its whole process group, for what is left or for a server still running after ``timeout``
+        s; then the MPS daemon.  Safe to call twice."""
+        proc = self.process
+        try:
+            if proc is not None and proc.returncode is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                _wait_exit(proc.pid, timeout)
+                # not reaped yet, so the pid (the group's id, start_new_session) can't have been reused
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        finally:
+            if self._mps is not None:
+                self._mps.stop()
+                self._mps = None
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self

@@ -1,0 +1,156 @@
+"""The export core: a torch detector -> ONNX or TorchScript (-> TensorRT engines) -> model repository.
+
+Library only.  :func:`export` takes a :class:`ModelOptions` (which detector, on which canvas) and
+the repository's :class:`~exporters.repository.RepositoryOptions`; the command line that builds
+both from its arguments or from the Docker environment is ``python -m fasterrcnn``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from python_backend.settings import DetectorSettings, check_buckets, default_buckets, validate_canvas
+
+from . import loading
+from .repository import RepositoryOptions, write_repository
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SOURCES = ("coco", "random")  # or the path of a state_dict checkpoint
+COCO_DIGEST = "torchvision-" + loading.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.name
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which detector to export, and the canvas its networks run on.
+
+    ``weights``: ``"coco"`` (torchvision's COCO weights, through torchvision's download cache),
+    ``"random"`` (seeded random weights with ``num_classes`` classes, offline) or the path of a
+    ``fasterrcnn_resnet50_fpn`` state_dict (its class count comes from the file).
+    ``min_size``/``max_size``: torchvision's resize, None for the model's own (800/1333).
+    ``canvas``: (height, width) of the fixed network input, multiples of 32.
+    ``rpn_buckets`` (torch target only): smaller canvases the rpn is traced at as well,
+    ``"auto"`` (:func:`python_backend.settings.default_buckets`), ``"none"`` or ((h, w), ...).
+    """
+
+    weights: str = "random"
+    num_classes: int = 91
+    seed: int = 0
+    class_names: str | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    canvas: tuple[int, int] = (800, 1344)
+    rpn_buckets: str | tuple[tuple[int, int], ...] = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ValueError("weights must be 'coco', 'random' or a checkpoint path, got ''")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background included), got {self.num_classes}")
+        validate_canvas(*self.canvas)
+        if isinstance(self.rpn_buckets, str) and self.rpn_buckets not in ("auto", "none"):
+            raise ValueError(f"rpn_buckets must be 'auto', 'none' or ((height, width), ...), got {self.rpn_buckets!r}")
+
+    @property
+    def is_random(self) -> bool:
+        return self.weights == "random"
+
+    def load(self):
+        """The torchvision model in eval mode (raises loading.CheckpointError for a bad checkpoint)."""
+        sizes = {"min_size": self.min_size, "max_size": self.max_size}
+        if self.weights == "random":
+            return loading.random_model(self.num_classes, seed=self.seed, **sizes)
+        if self.weights == "coco":
+            return loading.coco_model(**sizes)
+        return loading.checkpoint_model(self.weights, **sizes)
+
+    def digest(self) -> str:
+        """Names the weights for cache keys: the checkpoint file's SHA-256, or what makes them."""
+        if self.weights == "coco":
+            return COCO_DIGEST
+        if self.weights == "random":
+            return f"random-{self.num_classes}-{self.seed}"
+        h = hashlib.sha256()
+        with open(self.weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+
+def load_model(options: ModelOptions):
+    """(model, settings): the model and every setting the serving pipeline reads from it."""
+    model = options.load()
+    num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
+    class_names = loading.read_class_names(options.class_names, num_classes)
+    return model, loading.settings_from_model(model, options.canvas, class_names)
+
+
+def resolve_buckets(spec, settings: DetectorSettings) -> tuple[tuple[int, int], ...]:
+    """``"auto"`` -> the default buckets of this canvas and resize; ``"none"`` -> (); a list is checked."""
+    if spec == "auto":
+        return default_buckets(settings)
+    if spec == "none":
+        return ()
+    return check_buckets(spec, settings.canvas)
+
+
+def export(model: ModelOptions, repo: RepositoryOptions, out: str | Path, **kw) -> Path:
+    """Load the detector of ``model`` and write a model repository for ``repo`` to ``out``.
+
+    Keyword arguments are :func:`export_loaded`'s.  Returns ``out``.
+    """
+    log.info("[1/3] loading the model (weights: %s)", model.weights)
+    loaded = load_model(model)
+    return export_loaded(*loaded, model, repo, out, **kw)
+
+
+def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, repo: RepositoryOptions,
+                  out: str | Path, work_dir: str | Path | None = None, timing_cache: str | Path | None = None,
+                  printer: Callable[[str], None] | None = None) -> Path:
+    """:func:`export` for an already loaded detector (``load_model``'s pair).
+
+    ``work_dir``: where the ONNX files, traces and engines are written before they are copied
+    into the repository (kept); None: a temporary folder.  ``timing_cache``: TensorRT's timing
+    cache file (tensorrt target).  ``printer``: where TensorRT's build progress goes.
+    """
+    t0 = time.monotonic()
+    out = Path(out)
+    if repo.target == "torch":
+        repo = dataclasses.replace(repo, torch_rpn_buckets=resolve_buckets(model.rpn_buckets, settings))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(work_dir) if work_dir is not None else Path(tmp)
+        if repo.target == "torch":
+            from .torch_export import export_torch
+
+            log.info("[2/3] tracing rpn and header (TorchScript, %s, on %s) on a %dx%d canvas",
+                     repo.torch_precision, repo.device, *settings.canvas)
+            if repo.torch_rpn_buckets:
+                log.info("      and the rpn at the canvas buckets %s",
+                         ", ".join(f"{h}x{w}" for h, w in repo.torch_rpn_buckets))
+            traces = export_torch(detector, settings, work / "torch", device=repo.device,
+                                  precision=repo.torch_precision, buckets=repo.torch_rpn_buckets)
+            log.info("[3/3] writing the model repository to %s (target torch, device %s)", out, repo.device)
+            write_repository(out, settings, {}, repo, torch_models=traces)
+        else:
+            from .onnx_export import export_all
+
+            log.info("[2/3] exporting rpn and header to ONNX on a %dx%d canvas", *settings.canvas)
+            onnx_paths = export_all(detector, settings, work / "onnx")
+            plans = None
+            if repo.target == "tensorrt":
+                from .tensorrt_build import build_plans
+
+                log.info("[2/3] building TensorRT engines (%s); this takes minutes", repo.trt_precision)
+                plans = build_plans(onnx_paths, work / "plans", settings, repo, precision=repo.trt_precision,
+                                    workspace_bytes=repo.trt_workspace_bytes, timing_cache_path=timing_cache,
+                                    printer=printer or log.info)
+            log.info("[3/3] writing the model repository to %s (target %s, device %s)", out, repo.target, repo.device)
+            write_repository(out, settings, onnx_paths, repo, plans=plans)
+    log.info("done in %.1f s", time.monotonic() - t0)
+    return out

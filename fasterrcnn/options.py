@@ -1,0 +1,285 @@
+"""One options object for every command: the model, the repository, the server.
+
+:class:`Options` is built from the command line (:func:`add_arguments`, :meth:`Options.from_args`)
+or from the Docker image's environment variables (:meth:`Options.from_env`; docs/docker.md lists
+them), through the same parsers.  Each field carries its flag, its variable and its help line
+in its metadata, so the two surfaces can't drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from exporters.export import ModelOptions
+from exporters.repository import DEVICES, ENGINE_PRECISIONS, TRT_PRECISIONS, RepositoryOptions
+from python_backend.settings import parse_buckets, validate_canvas
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = ROOT / "model_repository"
+# Deployment targets: the repository's targets, plus ONNX Runtime with its TensorRT execution provider
+TARGETS = ("python", "onnxruntime", "onnxruntime-trt", "tensorrt", "torch")
+
+
+class OptionsError(ValueError):
+    """An option value that is malformed or does not fit the others; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsers: each takes the text of a flag or a variable and raises ValueError naming what it wants
+# ----------------------------------------------------------------------------------------------
+
+def parse_canvas(text: str) -> tuple[int, int]:
+    """``"800x1344"`` (height x width) -> (800, 1344)."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"canvas must be HEIGHTxWIDTH such as 800x1344, got {text!r}") from None
+    validate_canvas(h, w)
+    return h, w
+
+
+def parse_rpn_buckets(text: str) -> str | tuple[tuple[int, int], ...]:
+    """``"auto"``, ``"none"`` or ``"HxW,HxW"`` (checked against the canvas once the model is loaded)."""
+    if str(text).strip().lower() in ("auto", "none"):
+        return str(text).strip().lower()
+    buckets = parse_buckets(text)
+    for h, w in buckets:
+        validate_canvas(h, w)
+    return buckets
+
+
+def parse_gpus(text: str) -> tuple[int, ...] | None:
+    """``"all"`` -> None (every GPU the server sees); ``"0,1"`` -> (0, 1)."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        ids = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"gpus must be 'all' or GPU ids such as 0,1, got {text!r}") from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"gpus must be 'all' or distinct GPU ids >= 0 such as 0,1, got {text!r}")
+    return ids
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+
+
+def parse_optional_int(text: str) -> int | None:
+    return int(text) if str(text).strip() else None
+
+
+def _opt(default: Any, group: str, help: str, *, parse: Callable[[str], Any] = str, env: str | None = None,
+         choices=None, flag: bool = True, docker_default: Any = dataclasses.MISSING, metavar: str | None = None):
+    """A field with its command-line and environment spellings.  ``default`` is given as the text a
+    user would type where ``parse`` turns text into the value (so ``--help`` shows it as typed)."""
+    value = parse(default) if isinstance(default, str) and parse is not str else default
+    meta = dict(group=group, help=help, parse=parse, env=env, choices=choices, flag=flag, text_default=default,
+                docker_default=docker_default, metavar=metavar)
+    return field(default=value, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Options:
+    # -- model: which detector ------------------------------------------------------------------
+    weights: str = _opt("random", "model", env="MODEL", docker_default="coco", metavar="coco|random|PATH",
+                        help="'coco' (torchvision's COCO weights, downloaded once into torch's cache), 'random' "
+                             "(seeded random weights, offline: boxes and labels are meaningless) or the path of "
+                             "a fasterrcnn_resnet50_fpn state_dict checkpoint")
+    num_classes: int = _opt(91, "model", parse=int, env="NUM_CLASSES",
+                            help="classes incl. background, for --weights random")
+    seed: int = _opt(0, "model", parse=int, env="SEED", help="seed of --weights random")
+    class_names: str | None = _opt(None, "model", env="CLASS_NAMES", metavar="FILE",
+                                   help="text file, one class name per line, background first (default: COCO's "
+                                        "names for 91 classes, else class_<i>)")
+    min_size: int | None = _opt(None, "model", parse=parse_optional_int, env="MIN_SIZE",
+                                help="torchvision's resize min_size (default: the model's, 800)")
+    max_size: int | None = _opt(None, "model", parse=parse_optional_int, env="MAX_SIZE",
+                                help="torchvision's resize max_size (default: the model's, 1333)")
+    # -- repository: what is written and how Triton runs it -------------------------------------
+    canvas: tuple[int, int] = _opt("800x1344", "repository", parse=parse_canvas, env="CANVAS", metavar="HxW",
+                                   help="fixed network input HEIGHTxWIDTH, multiples of 32; 800x1344 fits every "
+                                        "landscape image at torchvision's 800/1333 resize, 1344x1344 portrait too")
+    target: str = _opt("python", "repository", env="TARGET", choices=TARGETS, docker_default="tensorrt",
+                       help="how rpn and header are served: python (ONNX Runtime in the python backend, any "
+                            "tritonserver), onnxruntime, onnxruntime-trt (ONNX Runtime's TensorRT provider), "
+                            "tensorrt (engines; NVIDIA's Triton image) or torch (TorchScript in the python backend)")
+    device: str = _opt("cpu", "repository", choices=DEVICES, docker_default="gpu",
+                       help="where the python-backend steps run (KIND_CPU or KIND_GPU instances)")
+    precision: str = _opt("auto", "repository", env="PRECISION", choices=("auto", *ENGINE_PRECISIONS),
+                          help="precision of rpn and header: auto is fp16 for tensorrt and onnxruntime-trt, fp32 "
+                               "otherwise; fp16 for torch and the TensorRT targets, tf32 for tensorrt only")
+    max_batch_size: int = _opt(8, "repository", parse=int, env="MAX_BATCH_SIZE", help="images per batch")
+    instances: int = _opt(1, "repository", parse=int, env="INSTANCES",
+                          help="instances of every step, on each GPU of --gpus for GPU steps")
+    postprocess_instances: int = _opt(0, "repository", parse=int, env="POSTPROCESS_INSTANCES",
+                                      help="instances of postprocess, the one step without a batcher; 0: 2 with "
+                                           "--device gpu, else as --instances")
+    queue_delay_us: int = _opt(0, "repository", parse=int, env="QUEUE_DELAY_US",
+                               help="dynamic batcher max_queue_delay_microseconds; 0 batches what is queued when "
+                                    "an instance frees")
+    gpus: tuple[int, ...] | None = _opt("all", "repository", parse=parse_gpus, env="GPUS", metavar="all|0,1,...",
+                                        help="GPUs the GPU steps run on: 'all' writes no gpus list (Triton puts "
+                                             "the instances on every GPU it sees), '0,1' pins them to those CUDA "
+                                             "ids; serve sets Triton's CUDA memory pool on each")
+    workspace_gib: float = _opt(4.0, "repository", parse=float, env="WORKSPACE_GIB",
+                                help="TensorRT builder workspace in GiB (tensorrt, onnxruntime-trt)")
+    channels_last: bool = _opt(True, "repository", parse=parse_bool,
+                               help="torch target, fp16: the rpn in channels-last memory format")
+    cuda_graphs: bool = _opt(True, "repository", parse=parse_bool,
+                             help="torch target, --device gpu: replay the rpn as one CUDA graph per batch size")
+    optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
+                                        help="torch target, --device gpu, fp16: freeze the rpn and let "
+                                             "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
+    rpn_buckets: str | tuple[tuple[int, int], ...] = _opt(
+        "auto", "repository", parse=parse_rpn_buckets, metavar="auto|none|HxW,...",
+        help="torch target: smaller canvases to trace the rpn at as well, each batch running on the smallest "
+             "that holds it; auto: square, 4:3 and 3:4 images' padded sizes below the canvas")
+    repository: Path = _opt(DEFAULT_REPOSITORY, "repository", parse=Path, metavar="DIR",
+                            help="the model repository to write (export) or serve")
+    # -- server ----------------------------------------------------------------------------------
+    grpc_port: int = _opt(8001, "server", parse=int, help="tritonserver's gRPC port")
+    http_port: int = _opt(8000, "server", parse=int, help="tritonserver's HTTP port (health, metadata)")
+    metrics_port: int = _opt(8002, "server", parse=int, help="tritonserver's Prometheus metrics port")
+    cuda_pool_bytes: int = _opt(4 << 30, "server", parse=int, env="CUDA_POOL_BYTES",
+                                help="Triton's CUDA memory pool on every GPU in use (with GPU steps); it must hold "
+                                     "the largest tensor passed between steps")
+    tritonserver: str | None = _opt(None, "server", metavar="PATH",
+                                    help="tritonserver binary (default: the nvidia-pytriton wheel's, then "
+                                         "tritonserver on PATH)")
+    mps: bool = _opt(False, "server", parse=parse_bool,
+                     help="run the server under a CUDA MPS daemon of its own, so the python-backend steps' "
+                          "processes share the GPU at once instead of by time slices")
+    rebuild: bool = _opt(False, "server", parse=parse_bool, env="REBUILD",
+                         help="export again even if the repository exists")
+
+    def __post_init__(self) -> None:
+        if self.precision == "auto":
+            object.__setattr__(self, "precision", "fp16" if self.target in ("tensorrt", "onnxruntime-trt") else "fp32")
+        allowed = {"tensorrt": ENGINE_PRECISIONS, "onnxruntime-trt": TRT_PRECISIONS, "torch": TRT_PRECISIONS}
+        allowed = allowed.get(self.target, ("fp32",))
+        if self.precision not in allowed:
+            raise OptionsError(f"precision {self.precision!r} does not apply to target {self.target!r}: "
+                               f"choose one of {', '.join(allowed)}")
+        if self.workspace_gib <= 0:
+            raise OptionsError(f"workspace_gib must be positive, got {self.workspace_gib}")
+        for name in ("grpc_port", "http_port", "metrics_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise OptionsError(f"{name} must be in 1..65535, got {getattr(self, name)}")
+        try:
+            self.model_options()
+            self.repository_options()
+        except ValueError as e:
+            raise OptionsError(str(e)) from None
+
+    # -- what the library takes --------------------------------------------------------------------
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(weights=str(self.weights), num_classes=self.num_classes, seed=self.seed,
+                            class_names=self.class_names, min_size=self.min_size, max_size=self.max_size,
+                            canvas=self.canvas, rpn_buckets=self.rpn_buckets if self.target == "torch" else "none")
+
+    def repository_options(self, **overrides) -> RepositoryOptions:
+        """The repository's options; ``overrides`` are RepositoryOptions fields (ort_trt_cache_dir, say)."""
+        trt = self.target in ("tensorrt", "onnxruntime-trt")
+        kw = dict(target="onnxruntime" if self.target == "onnxruntime-trt" else self.target, device=self.device,
+                  max_batch_size=self.max_batch_size, instances=self.instances,
+                  postprocess_instances=self.postprocess_instances, queue_delay_us=self.queue_delay_us,
+                  gpus=self.gpus or (), ort_tensorrt=self.target == "onnxruntime-trt",
+                  trt_precision=self.precision if trt else "fp16",
+                  trt_workspace_bytes=int(self.workspace_gib * 2**30),
+                  torch_precision=self.precision if self.target == "torch" else "fp32",
+                  torch_channels_last=self.channels_last, torch_cuda_graphs=self.cuda_graphs,
+                  torch_optimize_for_inference=self.optimize_for_inference)
+        kw.update(overrides)
+        return RepositoryOptions(**kw)
+
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether any step runs on a GPU (KIND_GPU instances)."""
+        return self.device == "gpu" or self.target not in ("python", "torch")
+
+    # -- builders ----------------------------------------------------------------------------------
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Options":
+        """From a namespace that :func:`add_arguments` filled (fields it lacks keep their defaults)."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+        return cls(**values)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Options":
+        """From the Docker image's variables: every field with a variable, the image's own defaults
+        (``docker_default``: COCO weights, the tensorrt target, GPU steps) where one is unset."""
+        env = os.environ if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if meta["docker_default"] is not dataclasses.MISSING:
+                values[f.name] = meta["docker_default"]
+            text = env.get(meta["env"]) if meta["env"] else None
+            if not text:  # unset or empty: the default
+                continue
+            if meta["choices"] and text not in meta["choices"]:
+                raise OptionsError(f"{meta['env']} must be one of {', '.join(meta['choices'])}, got {text!r}")
+            try:
+                values[f.name] = meta["parse"](text)
+            except ValueError as e:
+                raise OptionsError(f"{meta['env']}: {e}") from None
+        return cls(**values)
+
+
+def env_variables() -> dict[str, str]:
+    """{variable: help} of every field the Docker environment sets."""
+    return {f.metadata["env"]: f.metadata["help"] for f in dataclasses.fields(Options) if f.metadata["env"]}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's default, unless its help already says it or it has none."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default in (None, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__.replace("parse_", "")  # argparse names it in "invalid <name> value"
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: tuple[str, ...],
+                  skip: tuple[str, ...] = ()) -> None:
+    """Add the flags of every field in ``groups`` (``model``, ``repository``, ``server``) except ``skip``."""
+    by_group: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(Options):
+        meta = f.metadata
+        if meta["group"] not in groups or f.name in skip or not meta["flag"]:
+            continue
+        g = by_group.get(meta["group"]) or by_group.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        help_text = meta["help"]
+        if meta["parse"] is parse_bool:
+            if f.default:
+                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=True, help=help_text)
+            else:
+                g.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            continue
+        kwargs = dict(dest=f.name, default=meta["text_default"], help=help_text, metavar=meta["metavar"])
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if meta["parse"] is not str:
+            kwargs["type"] = _argparse_type(meta["parse"])
+        g.add_argument(flag, **kwargs)

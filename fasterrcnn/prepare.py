@@ -1,0 +1,257 @@
+"""Prepare the Docker image's model repository: cached in a volume, safe to share between containers.
+
+``fasterrcnn prepare`` (docker/entrypoint.sh runs it, then execs tritonserver) reads the image's
+environment (:meth:`fasterrcnn.options.Options.from_env`), loads the detector, and returns the
+repository for this GPU, TensorRT version, settings and weights, building it on the first start:
+
+    $CACHE_DIR/repos/<key>/                 one deployment (key: exporters engine_cache_key)
+        current -> <generation>             symlink, switched atomically to a finished generation
+        <generation>/model_repository/      what tritonserver serves
+        <generation>/onnx/, plans/          the exported networks and TensorRT engines
+        <generation>/complete.json          written last
+        .lock                               held (fcntl.flock) while preparing this key
+    $CACHE_DIR/leases/<host>.<random>       one per server: the generation it serves, flock-held
+                                            for as long as the server lives
+
+A generation is never changed or deleted while a server may use it: a rebuild (REBUILD=1, a
+broken cache) writes a new generation and switches ``current``; old generations are deleted only
+when no live lease names them.  A lease is live while its file is locked: the entrypoint opens
+the file on a descriptor that this command locks and that tritonserver inherits through ``exec``,
+so the lock lasts exactly as long as the server (flock(2): the lock belongs to the open file
+description, shared by every copy of the descriptor).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from exporters import loading
+from exporters.export import export_loaded, load_model
+from python_backend import names
+
+from .gpus import GpuError, list_gpus
+from .options import HelpFormatter, Options, OptionsError
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+COMPLETE = "complete.json"
+DEAD_LEASE_AGE_S = 24 * 3600  # unlocked lease files older than this are removed
+
+
+class PrepareError(RuntimeError):
+    """The repository could not be prepared; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    repository: Path  # the model repository to serve
+    generation: Path  # the folder holding it
+    reused: bool
+
+
+def gpu_name(options: Options, override: str | None = None) -> str:
+    """The name of the GPUs this deployment runs on (the engines' cache key).
+
+    ``override`` (GPU_NAME) skips nvidia-smi.  A TensorRT engine runs only on the GPU model that
+    built it, so the chosen GPUs must be one model: pick them with GPUS on a mixed host."""
+    if override:
+        return override
+    try:
+        gpus = list_gpus()
+    except GpuError as e:
+        raise PrepareError(f"no usable GPU: {e}") from None
+    if not gpus:
+        raise PrepareError("no GPU visible (nvidia-smi is missing or lists none): start the container with "
+                           "--gpus all (NVIDIA Container Toolkit)")
+    chosen = gpus if options.gpus is None else [g for g in gpus if g.index in options.gpus]
+    missing = sorted(set(options.gpus or ()) - {g.index for g in gpus})
+    if missing:
+        raise PrepareError(f"GPUS names GPU ids {missing}, but nvidia-smi lists only "
+                           f"{[g.index for g in gpus]}")
+    models = sorted({g.name for g in chosen})
+    if len(models) > 1:
+        listing = ", ".join(f"{g.index}: {g.name}" for g in chosen)
+        raise PrepareError(f"the GPUs in use are different models ({listing}); an engine runs only on the model "
+                           "that built it: choose GPUs of one model with GPUS=<ids> (docs/docker.md)")
+    return models[0]
+
+
+def tensorrt_version(options: Options) -> str:
+    if options.target != "tensorrt":
+        return "none"
+    from exporters.tensorrt_build import require_tensorrt
+
+    return require_tensorrt().__version__
+
+
+def _lock(path: Path):
+    """An exclusive flock on ``path`` (created), released when the context ends."""
+    @contextlib.contextmanager
+    def held():
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+    return held()
+
+
+def _locked_by_someone(path: Path) -> bool:
+    """Whether another open file description holds a flock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _complete(generation: Path | None) -> bool:
+    return bool(generation) and (generation / COMPLETE).is_file() and all(
+        (generation / "model_repository" / n / "config.pbtxt").is_file() for n in (names.ENSEMBLE, *names.STEPS))
+
+
+def _current(slot: Path) -> Path | None:
+    link = slot / CURRENT
+    return slot / os.readlink(link) if link.is_symlink() else None
+
+
+def _switch(slot: Path, generation: Path) -> None:
+    """Point ``slot/current`` at ``generation`` in one rename (readers see the old or the new link)."""
+    tmp = slot / f".{CURRENT}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    tmp.symlink_to(generation.name)
+    os.replace(tmp, slot / CURRENT)
+
+
+def live_generations(leases: Path) -> set[Path]:
+    """Generations named by a lease that a live server still holds; dead leases older than a day go."""
+    live = set()
+    for lease in leases.glob("*"):
+        with contextlib.suppress(FileNotFoundError):  # another key's preparation removed it meanwhile
+            if _locked_by_someone(lease):
+                text = lease.read_text().strip()
+                if text:
+                    live.add(Path(text))
+            elif time.time() - lease.stat().st_mtime > DEAD_LEASE_AGE_S:
+                lease.unlink()
+    return live
+
+
+def collect_garbage(slot: Path, leases: Path, keep: Path) -> list[Path]:
+    """Delete this key's generations that are neither ``keep`` (current) nor leased, and unfinished
+    builds (only ever seen here under the key's lock, so their builder is gone).  Returns them."""
+    live = live_generations(leases)
+    removed = []
+    for folder in sorted(p for p in slot.iterdir() if p.is_dir() and not p.is_symlink()):
+        if folder == keep or folder in live:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _take_lease(lease_fd: int, generation: Path) -> None:
+    """Lock the lease (shared, on the caller's descriptor) and name ``generation`` in it."""
+    fcntl.flock(lease_fd, fcntl.LOCK_SH)
+    data = f"{generation}\n".encode()
+    os.ftruncate(lease_fd, 0)
+    os.pwrite(lease_fd, data, 0)
+
+
+def prepare(options: Options, cache_dir: str | Path, gpu: str, rebuild: bool = False, lease_fd: int | None = None,
+            printer: Callable[[str], None] = log.info) -> Prepared:
+    """Reuse or build this deployment's repository under ``cache_dir`` (see the module docstring).
+
+    ``gpu``: the GPU model name (:func:`gpu_name`).  ``lease_fd``: an open descriptor of a file in
+    ``cache_dir/leases`` that outlives this call for as long as the repository is served; None
+    opens one held by this process.
+    """
+    cache = Path(cache_dir).resolve()
+    leases = cache / "leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    if lease_fd is None:
+        lease_fd = os.open(leases / f"{os.uname().nodename}.{os.getpid()}", os.O_RDWR | os.O_CREAT, 0o644)
+    model_options = options.model_options()
+    detector, settings = load_model(model_options)  # before the lock: a COCO download may take minutes
+    repo_options = options.repository_options(
+        ort_trt_cache_dir=str(cache / "ort_trt") if options.target == "onnxruntime-trt" else "")
+    trt_version = tensorrt_version(options)
+    from exporters.tensorrt_build import engine_cache_key
+
+    key = engine_cache_key(settings, repo_options, options.precision, gpu, trt_version, model_options.digest())
+    slot = cache / "repos" / key
+    slot.mkdir(parents=True, exist_ok=True)
+    with _lock(slot / ".lock"):
+        current = _current(slot)
+        if not rebuild and _complete(current):
+            printer(f"reusing {current}")
+            generation, reused = current, True
+        else:
+            why = "first start" if current is None else "REBUILD" if rebuild else f"{current.name} is incomplete"
+            printer(f"preparing {slot.name} ({why})" + ("; TensorRT engine builds take minutes"
+                                                        if options.target == "tensorrt" else ""))
+            generation, reused = slot / time.strftime(f"%Y%m%dT%H%M%S-{os.getpid()}"), False
+            partial = slot / f".partial-{os.getpid()}"
+            shutil.rmtree(partial, ignore_errors=True)
+            timing = cache / "timing" / f"{key.split('__')[0]}__trt{trt_version}.cache"
+            export_loaded(detector, settings, model_options, repo_options, partial / "model_repository",
+                          work_dir=partial, timing_cache=timing, printer=printer)
+            (partial / COMPLETE).write_text(json.dumps(
+                {"gpu": gpu, "tensorrt": trt_version, "model": model_options.digest(), "target": options.target,
+                 "precision": options.precision}, indent=1))
+            os.rename(partial, generation)
+            _switch(slot, generation)
+            printer(f"ready: {generation}")
+        _take_lease(lease_fd, generation)
+        for folder in collect_garbage(slot, leases, keep=generation):
+            printer(f"removed {folder.name}, which no server uses")
+    return Prepared(generation / "model_repository", generation, reused)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=HelpFormatter,
+        description="Prepare the model repository the Docker image serves, from its environment variables "
+                    "(docs/docker.md): reuse the cached one for this GPU, TensorRT, settings and weights, or "
+                    "build it. Prints the repository's path as the last line.")
+    parser.add_argument("--cache-dir", type=Path, default=os.environ.get("CACHE_DIR", "/cache"),
+                        help="the volume for repositories, engines and timing caches (variable CACHE_DIR)")
+    parser.add_argument("--lease-fd", type=int,
+                        help="an open descriptor of a file in CACHE_DIR/leases, kept open by the server for as "
+                             "long as it serves the repository (the entrypoint's); default: none, the "
+                             "repository is protected only while this command runs")
+    args = parser.parse_args(argv)
+    # stdout carries only the result; progress (the exporter's too) goes to stderr
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="prepare: %(message)s")
+    say = log.info
+    try:
+        options = Options.from_env()
+        say(f"MODEL={options.weights} TARGET={options.target} PRECISION={options.precision} "
+            f"CANVAS={options.canvas[0]}x{options.canvas[1]} MAX_BATCH_SIZE={options.max_batch_size} "
+            f"GPUS={'all' if options.gpus is None else ','.join(map(str, options.gpus))}")
+        prepared = prepare(options, args.cache_dir, gpu_name(options, os.environ.get("GPU_NAME")),
+                           rebuild=options.rebuild, lease_fd=args.lease_fd, printer=say)
+    except (OptionsError, PrepareError, loading.CheckpointError, OSError, ValueError, RuntimeError) as e:
+        say(f"{type(e).__name__}: {e}")
+        return 1
+    print(prepared.repository)
+    return 0
