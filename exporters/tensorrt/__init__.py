@@ -4,6 +4,7 @@
   profiles   optimization profiles (pure)
   precision  which layers stay fp32 in an fp16 engine (pure policy over layer records)
   gpus       the CUDA devices (driver API probe) and one plan per distinct compute capability
+  progress   the builder's progress, phase by phase
   build      parse the ONNX, build and serialize engines (TensorRT imported lazily)
   cache      the engine cache key, plan reuse check, atomic timing-cache files
   run        run an engine once with torch or CuPy buffers
