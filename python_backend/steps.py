@@ -1,74 +1,79 @@
-"""The roi and postprocess steps over a batch, on top of an ops backend (NumPy or CuPy).
+"""The roi and postprocess steps over a batch, written once over an operator set.
 
-These are what the Triton python-backend models call; they know nothing about Triton.
+``ops`` is :mod:`python_backend.reference.ops` (NumPy, the default) or
+:mod:`python_backend.cuda.ops` (CuPy): the same operators with the same signatures, on arrays
+of their own kind.  :func:`python_backend.backends.get_backend` binds one set per model
+instance.  Nothing here knows about Triton or the device.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .reference import detection as ref_detection
-from .reference import roi_align as ref_roi_align
-from .settings import FPN_STRIDES, DetectorSettings, padded_extent
+from .reference import ops as reference_ops
+from .settings import FPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings
 
 
 @dataclass
 class RoiBatch:
-    """RoIs of a batch of images, concatenated image after image."""
+    """RoIs of a batch of images, concatenated image after image (arrays of the ops' kind)."""
 
-    rois: np.ndarray  # [R, 4] float32
-    features: np.ndarray  # [R, C, S, S] float32
-    counts: np.ndarray  # [B] int64: RoIs of each image
-
-
-def padded_sizes(image_sizes: np.ndarray) -> np.ndarray:
-    """``[B, 2]`` resized sizes -> each image's extent rounded up to 32 (torchvision batch_images)."""
-    return np.array([[padded_extent(int(h)), padded_extent(int(w))] for h, w in image_sizes], dtype=np.int64)
+    rois: Any  # [R, 4] float32
+    features: Any  # [R, S, S, C] float32, channels last
+    counts: Any  # [B] int64: RoIs of each image
 
 
-def roi_step(proposals: np.ndarray, features: list[np.ndarray], image_sizes: np.ndarray,
-             settings: DetectorSettings) -> RoiBatch:
-    """Proposal NMS per image and level, then multi-level ROIAlign (CPU reference path).
+def roi_step(proposals, features: list, image_sizes, settings: DetectorSettings, ops=reference_ops) -> RoiBatch:
+    """Proposal NMS per image and level, then multi-level ROIAlign, for the whole batch.
 
     Args:
-        proposals: ``[B, K, 6]`` rpn output.
-        features: P2..P5, each ``[B, H/s, W/s, 256]`` (channels last).
+        proposals: ``[B, K, 6]`` float32 rpn output.
+        features: P2..P5, each ``[B, H/s, W/s, C]`` float32 on the canvas (channels last).
         image_sizes: ``[B, 2]`` resized (h, w).
+    Returns:
+        :class:`RoiBatch`: rois ``[R, 4]``, features ``[R, S, S, C]``, counts ``[B]``.  On the
+        GPU, rois and features are views of buffers sized for ``B * rpn_post_nms_top_n`` RoIs.
+
+    Filtering and ROIAlign are queued back to back (ROIAlign reads the RoI count where
+    filtering left it); the only host synchronization is the read of that count at the end,
+    which sizes R.
     """
-    rois = [ref_detection.filter_proposals(p, settings.rpn_min_size, settings.rpn_score_thresh,
-                                           settings.rpn_nms_thresh, settings.rpn_post_nms_top_n)
-            for p in proposals]
-    counts = np.array([r.shape[0] for r in rois], dtype=np.int64)
-    all_rois = np.concatenate(rois, axis=0) if rois else np.zeros((0, 4), np.float32)
-    batch_idx = np.repeat(np.arange(len(rois)), counts)
-    feats = ref_roi_align.multilevel_roi_align(
-        features, all_rois, batch_idx, padded_sizes(image_sizes), FPN_STRIDES, settings.roi_output_size,
-        settings.roi_sampling_ratio, settings.canonical_scale, settings.canonical_level, settings.level_eps)
-    return RoiBatch(all_rois, feats, counts)
+    kept = ops.filter_proposals(proposals, settings.rpn_min_size, settings.rpn_score_thresh,
+                                settings.rpn_nms_thresh, settings.rpn_post_nms_top_n)
+    feats = ops.multilevel_roi_align(features, kept.rois, kept.roi_img, image_sizes, FPN_STRIDES,
+                                     settings.roi_output_size, settings.roi_sampling_ratio, settings.canonical_scale,
+                                     settings.canonical_level, settings.level_eps, SIZE_DIVISIBLE,
+                                     num_rois=kept.num_rois)
+    counts = kept.counts.astype(np.int64)
+    total = kept.total()
+    return RoiBatch(kept.rois[:total], feats[:total], counts)
 
 
-def postprocess_step(class_scores: np.ndarray, class_boxes: np.ndarray, image_size, original_size,
-                     settings: DetectorSettings):
-    """Header outputs of one image -> fixed-size detections in original image pixels.
+def postprocess_batch(class_scores, class_boxes, counts, image_sizes, original_sizes, settings: DetectorSettings,
+                      ops=reference_ops):
+    """Header outputs of a batch -> fixed-size detections in original image pixels.
 
-    Returns boxes ``[D, 4]``, scores ``[D]``, labels ``[D]`` int32, num ``[1]`` int32 with
-    ``D = box_detections_per_img`` slots, unused ones zero.
+    Args:
+        class_scores: ``[R, C]``, class_boxes: ``[R, C, 4]``, image after image.
+        counts: ``[B]`` RoIs of each image (host or device; read on the host).
+        image_sizes, original_sizes: ``[B, 2]`` (h, w).
+    Returns:
+        boxes ``[B, D, 4]``, scores ``[B, D]``, labels ``[B, D]`` int32, num ``[B, 1]`` int32,
+        ``D = box_detections_per_img``, unused slots zero.
     """
-    boxes, scores, labels = ref_detection.postprocess_detections(
-        class_scores, class_boxes, (float(image_size[0]), float(image_size[1])), settings.box_score_thresh,
-        settings.box_min_size, settings.box_nms_thresh, settings.box_detections_per_img)
-    boxes = ref_detection.rescale_boxes(boxes, image_size, original_size)
-    return ref_detection.pack_detections(boxes, scores, labels, settings.box_detections_per_img)
+    return ops.postprocess_detections(class_scores, class_boxes, counts, image_sizes, original_sizes,
+                                      settings.box_score_thresh, settings.box_min_size, settings.box_nms_thresh,
+                                      settings.box_detections_per_img)
 
 
-def postprocess_batch(class_scores: np.ndarray, class_boxes: np.ndarray, counts, image_sizes, original_sizes,
-                      settings: DetectorSettings):
-    """Header outputs of a batch (RoIs image after image, ``counts [B]`` of each) -> stacked
-    fixed-size detections: boxes ``[B, D, 4]``, scores ``[B, D]``, labels ``[B, D]`` int32,
-    num ``[B, 1]`` int32.  Same signature as :func:`python_backend.cuda.steps.postprocess_batch`."""
-    counts = np.asarray(counts).reshape(-1)
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    per_image = [postprocess_step(class_scores[a:b], class_boxes[a:b], image_sizes[i], original_sizes[i], settings)
-                 for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))]
-    return tuple(np.stack(parts) for parts in zip(*per_image))
+def postprocess_step(class_scores, class_boxes, image_size, original_size, settings: DetectorSettings,
+                     ops=reference_ops):
+    """:func:`postprocess_batch` for one image (``image_size``, ``original_size``: host (h, w))
+    -> boxes ``[D, 4]``, scores ``[D]``, labels ``[D]`` int32, num ``[1]`` int32."""
+    sizes = np.asarray(image_size, dtype=np.float32).reshape(1, 2)
+    originals = np.asarray(original_size, dtype=np.float32).reshape(1, 2)
+    counts = np.array([class_scores.shape[0]], dtype=np.int64)
+    out = postprocess_batch(class_scores, class_boxes, counts, sizes, originals, settings, ops)
+    return tuple(o[0] for o in out)

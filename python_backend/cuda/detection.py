@@ -1,52 +1,51 @@
 """RoIHeads.postprocess_detections + resize back to original pixels for a batch, on the GPU.
 
-GPU twin of :func:`python_backend.reference.detection.postprocess_detections`,
-``rescale_boxes`` and ``pack_detections``.
+GPU twin of :func:`python_backend.reference.detection.postprocess_detections`.
 """
 from __future__ import annotations
 
 import cupy as cp
 import numpy as np
 
+from ..reference.contract import check_counts, check_header_outputs, check_sizes
 from ._modules import EXACT, THREADS, blocks, kernel
 from .nms import SCORE_BITS, bits_for, check_key_bits, nms_sorted_segments, rank_keys
 
 
-def postprocess_detections_batched(class_scores, class_boxes, counts, image_sizes, original_sizes,
-                                   score_thresh: float, min_size: float, nms_thresh: float,
-                                   detections_per_img: int):
-    """Header outputs of a batch -> packed detections in original pixels.
+def postprocess_detections(class_scores, class_boxes, counts, image_sizes, original_sizes, score_thresh: float,
+                           min_size: float, nms_thresh: float, detections_per_img: int):
+    """Header outputs of a batch -> packed detections in original pixels, as
+    :func:`python_backend.reference.detection.postprocess_detections`.
 
-    Per image, as the reference: clip every class box to the resized image, keep scores
-    ``> score_thresh`` of classes >= 1, drop boxes with a side ``< min_size``, NMS per class at
-    ``nms_thresh``, keep the ``detections_per_img`` best (descending score, ties by the
-    reference's flat index r * (C - 1) + c - 1), rescale to the original size.
+    Per image: clip every class box to the resized image, keep scores ``> score_thresh`` of
+    classes >= 1, drop boxes with a side ``< min_size``, NMS per class at ``nms_thresh``, keep
+    the ``detections_per_img`` best (descending score, ties by the reference's flat index
+    r * (C - 1) + c - 1), rescale to the original size.
 
     Pipeline: keys [img | class | -score | r | class] (dropped: ~0) -> sort -> one host sync for
     each image's number of live candidates -> gather -> bitmask NMS over every (image, class)
     -> keys [img | dropped | -score | r | class] -> sort -> packed outputs.
 
     Args:
-        class_scores: ``[R, C]`` float32 softmax, class 0 the background.
-        class_boxes: ``[R, C, 4]`` float32 decoded boxes (x1, y1, x2, y2), not clipped.
-        counts: ``[B]`` host integers: RoIs of each image, rows image after image (rows past
-            their sum, such as a filler RoI, are ignored).
+        class_scores: ``[R, C]`` floating softmax, class 0 the background.
+        class_boxes: ``[R, C, 4]`` floating decoded boxes (x1, y1, x2, y2), not clipped.
+        counts: ``[B]`` integer RoIs of each image (host or device; read on the host), rows
+            image after image (rows past their sum, such as a filler RoI, are ignored).
         image_sizes, original_sizes: ``[B, 2]`` (h, w) resized and decoded sizes.
     Returns:
         boxes ``[B, D, 4]`` float32, scores ``[B, D]`` float32, labels ``[B, D]`` int32 and
         num ``[B, 1]`` int32, ``D = detections_per_img``, unused slots zero.
     """
-    counts = np.asarray(cp.asnumpy(counts), dtype=np.int64).reshape(-1)
-    scores = cp.ascontiguousarray(cp.asarray(class_scores, dtype=cp.float32))
-    if scores.ndim != 2:
-        raise ValueError(f"class_scores must be [R, C], got {scores.shape}")
-    r_total, c = (int(s) for s in scores.shape)
-    boxes = cp.ascontiguousarray(cp.asarray(class_boxes, dtype=cp.float32)).reshape(r_total, c, 4)
-    b = int(counts.shape[0])
-    if (counts < 0).any() or counts.sum() > r_total:
-        raise ValueError(f"counts {counts.tolist()} do not fit the {r_total} rows of class_scores")
-    image_sizes = cp.ascontiguousarray(cp.asarray(image_sizes, dtype=cp.float32).reshape(b, 2))
-    original_sizes = cp.ascontiguousarray(cp.asarray(original_sizes, dtype=cp.float32).reshape(b, 2))
+    scores, boxes = cp.asarray(class_scores), cp.asarray(class_boxes)
+    r_total, c = check_header_outputs(scores, boxes)
+    counts = check_counts(np.asarray(cp.asnumpy(counts)), r_total)
+    image_sizes, original_sizes = cp.asarray(image_sizes), cp.asarray(original_sizes)
+    b = check_sizes("image_sizes", image_sizes, counts.shape[0])
+    check_sizes("original_sizes", original_sizes, b)
+    scores = cp.ascontiguousarray(scores.astype(cp.float32, copy=False))
+    boxes = cp.ascontiguousarray(boxes.astype(cp.float32, copy=False))
+    image_sizes = cp.ascontiguousarray(image_sizes.astype(cp.float32, copy=False))
+    original_sizes = cp.ascontiguousarray(original_sizes.astype(cp.float32, copy=False))
     d = int(detections_per_img)
     out_boxes = cp.zeros((b, d, 4), dtype=cp.float32)
     out_scores = cp.zeros((b, d), dtype=cp.float32)

@@ -14,7 +14,7 @@ import functools
 import cupy as cp
 import numpy as np
 
-from ..reference.image import _linear_taps, check_fits_canvas
+from ..reference.image import _linear_taps, batch_sizes
 from ..settings import DetectorSettings
 from ._modules import EXACT, blocks, kernel, THREADS
 
@@ -41,17 +41,11 @@ def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
 
     Returns CuPy ``images [B, 3, H, W]`` float32 zero-padded onto the canvas, ``image_sizes [B, 2]``
     (resized h, w) and ``original_sizes [B, 2]`` float32.  Raises
-    :class:`~python_backend.reference.image.BadImageError` when a resized image does not fit the
-    canvas (checked for every image before any work is queued).
+    :class:`~python_backend.reference.image.BadImageError` as the NumPy path does (every image is
+    checked before any work is queued).
     """
+    sizes, originals = batch_sizes(images, settings)
     ch, cw = settings.canvas
-    sizes = np.zeros((len(images), 2), dtype=np.float32)
-    originals = np.zeros((len(images), 2), dtype=np.float32)
-    for i, image in enumerate(images):
-        h, w = settings.resized_size(image.shape[0], image.shape[1])
-        check_fits_canvas(image.shape[0], image.shape[1], h, w, settings)
-        sizes[i] = (h, w)
-        originals[i] = image.shape[:2]
     device = cp.cuda.Device().id
     mean_std = _mean_std(device, tuple(settings.image_mean), tuple(settings.image_std))
     resize = kernel("image", "resize_normalize_pad", EXACT)

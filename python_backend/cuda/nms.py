@@ -14,6 +14,7 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
+from ..reference.contract import check_nms_inputs
 from ._modules import EXACT, THREADS, blocks, kernel
 
 SCORE_BITS = 32
@@ -87,21 +88,30 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float) -> cp.ndarray:
     """torchvision.ops.batched_nms on the GPU (NMS inside each category ``idxs``).
 
     Args:
-        boxes: ``[N, 4]`` float32 (x1, y1, x2, y2).
-        scores: ``[N]`` float32.
+        boxes: ``[N, 4]`` floating (x1, y1, x2, y2), computed in float32.
+        scores: ``[N]`` floating.
         idxs: ``[N]`` integer categories.
     Returns:
         int64 indices of the kept boxes by descending score, ties in input order (one host sync
         to size the result).
+    Raises:
+        ValueError / TypeError for a bad shape or dtype, as :func:`python_backend.reference.boxes.batched_nms`.
     """
-    boxes = cp.ascontiguousarray(cp.asarray(boxes, dtype=cp.float32))
-    scores = cp.ascontiguousarray(cp.asarray(scores, dtype=cp.float32))
-    idxs = cp.asarray(idxs)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be [N, 4], got {boxes.shape}")
-    n = int(boxes.shape[0])
-    if scores.shape != (n,) or idxs.shape != (n,):
-        raise ValueError(f"scores and idxs must be [{n}], got {scores.shape} and {idxs.shape}")
+    boxes, scores, idxs = cp.asarray(boxes), cp.asarray(scores), cp.asarray(idxs)
+    n = check_nms_inputs(boxes, scores, idxs)
+    return _batched_nms(boxes, scores, idxs, n, iou_threshold)
+
+
+def nms(boxes, scores, iou_threshold: float) -> cp.ndarray:
+    """torchvision.ops.nms on the GPU: :func:`batched_nms` with one category."""
+    boxes, scores = cp.asarray(boxes), cp.asarray(scores)
+    n = check_nms_inputs(boxes, scores)
+    return _batched_nms(boxes, scores, cp.zeros((n,), dtype=cp.int32), n, iou_threshold)
+
+
+def _batched_nms(boxes: cp.ndarray, scores: cp.ndarray, idxs: cp.ndarray, n: int, iou_threshold: float) -> cp.ndarray:
+    boxes = cp.ascontiguousarray(boxes.astype(cp.float32, copy=False))
+    scores = cp.ascontiguousarray(scores.astype(cp.float32, copy=False))
     if n == 0:
         return cp.zeros((0,), dtype=cp.int64)
     _, codes = cp.unique(idxs, return_inverse=True)
@@ -127,8 +137,3 @@ def batched_nms(boxes, scores, idxs, iou_threshold: float) -> cp.ndarray:
     num = int(kept.get()[0])
     return (rank[:num] & np.uint64((1 << idx_bits) - 1)).astype(cp.int64)
 
-
-def nms(boxes, scores, iou_threshold: float) -> cp.ndarray:
-    """torchvision.ops.nms on the GPU: :func:`batched_nms` with one category."""
-    n = int(cp.asarray(scores).shape[0])
-    return batched_nms(boxes, scores, cp.zeros((n,), dtype=cp.int32), iou_threshold)

@@ -1,15 +1,15 @@
 """RPN proposal filtering for a whole batch on the GPU: four launches, no host synchronization.
 
-GPU twin of :func:`python_backend.reference.detection.filter_proposals` applied to every image.
+GPU twin of :func:`python_backend.reference.detection.filter_proposals`.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import cupy as cp
 import numpy as np
 
+from ..reference.contract import ProposalRois, check_proposals
 from ._modules import EXACT, kernel
 from .nms import SCORE_BITS, bits_for, nms_sorted_segments
 
@@ -19,18 +19,9 @@ MAX_PROPOSALS = 8192  # per image: its keys sort in 64 KB of shared memory
 SORT_THREADS = 1024
 
 
-@dataclass
-class ProposalRois:
-    """Surviving RoIs, image after image, in a buffer sized for the worst case (B * top_n rows)."""
-
-    rois: cp.ndarray  # [B * top_n, 4] float32; rows past counts[B] are unspecified
-    roi_img: cp.ndarray  # [B * top_n] int32 image of each row
-    counts: cp.ndarray  # [B + 1] int32: RoIs of each image, then their sum
-
-
-def filter_proposals_batched(proposals: cp.ndarray, rpn_min_size: float, rpn_score_thresh: float,
-                             rpn_nms_thresh: float, post_nms_top_n: int) -> ProposalRois:
-    """Proposals of a batch -> RoIs, as ``filter_proposals`` on each image.
+def filter_proposals(proposals, rpn_min_size: float, rpn_score_thresh: float, rpn_nms_thresh: float,
+                     post_nms_top_n: int) -> ProposalRois:
+    """Proposals of a batch -> RoIs, as :func:`python_backend.reference.detection.filter_proposals`.
 
     Per image: drop level < 0, boxes with a side < ``rpn_min_size`` and scores < ``rpn_score_thresh``;
     NMS per level at ``rpn_nms_thresh``; keep the ``post_nms_top_n`` best by score, ties in
@@ -42,22 +33,23 @@ def filter_proposals_batched(proposals: cp.ndarray, rpn_min_size: float, rpn_sco
     writes its top n.
 
     Args:
-        proposals: ``[B, K, 6]`` float32 rows ``x1 y1 x2 y2 objectness level``, ``K <= 8192``;
+        proposals: ``[B, K, 6]`` floating rows ``x1 y1 x2 y2 objectness level``, ``K <= 8192``;
             integer levels 0..14 (rpn emits 0..4), -1 for padding.
+    Returns:
+        :class:`ProposalRois` in buffers of ``B * post_nms_top_n`` rows, counts on the device.
     """
-    proposals = cp.ascontiguousarray(cp.asarray(proposals, dtype=cp.float32))
-    if proposals.ndim != 3 or proposals.shape[2] != 6:
-        raise ValueError(f"proposals must be [B, K, 6], got {proposals.shape}")
-    if post_nms_top_n < 1:
-        raise ValueError(f"post_nms_top_n must be positive, got {post_nms_top_n}")
-    b, k = int(proposals.shape[0]), int(proposals.shape[1])
+    proposals = cp.asarray(proposals)
+    b, k = check_proposals(proposals, post_nms_top_n)
     if k > MAX_PROPOSALS:
         raise ValueError(f"{k} proposals per image, expected at most {MAX_PROPOSALS} (one image sorts in shared memory)")
+    proposals = cp.ascontiguousarray(proposals.astype(cp.float32, copy=False))
+    post_nms_top_n = int(post_nms_top_n)
     rois = cp.empty((b * post_nms_top_n, 4), dtype=cp.float32)
     roi_img = cp.empty((b * post_nms_top_n,), dtype=cp.int32)
     if b == 0 or k == 0:
-        return ProposalRois(rois, roi_img, cp.zeros((b + 1,), dtype=cp.int32))
-    counts = cp.empty((b + 1,), dtype=cp.int32)
+        counts = cp.zeros((b + 1,), dtype=cp.int32)
+        return ProposalRois(rois, roi_img, counts[:b], counts[b:])
+    counts = cp.empty((b + 1,), dtype=cp.int32)  # the kernel writes each image's count, then their sum
     idx_bits = bits_for(k)
     code_shift = idx_bits + SCORE_BITS
     n_pow2 = 1 << max(1, (k - 1).bit_length())
@@ -70,15 +62,14 @@ def filter_proposals_batched(proposals: cp.ndarray, rpn_min_size: float, rpn_sco
         (proposals, np.int32(k), np.int32(n_pow2), np.float32(rpn_min_size), np.float32(rpn_score_thresh),
          np.int32(INVALID_LEVEL), np.int32(code_shift), np.int32(idx_bits), idx_mask, keys, sboxes, codes),
         shared_mem=n_pow2 * 8)
-    keep, kept = nms_sorted_segments(sboxes, codes, _segment_offsets(b, k), b, k, INVALID_LEVEL + 1,
+    keep, kept = nms_sorted_segments(sboxes, codes, _segment_offsets(cp.cuda.Device().id, b, k), b, k, INVALID_LEVEL + 1,
                                      INVALID_LEVEL, rpn_nms_thresh)
     _sort_kernel("proposal_topk", n_pow2)(
         (b,), (SORT_THREADS,),
         (proposals, keys, keep, kept, np.int32(b), np.int32(k), np.int32(n_pow2), np.int32(post_nms_top_n),
          np.int32(code_shift), idx_mask, rois, roi_img, counts),
         shared_mem=n_pow2 * 8)
-    return ProposalRois(rois, roi_img, counts)
-
+    return ProposalRois(rois, roi_img, counts[:b], counts[b:])
 
 
 def _sort_kernel(name: str, n_pow2: int):
@@ -89,6 +80,7 @@ def _sort_kernel(name: str, n_pow2: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _segment_offsets(b: int, k: int) -> cp.ndarray:
-    """[0, K, 2K, ..., BK] int32 on the device, built once per (B, K) (current device)."""
-    return cp.arange(0, b * k + 1, k, dtype=cp.int32)
+def _segment_offsets(device: int, b: int, k: int) -> cp.ndarray:
+    """[0, K, 2K, ..., BK] int32 on ``device``, built once per (device, B, K)."""
+    with cp.cuda.Device(device):
+        return cp.arange(0, b * k + 1, k, dtype=cp.int32)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .contract import check_nms_inputs
+
 
 def box_area(boxes: np.ndarray) -> np.ndarray:
     """``[N, 4] -> [N]``: (x2 - x1) * (y2 - y1), as torchvision.ops.box_area."""
@@ -35,14 +37,16 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     strictly greater than ``iou_threshold``, so a box exactly at the threshold survives.
 
     Args:
-        boxes: ``[N, 4]`` float32.
-        scores: ``[N]`` float32.
+        boxes: ``[N, 4]`` floating (x1, y1, x2, y2), computed in float32.
+        scores: ``[N]`` floating.
     Returns:
         int64 indices of kept boxes, in descending score order.
+    Raises:
+        ValueError / TypeError for a bad shape or a non-floating dtype (torchvision's checks).
     """
-    boxes = np.asarray(boxes, dtype=np.float32)
-    scores = np.asarray(scores, dtype=np.float32)
-    n = boxes.shape[0]
+    boxes, scores = np.asarray(boxes), np.asarray(scores)
+    n = check_nms_inputs(boxes, scores)
+    boxes, scores = boxes.astype(np.float32, copy=False), scores.astype(np.float32, copy=False)
     if n == 0:
         return np.zeros((0,), dtype=np.int64)
     order = np.argsort(-scores, kind="stable")
@@ -82,9 +86,12 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, idxs: np.ndarray, iou_thr
     stable nms, same order as here); above, its per-class path reorders the kept boxes with an
     unstable ``Tensor.sort``.  The coordinate trick also shifts boxes before the IoU, so an IoU
     within rounding of the threshold may decide differently there.
+
+    Args: boxes ``[N, 4]`` and scores ``[N]`` floating, idxs ``[N]`` integer categories.
     """
-    scores = np.asarray(scores, dtype=np.float32)
-    idxs = np.asarray(idxs)
+    boxes, scores, idxs = np.asarray(boxes), np.asarray(scores), np.asarray(idxs)
+    check_nms_inputs(boxes, scores, idxs)
+    scores = scores.astype(np.float32, copy=False)
     keep_mask = np.zeros(scores.shape[0], dtype=bool)
     for c in np.unique(idxs):
         members = np.flatnonzero(idxs == c)

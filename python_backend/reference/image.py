@@ -46,7 +46,9 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
 
 
 def check_image_array(image: np.ndarray, max_pixels: int, min_side: int) -> None:
-    """Validate a decoded ``[H, W, 3]`` uint8 image."""
+    """Validate a decoded ``[H, W, 3]`` uint8 image (NumPy or CuPy)."""
+    if not hasattr(image, "dtype") or not hasattr(image, "shape"):
+        raise BadImageError(f"expected an HWC uint8 image array, got {type(image).__name__}")
     if image.dtype != np.uint8:
         raise BadImageError(f"expected a uint8 image, got dtype {image.dtype}")
     if image.ndim != 3 or image.shape[2] != 3:
@@ -101,20 +103,31 @@ def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
     """Decoded images -> canvas batch.
 
     Returns ``images [B, 3, H, W]`` float32 zero-padded onto the canvas, ``image_sizes [B, 2]``
-    (resized h, w) and ``original_sizes [B, 2]`` float32.  Raises :class:`BadImageError` when a
-    resized image does not fit the canvas.
+    (resized h, w) and ``original_sizes [B, 2]`` float32.  Raises :class:`BadImageError` for an
+    image that is not ``[H, W, 3]`` uint8 within the settings' size limits, or that does not fit
+    the canvas once resized (every image is checked before any work).
     """
+    sizes, originals = batch_sizes(images, settings)
     ch, cw = settings.canvas
     batch = np.zeros((len(images), 3, ch, cw), dtype=np.float32)
+    for i, image in enumerate(images):
+        h, w = (int(v) for v in sizes[i])
+        batch[i, :, :h, :w] = transform_image(image, settings)
+    return batch, sizes, originals
+
+
+def batch_sizes(images, settings: DetectorSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Check every image of a batch (:func:`check_image_array`, :func:`check_fits_canvas`) and
+    return ``image_sizes [B, 2]`` (resized h, w) and ``original_sizes [B, 2]``, float32."""
     sizes = np.zeros((len(images), 2), dtype=np.float32)
     originals = np.zeros((len(images), 2), dtype=np.float32)
     for i, image in enumerate(images):
+        check_image_array(image, settings.max_input_pixels, settings.min_input_side)
         h, w = settings.resized_size(*image.shape[:2])
         check_fits_canvas(image.shape[0], image.shape[1], h, w, settings)
-        batch[i, :, :h, :w] = transform_image(image, settings)
         sizes[i] = (h, w)
         originals[i] = image.shape[:2]
-    return batch, sizes, originals
+    return sizes, originals
 
 
 def check_fits_canvas(orig_h: int, orig_w: int, h: int, w: int, settings: DetectorSettings) -> None:

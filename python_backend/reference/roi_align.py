@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..settings import SIZE_DIVISIBLE
+from .contract import check_roi_align_inputs
+
 
 def map_levels(rois: np.ndarray, canonical_scale: float = 224, canonical_level: int = 4,
                eps: float = 1e-6, k_min: int = 2, k_max: int = 5) -> np.ndarray:
@@ -69,6 +72,8 @@ def roi_align_level(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray
     bin_w = roi_w / np.float32(output_size)
     bin_h = roi_h / np.float32(output_size)
     ext = extents[batch_idx]
+    empty = (ext <= 0).any(axis=1)  # torchvision reads nothing from an empty map: zeros
+    ext = np.maximum(ext, 1)
     ylo, yhi, wylo, wyhi, yvalid = _axis_samples(y1, bin_h, output_size, sampling_ratio, ext[:, 0])
     xlo, xhi, wxlo, wxhi, xvalid = _axis_samples(x1, bin_w, output_size, sampling_ratio, ext[:, 1])
     fmap = feature
@@ -80,35 +85,52 @@ def roi_align_level(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray
             out += w[..., None] * fmap[b, yi[:, :, None], xi[:, None, :]]
     g = sampling_ratio
     out = out.reshape(r, output_size, g, output_size, g, c).sum(axis=(2, 4)) / np.float32(g * g)
+    out[empty] = 0
     return out.astype(np.float32)
 
 
-def multilevel_roi_align(features: list[np.ndarray], rois: np.ndarray, batch_idx: np.ndarray,
-                         padded_sizes: np.ndarray, strides: tuple[int, ...], output_size: int,
-                         sampling_ratio: int, canonical_scale: float = 224, canonical_level: int = 4,
-                         eps: float = 1e-6) -> np.ndarray:
+def multilevel_roi_align(features: list[np.ndarray], rois, roi_img, image_sizes, strides: tuple[int, ...],
+                         output_size: int, sampling_ratio: int, canonical_scale: float = 224, canonical_level: int = 4,
+                         eps: float = 1e-6, size_divisible: int = SIZE_DIVISIBLE, *, num_rois=None,
+                         out: np.ndarray | None = None) -> np.ndarray:
     """torchvision MultiScaleRoIAlign for RoIs of several images on canvas-sized FPN maps.
 
     Args:
-        features: per level ``[B, H/s, W/s, C]`` float32 (P2..P5, channels last).
-        rois: ``[R, 4]`` x1 y1 x2 y2 on the resized image.
-        batch_idx: ``[R]`` image index of each RoI.
-        padded_sizes: ``[B, 2]`` each image's resized (h, w) rounded up to 32.
-        strides: stride of each level, e.g. (4, 8, 16, 32).
+        features: per level ``[B, H/s, W/s, C]`` floating (P2..P5, channels last).
+        rois: ``[R, 4]`` floating x1 y1 x2 y2 on the resized image.
+        roi_img: ``[R]`` integer image of each RoI, in ``[0, B)``.
+        image_sizes: ``[B, 2]`` resized (h, w); each image's extent on a level is that size
+            rounded up to ``size_divisible`` (torchvision batch_images), divided by the stride.
+        strides: stride of each level, consecutive powers of two, e.g. (4, 8, 16, 32).
+        num_rois: optional ``[1]`` integer: only rows ``< num_rois[0]`` are pooled, the rest of
+            the output is not written.
+        out: optional ``[R, output_size, output_size, C]`` float32 to write into.
     Returns:
-        ``[R, output_size, output_size, C]`` float32.
+        ``[R, output_size, output_size, C]`` float32 (``out`` when given; rows not written are zero
+        in a new array).
     """
-    rois = np.asarray(rois, dtype=np.float32)
-    batch_idx = np.asarray(batch_idx, dtype=np.int64)
-    padded_sizes = np.asarray(padded_sizes, dtype=np.int64)
-    c = features[0].shape[3]
-    out = np.zeros((rois.shape[0], output_size, output_size, c), dtype=np.float32)
-    k_min = int(round(np.log2(strides[0])))
+    features = [np.asarray(f) for f in features] if isinstance(features, (list, tuple)) else features
+    rois, roi_img, image_sizes = np.asarray(rois), np.asarray(roi_img), np.asarray(image_sizes)
+    b, c, k_min = check_roi_align_inputs(features, rois, roi_img, image_sizes, strides, output_size, sampling_ratio,
+                                         None if num_rois is None else np.asarray(num_rois), out)
+    features = [f.astype(np.float32, copy=False) for f in features]
+    r = rois.shape[0]
+    n = r if num_rois is None else max(0, min(r, int(np.asarray(num_rois)[0])))
+    if out is None:
+        out = np.zeros((r, output_size, output_size, c), dtype=np.float32)
+    rois = rois[:n].astype(np.float32, copy=False)
+    roi_img = roi_img[:n].astype(np.int64)
+    if n and (roi_img.min() < 0 or roi_img.max() >= b):
+        raise ValueError(f"roi_img should index the {b} images of features, got values in "
+                         f"[{roi_img.min()}, {roi_img.max()}]")
+    sd = int(size_divisible)
+    padded = (image_sizes.astype(np.int64) + sd - 1) // sd * sd
     levels = map_levels(rois, canonical_scale, canonical_level, eps, k_min, k_min + len(strides) - 1)
     for level, (feature, stride) in enumerate(zip(features, strides)):
+        extents = np.minimum(padded // stride, np.array(feature.shape[1:3]))
         sel = np.flatnonzero(levels == level)
         for chunk in np.array_split(sel, max(1, -(-sel.size // 128))):
             if chunk.size:
-                out[chunk] = roi_align_level(feature, rois[chunk], batch_idx[chunk], padded_sizes // stride,
-                                             1.0 / stride, output_size, sampling_ratio)
+                out[chunk] = roi_align_level(feature, rois[chunk], roi_img[chunk],
+                                             extents, 1.0 / stride, output_size, sampling_ratio)
     return out

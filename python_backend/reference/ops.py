@@ -1,0 +1,12 @@
+"""The NumPy operator set: the reference every fast path is tested against.
+
+The same names and signatures as :mod:`python_backend.cuda.ops` (listed with their shapes in
+:mod:`python_backend.backends`), on NumPy arrays.
+"""
+from .boxes import batched_nms, nms
+from .detection import filter_proposals, postprocess_detections
+from .image import preprocess_batch
+from .roi_align import multilevel_roi_align
+
+__all__ = ["nms", "batched_nms", "filter_proposals", "multilevel_roi_align", "postprocess_detections",
+           "preprocess_batch"]

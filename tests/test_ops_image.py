@@ -1,0 +1,181 @@
+"""Images: decoding (the reference's, shared by both paths) and ``preprocess_batch`` of every
+backend against torchvision's GeneralizedRCNNTransform (normalize, resize, pad)."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from op_cases import ATOL, MAX_SIZE, MEAN, MIN_SIZE, SMALL_SETTINGS, STD, backend, host, reference  # noqa: F401
+from python_backend.reference.image import (
+    BadImageError, check_image_array, decode_image, resize_bilinear, transform_image,
+)
+from python_backend.settings import DetectorSettings, padded_extent, resized_size
+
+
+IMAGE_SIZES = [
+    (480, 640),  # landscape, downscale
+    (640, 480),  # portrait, downscale
+    (300, 300),  # square
+    (5, 7),  # tiny: upscale by ~46, bounded by max_size
+    (100, 150),  # upscale
+    (1000, 333),  # tall: bounded by max_size
+    (256, 320),  # already the target size
+]
+
+
+def torch_image(image: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> CHW float in [0, 1], as torchvision's detection models take it."""
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 255
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_transform_image_matches_generalized_rcnn_transform(size):
+    settings = SMALL_SETTINGS
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    transform = GeneralizedRCNNTransform(MIN_SIZE, MAX_SIZE, list(MEAN), list(STD)).eval()
+    batch, _ = transform([torch_image(image)])
+    h, w = batch.image_sizes[0]
+    assert settings.resized_size(*size) == (h, w) == resized_size(*size, MIN_SIZE, MAX_SIZE)
+    assert tuple(batch.tensors.shape[-2:]) == (padded_extent(h), padded_extent(w))
+    out = transform_image(image, settings)
+    assert out.shape == (3, h, w) and out.dtype == np.float32
+    np.testing.assert_allclose(out, batch.tensors[0, :, :h, :w].numpy(), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("in_size, out_size", [
+    ((37, 53), (80, 111)), ((480, 640), (240, 320)), ((33, 17), (33, 17)), ((1, 1), (4, 6)),
+    ((9, 12), (1, 1)), ((256, 300), (255, 301)), ((7, 5), (322, 230)),
+])
+def test_resize_bilinear_matches_interpolate(in_size, out_size):
+    rng = np.random.default_rng(in_size[0] + out_size[1])
+    x = rng.normal(size=(3, *in_size)).astype(np.float32)
+    expected = F.interpolate(torch.from_numpy(x)[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    out = resize_bilinear(x, *out_size)
+    assert out.shape == (3, *out_size) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected.numpy(), rtol=0, atol=1e-6 * max(1.0, np.abs(x).max()))
+
+
+def test_preprocess_batch_matches_batched_transform(backend):
+    """Landscape, tiny and tall images in one batch against GeneralizedRCNNTransform; on the GPU
+    also bit for bit the NumPy reference (same float32 operations, same order)."""
+    settings = SMALL_SETTINGS
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, size=s + (3,), dtype=np.uint8) for s in [(480, 640), (5, 7), (1000, 333)]]
+    transform = GeneralizedRCNNTransform(MIN_SIZE, MAX_SIZE, list(MEAN), list(STD)).eval()
+    expected, _ = transform([torch_image(im) for im in images])
+    batch, sizes, originals = host(backend, *backend.preprocess_batch(images, settings))
+    assert batch.shape == (3, 3, *settings.canvas) and batch.dtype == sizes.dtype == originals.dtype == np.float32
+    np.testing.assert_array_equal(sizes, np.array(expected.image_sizes, dtype=np.float32))
+    np.testing.assert_array_equal(originals, [im.shape[:2] for im in images])
+    for b, (h, w) in enumerate(expected.image_sizes):
+        np.testing.assert_allclose(batch[b, :, :h, :w], expected.tensors[b, :, :h, :w].numpy(), rtol=0, atol=ATOL)
+        pad = batch[b].copy()
+        pad[:, :h, :w] = 0
+        assert not pad.any(), "padding must be zero, as torchvision's batch_images pads"
+    if backend.name != "numpy":
+        np.testing.assert_array_equal(batch, reference().preprocess_batch(images, settings)[0])
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((480, 640, 3), np.uint8), "does not fit the 256x256 canvas"),  # resizes to 240 x 320
+    (np.zeros((48, 64, 3), np.float32), "expected a uint8 image, got dtype float32"),
+    (np.zeros((48, 64), np.uint8), r"expected an HWC image with 3 channels, got shape \[48, 64\]"),
+    (np.zeros((48, 64, 4), np.uint8), r"3 channels, got shape \[48, 64, 4\]"),
+    (np.zeros((1, 64, 3), np.uint8), "smaller than the minimum side of 2"),
+    ([[0, 0, 0]], "expected an HWC uint8 image array, got list"),
+])
+def test_preprocess_batch_rejects(backend, image, message):
+    """Every image of the batch is checked before any work; a bad one fails the call with
+    BadImageError (a ValueError) naming what was wrong."""
+    small = DetectorSettings(num_classes=5, canvas_height=256, canvas_width=256, min_size=MIN_SIZE, max_size=MAX_SIZE)
+    good = np.zeros((48, 48, 3), np.uint8)  # resizes to 256 x 256: fits
+    with pytest.raises(BadImageError, match=message):
+        backend.preprocess_batch([good, image], small)
+
+
+def encode(image: np.ndarray, fmt: str, **kwargs) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width x height`` RGB pixels, with no pixel data at all."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "RGB"), ("PNG", "L"), ("PNG", "RGBA"), ("JPEG", "RGB"), ("JPEG", "L")])
+def test_decode_image_roundtrip(fmt, mode):
+    """Grey and RGBA inputs come out as RGB, as the model expects."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[:37, :53]
+    rgb = np.stack([yy * 6, xx * 4, 255 - yy * 3 - xx * 2], axis=2).astype(np.uint8)  # smooth: JPEG-friendly
+    image = np.asarray(Image.fromarray(rgb).convert(mode))
+    out = decode_image(encode(image, fmt, **({"quality": 95} if fmt == "JPEG" else {})), 10_000, 2)
+    assert out.shape == (37, 53, 3) and out.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(image).convert("RGB"))
+    if fmt == "PNG":
+        np.testing.assert_array_equal(out, expected)
+    else:
+        assert np.abs(out.astype(int) - expected).mean() < 3
+
+
+def bad_inputs():
+    rng = np.random.default_rng(6)
+    image = rng.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)
+    jpeg = encode(image, "JPEG")
+    return [
+        pytest.param(b"", {}, "empty input", id="empty"),
+        pytest.param(rng.bytes(2000), {}, "not a decodable image", id="random-bytes"),
+        pytest.param(jpeg[: len(jpeg) // 2], {}, "truncated", id="truncated-jpeg"),
+        pytest.param(encode(image, "PNG")[:-40], {}, "truncated", id="truncated-png"),
+        pytest.param("not bytes", {}, "expected encoded image bytes, got str", id="str"),
+        pytest.param(png_header_only(6000, 6000), {"max_pixels": 1_000_000},
+                     "6000x6000 = 36000000 pixels exceeds the limit of 1000000", id="header-over-limit"),
+        # Pillow's own bomb limit is lifted: our max_pixels decides, then the missing data is found
+        pytest.param(png_header_only(100_000, 100_000), {"max_pixels": 10**12}, "corrupt or truncated image",
+                     id="header-huge-allowed-then-truncated"),
+        pytest.param(encode(image, "PNG"), {"max_pixels": 1000}, "exceeds the limit of 1000 pixels",
+                     id="real-image-over-limit"),
+        pytest.param(encode(image[:1, :1], "PNG"), {}, "smaller than the minimum side of 2", id="one-pixel"),
+        pytest.param(encode(image[:1], "PNG"), {}, "48x1 pixels is smaller", id="one-row"),
+    ]
+
+
+@pytest.mark.parametrize("data, limits, message", bad_inputs())
+def test_decode_image_rejects(data, limits, message):
+    kwargs = {"max_pixels": 50_000_000, "min_side": 2, **limits}
+    with pytest.raises(BadImageError, match=message.replace("(", r"\(")):
+        decode_image(data, **kwargs)
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.zeros((8, 8, 3), np.float32), "expected a uint8 image, got dtype float32"),
+    (np.zeros((8, 8), np.uint8), "expected an HWC image with 3 channels, got shape [8, 8]"),
+    (np.zeros((8, 8, 4), np.uint8), "3 channels, got shape [8, 8, 4]"),
+    (np.zeros((1, 8, 3), np.uint8), "smaller than the minimum side of 2"),
+    (np.zeros((100, 100, 3), np.uint8), "exceeds the limit of 5000 pixels"),
+])
+def test_check_image_array_rejects(image, message):
+    with pytest.raises(BadImageError) as err:
+        check_image_array(image, max_pixels=5000, min_side=2)
+    assert message in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_check_image_array_accepts():
+    check_image_array(np.zeros((2, 2500, 3), np.uint8), max_pixels=5000, min_side=2)
