@@ -9,37 +9,21 @@ last, the fused convolutions and CUDA graphs; fp32 with graphs), seeded random w
 Wall-clock milliseconds per call (the host read synchronizes, so CUDA events alone would hide
 it), median after warm-up.
 
-    python benchmarks/bench_buckets.py [--precisions fp16 fp32]   # about 2 minutes per precision on an H100
+    python -m benchmarks.bench_buckets [--precisions fp16 fp32]
 """
 from __future__ import annotations
 
-import statistics
+import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-
-def wall_ms(fn, warmup=5, repeat=30) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+from evaluation.timing import wall_ms
 
 
 def main(argv=None) -> int:
-    import argparse
-
     from exporters import torch_export
     from exporters.repository import bucket_key
     from exporters.loading import random_model, settings_from_model
@@ -47,7 +31,8 @@ def main(argv=None) -> int:
     from python_backend.settings import default_buckets
     from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_buckets", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precisions", nargs="+", choices=("fp16", "fp32"), default=["fp16", "fp32"])
     args = ap.parse_args(argv)
     torch.backends.cudnn.benchmark = True

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serving knobs of the torch-target ensemble, fp16, one after the other on one GPU (no baseline):
-# the runner's options checked on the GPU, the dense networks alone, then perf.py per variant.
-# Usage on the GPU machine, from the repository root (.device/ from ../shared/tools/device-bundle.sh):
+# the runner's options checked on the GPU, the dense networks alone, then benchmarks.perf per variant.
+# Usage on the GPU machine, from the repository root (binaries as benchmarks/device_env.sh says):
 #   OUT=/some/dir bash benchmarks/knobs_h100.sh [VARIANT ...]
 # Variants (default: plain mps): plain = the exporter's defaults; mps = the same repository under a
 # CUDA MPS daemon; mps_delay2ms = MPS and max_queue_delay_microseconds 2000 (the default is 0);
@@ -9,8 +9,8 @@
 # and --optimize-for-inference; mps_nobuckets = MPS and --rpn-buckets none (the rpn on the full
 # canvas only); mps_pp1 = MPS and one postprocess instance (--postprocess-instances 1; the GPU
 # default is 2); trained_optimize = MPS and --optimize-for-inference, fp16 accuracy only (no speed
-# sweep), with a checkpoint trained by benchmarks/train_synthetic.py (90 s), on its held-out scenes.
-# Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (perf.py's summary of each variant).
+# sweep), with a checkpoint trained by benchmarks.train_synthetic (90 s), on its held-out scenes.
+# Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (benchmarks.perf's summary of each variant).
 set -uo pipefail
 # shellcheck source=benchmarks/device_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/device_env.sh" knobs
@@ -18,10 +18,10 @@ WORK="${WORK:-/tmp/fasterrcnn_knobs}"
 CONC="${CONC:-1,4,16,64}"
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=(plain mps)
-perf() {  # name, work folder, extra perf.py arguments...
+perf() {  # name, work folder, extra benchmarks.perf arguments...
   local name=$1 work=$2
   shift 2
-  timeout 240 "$PY" benchmarks/perf.py --precisions fp16 --skip-baseline --concurrency "$CONC" --window-ms 1000 \
+  timeout 240 "$PY" -m benchmarks.perf --precisions fp16 --skip-baseline --concurrency "$CONC" --window-ms 1000 \
     --max-trials 3 --out "/tmp/knobs_$name" --work "$work" "$@"
   echo "variant $name rc=$?"
   cp "/tmp/knobs_$name/summary.md" "$OUT/$name.md" 2>/dev/null
@@ -32,7 +32,7 @@ perf() {  # name, work folder, extra perf.py arguments...
     timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -W ignore::FutureWarning tests/test_torch_target.py \
       -k "cuda_graph or channels_last or gpu_preprocess or optimized or warmed or bucket"
     timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_ops.py -k "warm_up"
-    timeout 200 "$PY" benchmarks/bench_dense.py | tee "$OUT/dense.txt"
+    timeout 200 "$PY" -m benchmarks.bench_dense | tee "$OUT/dense.txt"
   fi
   for v in "${variants[@]}"; do
     case $v in
@@ -45,7 +45,7 @@ perf() {  # name, work folder, extra perf.py arguments...
       mps_nobuckets) perf mps_nobuckets "$WORK/nobuckets" --mps --export-args=--rpn-buckets=none ;;
       mps_pp1) perf mps_pp1 "$WORK/pp1" --mps --export-args=--postprocess-instances=1 ;;
       trained_optimize)
-        [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" benchmarks/train_synthetic.py --out "$WORK/synthetic.pt" --seconds 90
+        [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" -m benchmarks.train_synthetic --out "$WORK/synthetic.pt" --seconds 90
         perf trained_optimize "$WORK/trained_optimize" --mps --export-args=--optimize-for-inference \
           --weights "$WORK/synthetic.pt" --accuracy-images synthetic --no-perf ;;
       *) echo "unknown variant $v" ;;

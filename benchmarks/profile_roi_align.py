@@ -1,25 +1,25 @@
 """Launch-shape sweep of the ROIAlign kernel at B = 8 x 1000 RoIs (the 0.5 ms target), for
 profiling with Nsight Compute:
 
-    python benchmarks/profile_roi_align.py                     # sweep, prints a table
+    python -m benchmarks.profile_roi_align                     # sweep, prints a table
     ncu --kernel-name multilevel_roi_align --launch-skip 3 --launch-count 1 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
-        python benchmarks/profile_roi_align.py --once          # one default launch, profiled
+        python -m benchmarks.profile_roi_align --once          # one default launch, profiled
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_cuda_ops import CANVAS, SIZES, STRIDES, make_rois, time_ms  # noqa: E402
+from evaluation.kernels import CANVAS, STRIDES, image_sizes, make_rois
+from evaluation.timing import cupy_event_ms
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profile_roi_align", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--once", action="store_true", help="a few default launches only (for ncu)")
     args = p.parse_args(argv)
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(0)
     b = args.batch
-    sizes_host = np.array([SIZES[i % len(SIZES)] for i in range(b)], np.float32)
+    sizes_host = image_sizes(b)
     feats = [cp.random.standard_normal((b, CANVAS[0] // s, CANVAS[1] // s, 256), dtype=cp.float32) for s in STRIDES]
     inputs = [make_rois(cp, rng, sizes_host, 1000) for _ in range(4)]
     num = cp.asarray([b * 1000], cp.int32)
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     def run(i):
         rois, img = i
-        return ra.multilevel_roi_align(feats, rois, img, num, sizes, STRIDES, 7, 2)
+        return ra.multilevel_roi_align(feats, rois, img, sizes, STRIDES, 7, 2, num_rois=num)
 
     if args.once:
         for i in range(5):
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         ra.CHANNEL_THREADS, ra.BIN_THREADS, ra.MIN_BLOCKS = ch, bins, minb
         try:
             diff = float(cp.abs(run(inputs[0]) - ref).max())
-            ms = time_ms(cp, run, inputs, 5, 30)
+            ms = cupy_event_ms(run, inputs, 5, 30)
             print(f"| {ch} | {bins} | {minb} | {ms:.3f} | {diff:.1e} |", flush=True)
         except Exception as e:  # a shape the kernel's launch bounds refuse
             print(f"| {ch} | {bins} | {minb} | failed: {type(e).__name__} | |", flush=True)

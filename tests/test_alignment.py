@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import skimage.data
 
-from parity import OnnxPipeline, assert_parity, encode, textured_image, torchvision_detect
+from evaluation.onnx_pipeline import OnnxPipeline
+from evaluation.parity import assert_parity, torchvision_detect
+from evaluation.payloads import encode, textured_image
 from python_backend.reference.image import BadImageError, preprocess_batch
 
 PHOTOS = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")}

@@ -14,7 +14,8 @@ from exporters import torch_export
 from exporters.__main__ import main as cli_main
 from exporters.repository import RepositoryOptions, bucket_key, read_config, write_repository
 from exporters.split import HeaderNetwork, RpnNetwork
-from parity import assert_parity, encode, from_packed, textured_image, torchvision_detect
+from evaluation.parity import assert_parity, from_packed, torchvision_detect
+from evaluation.payloads import encode, textured_image
 from python_backend import names
 from python_backend.reference.image import preprocess_batch
 from python_backend.settings import (DetectorSettings, bucket_file, check_buckets, default_buckets, format_buckets,

@@ -1,53 +1,51 @@
-"""benchmarks/train_synthetic.py on the CPU: the generated scenes and two training steps at a tiny size."""
+"""evaluation/synthetic.py and evaluation/training.py on the CPU: the generated scenes and two
+training steps at a tiny size."""
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from evaluation import synthetic as sc
+from evaluation import training as tr
 
-import train_synthetic as ts  # noqa: E402
-
-SEEDS_AND_INDICES = [(0, i) for i in range(12)] + [(7, 3), (123, ts.HELD_OUT)]
+SEEDS_AND_INDICES = [(0, i) for i in range(12)] + [(7, 3), (123, sc.HELD_OUT)]
 
 
 def test_scenes_are_deterministic_for_a_seed():
-    a, b = ts.make_scene(5, 17), ts.make_scene(5, 17)
+    a, b = sc.make_scene(5, 17), sc.make_scene(5, 17)
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.boxes, b.boxes)
     np.testing.assert_array_equal(a.labels, b.labels)
-    other = ts.make_scene(6, 17)
+    other = sc.make_scene(6, 17)
     assert other.image.shape != a.image.shape or not np.array_equal(other.image, a.image)
-    nxt = ts.make_scene(5, 18)
+    nxt = sc.make_scene(5, 18)
     assert nxt.image.shape != a.image.shape or not np.array_equal(nxt.image, a.image)
 
 
 def test_dataset_items_do_not_depend_on_order():
-    data = ts.SyntheticScenes(4, seed=3)
+    data = sc.SyntheticScenes(4, seed=3)
     later_first = data[3]
     _ = data[0], data[1]
     again = data[3]
     assert later_first[0].dtype.is_floating_point is False
     np.testing.assert_array_equal(later_first[0].numpy(), again[0].numpy())
-    np.testing.assert_array_equal(later_first[1]["boxes"].numpy(), ts.make_scene(3, 3).boxes)
+    np.testing.assert_array_equal(later_first[1]["boxes"].numpy(), sc.make_scene(3, 3).boxes)
 
 
 @pytest.mark.parametrize("seed,index", SEEDS_AND_INDICES)
 def test_scene_targets(seed, index):
-    s = ts.make_scene(seed, index)
+    s = sc.make_scene(seed, index)
     h, w = s.image.shape[:2]
-    assert s.image.dtype == np.uint8 and s.image.shape[2] == 3 and (h, w) in ts.IMAGE_SIZES
+    assert s.image.dtype == np.uint8 and s.image.shape[2] == 3 and (h, w) in sc.IMAGE_SIZES
     assert s.boxes.dtype == np.float32 and s.boxes.shape == (len(s.labels), 4)
     assert s.labels.dtype == np.int64
-    assert ts.MIN_OBJECTS <= len(s.labels) <= ts.MAX_OBJECTS
-    assert np.all((s.labels >= 1) & (s.labels <= len(ts.SHAPES)))
+    assert sc.MIN_OBJECTS <= len(s.labels) <= sc.MAX_OBJECTS
+    assert np.all((s.labels >= 1) & (s.labels <= len(sc.SHAPES)))
     x1, y1, x2, y2 = s.boxes.T
     assert np.all((x1 >= 0) & (y1 >= 0) & (x2 <= w) & (y2 <= h))
-    assert np.all((x2 - x1 >= ts.MIN_SIDE) & (y2 - y1 >= ts.MIN_SIDE))
+    assert np.all((x2 - x1 >= sc.MIN_SIDE) & (y2 - y1 >= sc.MIN_SIDE))
     for i, (box, label) in enumerate(zip(s.boxes, s.labels)):
         # the drawn pixels' extent is the box (Pillow's polygon edges may miss a pixel at a corner)
         ys, xs = np.nonzero(s.instances == i + 1)
@@ -56,7 +54,7 @@ def test_scene_targets(seed, index):
         np.testing.assert_allclose(drawn, box, atol=1.0)
         # and those pixels have the class's colour: nearest of the colour families
         mean = s.image[ys, xs].astype(np.float64).mean(axis=0)
-        nearest = int(np.argmin([np.linalg.norm(mean - np.array(c)) for c in ts.BASE_COLOURS])) + 1
+        nearest = int(np.argmin([np.linalg.norm(mean - np.array(c)) for c in sc.BASE_COLOURS])) + 1
         assert nearest == label, (mean, label)
         # a filled shape covers a fair part of its box (a triangle half, an ellipse pi/4)
         area = (box[2] - box[0]) * (box[3] - box[1])
@@ -65,13 +63,13 @@ def test_scene_targets(seed, index):
 
 
 def test_every_class_and_several_sizes_occur():
-    scenes = [ts.make_scene(0, i) for i in range(40)]
-    assert {int(label) for s in scenes for label in s.labels} == set(range(1, len(ts.SHAPES) + 1))
+    scenes = [sc.make_scene(0, i) for i in range(40)]
+    assert {int(label) for s in scenes for label in s.labels} == set(range(1, len(sc.SHAPES) + 1))
     assert len({s.image.shape for s in scenes}) >= 3
 
 
 def test_fewer_classes_and_a_given_size():
-    s = ts.make_scene(1, 2, num_classes=1, size=(200, 300))
+    s = sc.make_scene(1, 2, num_classes=1, size=(200, 300))
     assert s.image.shape == (200, 300, 3)
     assert len(s.labels) >= 1 and set(s.labels.tolist()) == {1}
 
@@ -83,36 +81,36 @@ def test_fewer_classes_and_a_given_size():
 ])
 def test_bad_scene_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        ts.make_scene(0, 0, **kwargs)
+        sc.make_scene(0, 0, **kwargs)
 
 
 def test_lr_schedule():
-    cfg = ts.TrainConfig(steps=1000, warmup_steps=100, tail=0.3, final_lr_factor=0.05)
-    assert ts.lr_factor(0, 0.0, cfg) == pytest.approx(0.001)
-    assert ts.lr_factor(50, 0.05, cfg) == pytest.approx(0.001 + 0.999 * 0.5)
-    assert ts.lr_factor(100, 0.1, cfg) == 1.0
-    assert ts.lr_factor(600, 0.7, cfg) == 1.0
-    assert ts.lr_factor(850, 0.85, cfg) == pytest.approx(0.05 + 0.95 * 0.5)
-    assert ts.lr_factor(999, 1.0, cfg) == pytest.approx(0.05)
+    cfg = tr.TrainConfig(steps=1000, warmup_steps=100, tail=0.3, final_lr_factor=0.05)
+    assert tr.lr_factor(0, 0.0, cfg) == pytest.approx(0.001)
+    assert tr.lr_factor(50, 0.05, cfg) == pytest.approx(0.001 + 0.999 * 0.5)
+    assert tr.lr_factor(100, 0.1, cfg) == 1.0
+    assert tr.lr_factor(600, 0.7, cfg) == 1.0
+    assert tr.lr_factor(850, 0.85, cfg) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert tr.lr_factor(999, 1.0, cfg) == pytest.approx(0.05)
 
 
 def test_match_counting():
     ref = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
-    assert ts.count_matched(ref, [1, 2], ref, [1, 2], 0.9) == 2
-    assert ts.count_matched(ref, [1, 2], ref, [1, 1], 0.9) == 1  # label differs
-    assert ts.count_matched(ref, [1, 2], ref[:1], [1], 0.9) == 1  # one to one
-    assert ts.count_matched(ref, [1, 1], ref[:1].repeat(2, 0), [1, 1], 0.9) == 1
-    assert ts.count_matched(ref, [1, 2], ref + [0, 0, 2, 0], [1, 2], 0.9) == 0  # IoU 10/12
-    assert ts.count_matched(ref, [1, 2], np.zeros((0, 4)), [], 0.5) == 0
+    assert tr.count_matched(ref, [1, 2], ref, [1, 2], 0.9) == 2
+    assert tr.count_matched(ref, [1, 2], ref, [1, 1], 0.9) == 1  # label differs
+    assert tr.count_matched(ref, [1, 2], ref[:1], [1], 0.9) == 1  # one to one
+    assert tr.count_matched(ref, [1, 1], ref[:1].repeat(2, 0), [1, 1], 0.9) == 1
+    assert tr.count_matched(ref, [1, 2], ref + [0, 0, 2, 0], [1, 2], 0.9) == 0  # IoU 10/12
+    assert tr.count_matched(ref, [1, 2], np.zeros((0, 4)), [], 0.5) == 0
 
 
 def test_bad_training_arguments():
     with pytest.raises(ValueError, match="optimizer must be"):
-        ts.train(ts.TrainConfig(optimizer="adam", device="cpu"))
+        tr.train(tr.TrainConfig(optimizer="adam", device="cpu"))
     with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
-        ts.train(ts.TrainConfig(steps=0, device="cpu"))
+        tr.train(tr.TrainConfig(steps=0, device="cpu"))
     with pytest.raises(ValueError, match="device must be"):
-        ts.resolve_device("tpu")
+        tr.resolve_device("tpu")
 
 
 def test_two_training_steps_save_a_checkpoint_that_loads(tmp_path):
@@ -121,9 +119,9 @@ def test_two_training_steps_save_a_checkpoint_that_loads(tmp_path):
     from exporters.loading import checkpoint_model
 
     lines = []
-    cfg = ts.TrainConfig(steps=2, batch_size=2, min_size=128, max_size=160, device="cpu", workers=0,
+    cfg = tr.TrainConfig(steps=2, batch_size=2, min_size=128, max_size=160, device="cpu", workers=0,
                          log_every=1, seconds=600)
-    model = ts.train(cfg, log=lines.append)
+    model = tr.train(cfg, log=lines.append)
     step_lines = [ln for ln in lines if ln.startswith("step ")]
     assert len(step_lines) == 2, lines
     losses = [float(ln.split("loss ")[1].split()[0]) for ln in step_lines]
@@ -133,10 +131,10 @@ def test_two_training_steps_save_a_checkpoint_that_loads(tmp_path):
     assert not model.training
 
     torch.manual_seed(cfg.seed)  # train() seeds the same way before it builds the model: its initial weights
-    before = ts.build_model().state_dict()
-    path = ts.save(model, tmp_path / "sub" / "synthetic.pt")
+    before = tr.build_model().state_dict()
+    path = tr.save(model, tmp_path / "sub" / "synthetic.pt")
     loaded = checkpoint_model(path)
-    assert loaded.roi_heads.box_predictor.cls_score.out_features == len(ts.SHAPES) + 1
+    assert loaded.roi_heads.box_predictor.cls_score.out_features == len(sc.SHAPES) + 1
     # the transform is torchvision's default: the training sizes are not part of the checkpoint
     assert tuple(loaded.transform.min_size) == (800,) and loaded.transform.max_size == 1333
     saved = torch.load(path, weights_only=True)
@@ -156,9 +154,9 @@ def test_self_check_reports(tmp_path):
     from exporters.loading import random_model
 
     lines = []
-    model = random_model(num_classes=len(ts.SHAPES) + 1, min_size=128, max_size=160)
-    out = ts.self_check(model, num_images=1, log=lines.append)
-    assert out["objects"] == len(ts.make_scene(0, ts.HELD_OUT).labels) > 0
+    model = random_model(num_classes=len(sc.SHAPES) + 1, min_size=128, max_size=160)
+    out = tr.self_check(model, num_images=1, log=lines.append)
+    assert out["objects"] == len(sc.make_scene(0, sc.HELD_OUT).labels) > 0
     assert 0 <= out["found"] <= out["objects"] and 0.0 <= out["mean_top_score"] <= 1.0
     assert "fp16_kept" not in out  # CPU: no autocast comparison
     assert len(lines) == 1 and "held-out" in lines[0]

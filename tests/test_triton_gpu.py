@@ -9,7 +9,9 @@ import skimage.data
 from client import detect
 from fasterrcnn.server import TritonServer, free_port
 from exporters.repository import RepositoryOptions, write_repository
-from parity import OnnxPipeline, assert_parity, encode, from_packed, textured_image, torchvision_detect
+from evaluation.onnx_pipeline import OnnxPipeline
+from evaluation.parity import assert_parity, from_packed, torchvision_detect
+from evaluation.payloads import encode, textured_image
 from python_backend import names
 
 cp = pytest.importorskip("cupy", reason="CuPy is not installed (GPU path)")

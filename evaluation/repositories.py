@@ -4,10 +4,11 @@
       -> {"fp32": work/repo_fp32, "fp16": work/repo_fp16}
 
 ``repo_fp32``: the ``fasterrcnn`` ensemble with fp32 TorchScript rpn/header, plus the baselines
-``baseline_fp32`` and ``baseline_fp16`` (torchvision eager, autocast float16).  ``repo_fp16``: the
-ensemble with fp16 rpn/header.  Model names are the same in both ensembles, so each repository
-gets its own server.  Both are written by the project's own CLI (``python -m exporters export
---target torch``) from one state_dict file, which the baselines load too.
+``baseline_fp32`` and ``baseline_fp16`` (torchvision eager, fp32 and autocast float16;
+``evaluation/baseline/model.py``).  ``repo_fp16``: the ensemble with fp16 rpn/header.  Model names
+are the same in both ensembles, so each repository gets its own server.  Both are written by the
+project's own CLI (``python -m exporters export --target torch``) from one state_dict file, which
+the baselines load too.
 """
 from __future__ import annotations
 
@@ -21,15 +22,13 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from python_backend import names  # noqa: E402
-from python_backend.settings import DetectorSettings  # noqa: E402
+from python_backend import names
+from python_backend.settings import DetectorSettings
 
 log = logging.getLogger(__name__)
 
-BASELINE_MODEL = Path(__file__).resolve().parent / "baseline_model.py"
+ROOT = Path(__file__).resolve().parents[1]  # the repository root: where ``python -m exporters`` runs
+BASELINE_MODEL = Path(__file__).resolve().parent / "baseline" / "model.py"
 BASELINES = {"baseline_fp32": "fp32", "baseline_fp16": "fp16"}
 WEIGHTS_FILE = "weights.pt"
 

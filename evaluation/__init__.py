@@ -1,0 +1,17 @@
+"""Evaluation library: how the served detector is checked and measured.
+
+Triton-free where it can be; the scripts in ``benchmarks/`` and the tests in ``tests/`` call it.
+
+- ``parity``: the accuracy criteria (fp32 parity per image, fp16 over all detections) and matching;
+- ``accuracy``: torchvision eager and served detections side by side, judged by ``parity``;
+- ``onnx_pipeline``: the whole detector through ONNX Runtime and the NumPy steps (CPU reference);
+- ``payloads``: test images and request payloads (photographs, synthetic, decoded, bad inputs);
+- ``synthetic`` and ``training``: generated shape scenes and a brief from-scratch trainer on them;
+- ``repositories``: the model repositories of a benchmark run (ensemble + torchvision baseline);
+- ``baseline``: the torchvision baseline served as a Triton python model;
+- ``server``: a tritonserver for one benchmark run (start, warm up, send, keep its log);
+- ``perf_analyzer``: the perf_analyzer driver; ``triton_stats``: per-step times from Triton's statistics;
+- ``soak``: requests sent in a loop with each outcome counted; ``memory``: GPU memory and RSS samples;
+- ``kernels`` and ``timing``: inputs and timers of the kernel and dense-network benchmarks;
+- ``report`` and ``plots``: CSV, markdown summary, and matplotlib figures.
+"""

@@ -1,0 +1,118 @@
+"""Test images and request payloads: photographs, textures, generated scenes, decoded and resized
+copies, and bad inputs that must each get their own error.
+
+A payload is what one request carries: encoded bytes (the ``fasterrcnn`` ensemble's ``image``) or a
+decoded ``[H, W, 3]`` uint8 array (``fasterrcnn_raw``'s ``image_raw``).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+# perf_analyzer's decoded images: one shape, so that the dynamic batcher can batch them
+RAW_SHAPE = (480, 640)
+PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's, no download; landscape or square
+SCENE_SIZES = ((480, 640), (600, 800), (384, 512))
+
+
+def encode(image: np.ndarray, fmt: str = "PNG", **options) -> bytes:
+    """``[H, W, 3]`` (or ``[H, W]``) uint8 -> encoded bytes in Pillow's ``fmt`` (``options``, e.g.
+    ``quality=92``, go to Pillow's ``save``)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def textured_image(height: int, width: int, seed: int) -> np.ndarray:
+    """A synthetic photo-like ``[H, W, 3]`` uint8 image: smooth colour blobs plus noise, so that no
+    two regions tie."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    for _ in range(6):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        r = rng.uniform(0.1, 0.5) * max(height, width)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        img += blob[..., None] * rng.uniform(0, 255, 3)
+    img = img / max(img.max(), 1e-6) * 200 + rng.normal(0, 20, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _save_all(folder: Path, payloads: dict[str, bytes], suffix: str) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in payloads.items():
+        (folder / f"{name}{suffix}").write_bytes(data)
+    return payloads
+
+
+def jpeg_payloads(folder: Path) -> dict[str, bytes]:
+    """scikit-image's photographs plus two textures (480x640, 600x800), as JPEG bytes (quality 92),
+    also written to ``folder``.  All are landscape or square, so they fit the 800x1344 canvas."""
+    import skimage.data
+    from PIL import Image
+
+    arrays = {n: getattr(skimage.data, n)() for n in PHOTOGRAPHS}
+    arrays["textured_480x640"] = textured_image(480, 640, seed=1)
+    arrays["textured_600x800"] = textured_image(600, 800, seed=2)
+    rgb = {k: np.asarray(Image.fromarray(v).convert("RGB")) for k, v in arrays.items()}
+    return _save_all(Path(folder), {k: encode(v, "JPEG", quality=92) for k, v in rgb.items()}, ".jpg")
+
+
+def synthetic_payloads(folder: Path, count: int = 24) -> dict[str, bytes]:
+    """Held-out generated scenes (:mod:`evaluation.synthetic`: what its trained checkpoint has
+    learned, where its detections are confident) as PNG bytes (lossless: the server sees the
+    generated pixels), also written to ``folder``."""
+    from evaluation.synthetic import HELD_OUT, make_scene
+
+    out = {}
+    for i in range(count):
+        h, w = SCENE_SIZES[i % len(SCENE_SIZES)]
+        out[f"scene{i}_{h}x{w}"] = encode(make_scene(0, HELD_OUT + i, size=(h, w)).image)
+    return _save_all(Path(folder), out, ".png")
+
+
+def decoded(payloads: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """Encoded bytes -> ``[H, W, 3]`` uint8, decoded as the served preprocess decodes them (its
+    default limits)."""
+    from python_backend.reference.image import decode_image
+    from python_backend.settings import DetectorSettings
+
+    s = DetectorSettings(num_classes=91)
+    return {k: decode_image(v, s.max_input_pixels, s.min_input_side) for k, v in payloads.items()}
+
+
+def resized(images: dict[str, np.ndarray], shape: tuple[int, int] = RAW_SHAPE) -> dict[str, np.ndarray]:
+    """Each image resized (bilinear) to ``shape`` (height, width)."""
+    from PIL import Image
+
+    return {k: np.asarray(Image.fromarray(v).resize((shape[1], shape[0]), Image.BILINEAR)) for k, v in images.items()}
+
+
+def bad_payloads(good_jpeg: bytes) -> dict[str, bytes]:
+    """Encoded inputs the preprocess must refuse: random bytes, empty, a JPEG cut in half, a JPEG with
+    2000 random bytes written over it from a third of its length on, a PNG signature alone."""
+    rng = np.random.default_rng(0)
+    corrupt = bytearray(good_jpeg)
+    corrupt[len(corrupt) // 3: len(corrupt) // 3 + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    return {
+        "random_bytes": rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
+        "empty": b"",
+        "truncated_jpeg": good_jpeg[: len(good_jpeg) // 2],
+        "corrupt_jpeg": bytes(corrupt),
+        "png_header_only": b"\x89PNG\r\n\x1a\n",
+    }
+
+
+def bad_raw_payloads() -> dict[str, np.ndarray]:
+    """Decoded inputs the preprocess must refuse: 1x1 and 1x2 images (below its minimum side) and a
+    portrait image that does not fit the 800x1344 landscape canvas."""
+    rng = np.random.default_rng(0)
+    return {
+        "1x1": rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),
+        "2x1": rng.integers(0, 256, (1, 2, 3), dtype=np.uint8),
+        "portrait_beyond_canvas": rng.integers(0, 256, (1000, 600, 3), dtype=np.uint8),
+    }
