@@ -11,7 +11,8 @@ import skimage.data
 from client import detect
 from fasterrcnn.server import ServerError, TritonServer, free_port
 from exporters.repository import RepositoryOptions, write_repository
-from parity import assert_parity, encode, from_packed, textured_image, torchvision_detect
+from evaluation.parity import assert_parity, from_packed, torchvision_detect
+from evaluation.payloads import encode, textured_image
 from python_backend import names
 
 pytestmark = pytest.mark.triton
