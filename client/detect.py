@@ -23,7 +23,7 @@ import numpy as np
 from python_backend import names
 
 from . import output
-from .inputs import IMAGE_SUFFIXES, ImageError, decode_image, expand_inputs, payloads  # noqa: F401  (public API)
+from .inputs import IMAGE_SUFFIXES, ImageError, decode_image, expand_inputs, read_payloads  # noqa: F401  (public API)
 
 OUTPUTS = (names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS)
 
@@ -197,7 +197,7 @@ def detect_iter(url: str, images: list[Path], concurrency: int = 1, draw_dir: Pa
     client = connect(url)
     labels = class_names(check_model(client, names.ENSEMBLE_RAW if raw else names.ENSEMBLE, raw=raw))
     annotated = output.annotated_paths(images, draw_dir) if draw_dir is not None else {}
-    replies = infer_iter(client, payloads(images, raw), concurrency)
+    replies = infer_iter(client, read_payloads(images, raw), concurrency)
     for path, (res, seconds) in zip(images, replies):
         if isinstance(res, Exception):
             yield output.error_record(str(path), res.message() if hasattr(res, "message") else str(res))

@@ -58,7 +58,7 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ImageError(str(e)) from None
 
 
-def payloads(images: list[Path], raw: bool) -> Iterator:
+def read_payloads(images: list[Path], raw: bool) -> Iterator:
     """Per image: its bytes, or with ``raw`` its decoded pixels, or the :class:`ImageError` saying
     why it can't be sent (the record that carries it names the file)."""
     for path in images:

@@ -23,7 +23,8 @@ def error_line(record: dict) -> str:
 
 
 def summary_line(record: dict) -> str:
-    """``photo.jpg: 7 detections, 48 ms: person 0.99 (x3), dog 0.80, cup 0.41 (+2 classes)``."""
+    """``photo.jpg: 9 detections, 48 ms: person 0.99 (x3), dog 0.80, cup 0.41 (x2) and 2 more classes``:
+    the classes ranked by their best score, each with how many detections it has."""
     dets = record["detections"]
     best: dict[str, list] = {}  # label -> [top score, count]
     for d in dets:
@@ -32,13 +33,13 @@ def summary_line(record: dict) -> str:
         entry[1] += 1
     ranked = sorted(best.items(), key=lambda kv: -kv[1][0])
     tops = [f"{label} {score:.2f}" + (f" (x{n})" if n > 1 else "") for label, (score, n) in ranked[:TOP_CLASSES]]
-    if len(ranked) > TOP_CLASSES:
-        tops.append(f"(+{len(ranked) - TOP_CLASSES} classes)")
     line = f"{record['image']}: {len(dets)} detection{'' if len(dets) == 1 else 's'}"
     if record.get("latency_ms") is not None:
         line += f", {record['latency_ms']:.0f} ms"
     if tops:
         line += ": " + ", ".join(tops)
+    if len(ranked) > TOP_CLASSES:
+        line += f" and {len(ranked) - TOP_CLASSES} more class{'' if len(ranked) == TOP_CLASSES + 1 else 'es'}"
     if record.get("annotated"):
         line += f" -> {record['annotated']}"
     return line
