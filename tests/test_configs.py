@@ -121,3 +121,56 @@ def test_instance_counts_are_checked():
         RepositoryOptions(postprocess_instances=-1)
     with pytest.raises(ValueError, match="instances must be >= 1"):
         RepositoryOptions(instances=0)
+
+
+# --- instance groups over several GPUs ----------------------------------------------------------
+
+GPU_STEPS = (names.PREPROCESS, names.PREPROCESS_RAW, names.RPN, names.ROI, names.HEADER, names.POSTPROCESS)
+
+
+@pytest.mark.parametrize("gpus", [(0, 1), (1, 3)])
+def test_gpu_instances_are_placed_on_the_chosen_gpus(square_export, tmp_path, gpus):
+    """With gpus, every step's KIND_GPU group lists them, with ``count`` instances on each GPU
+    (Triton's rule for a group with a gpus list); the ensembles have no instances."""
+    settings, paths = square_export
+    write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu", instances=2, gpus=gpus))
+    cfgs = _configs(tmp_path)
+    for name in GPU_STEPS:
+        (group,) = cfgs[name].instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU, name
+        assert list(group.gpus) == list(gpus), name
+        assert group.count == 2, name
+    assert not cfgs[names.ENSEMBLE].instance_group and not cfgs[names.ENSEMBLE_RAW].instance_group
+
+
+def test_without_gpus_triton_places_instances_on_every_gpu(square_export, tmp_path):
+    settings, paths = square_export
+    write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu"))
+    for name in GPU_STEPS:
+        (group,) = _configs(tmp_path)[name].instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU and not group.gpus, name
+
+
+def test_network_gpus_for_the_platform_targets(square_export):
+    """tensorrt and onnxruntime networks are KIND_GPU whatever --device says, so they take the gpus
+    list too; with --device cpu the python steps stay KIND_CPU without one."""
+    from exporters.repository import all_configs
+
+    settings, _ = square_export
+    cfgs = all_configs(settings, RepositoryOptions(target="tensorrt", device="cpu", gpus=(0, 1)))
+    for name in (names.RPN, names.HEADER):
+        (group,) = cfgs[name].instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_GPU and list(group.gpus) == [0, 1]
+    for name in (names.PREPROCESS, names.ROI, names.POSTPROCESS):
+        (group,) = cfgs[name].instance_group
+        assert group.kind == mc.ModelInstanceGroup.KIND_CPU and not group.gpus
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(device="gpu", gpus=(0, 0)), "gpus must be distinct GPU ids >= 0, got \\(0, 0\\)"),
+    (dict(device="gpu", gpus=(-1,)), "gpus must be distinct GPU ids >= 0"),
+    (dict(device="cpu", gpus=(0,)), "every step runs on the CPU"),
+])
+def test_bad_gpus_are_rejected(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RepositoryOptions(**kw)
