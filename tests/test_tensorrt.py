@@ -1,11 +1,16 @@
-"""TensorRT engine building: profiles, configs of every target, fp32 layer selection, errors.
+"""TensorRT engines (exporters/tensorrt/): profiles, configs of every target, the network adapter
+of the fp32 policy, errors, the engine cache, GPUs, comparisons.
 
 Everything except the ``tensorrt``-marked tests runs without TensorRT (CI).  Those build real
 engines from a tiny exported model and compare them with ONNX Runtime; they skip where
-``import tensorrt`` fails or no CUDA GPU is visible.
+``import tensorrt`` fails or no CUDA GPU is visible.  The fp32 policy itself is tested in
+``tests/test_trt_precision.py``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 import types
 from dataclasses import dataclass, field
@@ -14,15 +19,22 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
-from exporters import tensorrt_build as tb
 from exporters.repository import RepositoryOptions, read_config, write_repository
 from exporters.specs import max_rois
+from exporters.tensorrt import build, cache, compare, gpus
+from exporters.tensorrt.gpus import GpuInfo
+from exporters.tensorrt.profiles import check_profile, optimization_profiles, shapes_string
+from exporters.tensorrt.progress import BuildProgress
+from exporters.tensorrt.run import run_engine
 from python_backend import names
 from python_backend.settings import DetectorSettings
 
 TRT_SKIP_REASON = "TensorRT is not installed (it can't be installed on these machines; see README)"
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT32: "TYPE_INT32"}
+H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", "9.0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,12 +67,11 @@ def _settings(**kw) -> DetectorSettings:
 
 def test_profiles_cover_batch_and_rois():
     settings = _settings(rpn_post_nms_top_n=300)
-    options = RepositoryOptions(target="tensorrt", max_batch_size=4)
-    p = tb.optimization_profiles(settings, options)
+    p = optimization_profiles(settings, 4)
     assert set(p) == {names.RPN, names.HEADER}
     assert p[names.RPN][names.IMAGES] == ((1, 3, 320, 320), (4, 3, 320, 320), (4, 3, 320, 320))
     assert p[names.RPN][names.IMAGE_SIZES] == ((1, 2), (4, 2), (4, 2))
-    r = max_rois(settings, options.max_batch_size)
+    r = max_rois(settings, 4)
     assert r == 1200
     assert p[names.HEADER][names.ROI_FEATURES] == ((1, 7, 7, 256), (r, 7, 7, 256), (r, 7, 7, 256))
     assert p[names.HEADER][names.ROIS] == ((1, 4), (r, 4), (r, 4))
@@ -68,40 +79,41 @@ def test_profiles_cover_batch_and_rois():
 
 def test_profile_header_opt_override():
     settings = _settings()
-    options = RepositoryOptions(target="tensorrt", max_batch_size=8)
-    p = tb.optimization_profiles(settings, options, header_opt_rois=1000)
+    p = optimization_profiles(settings, 8, header_opt_rois=1000)
     assert p[names.HEADER][names.ROIS] == ((1, 4), (1000, 4), (8000, 4))
     with pytest.raises(ValueError, match=r"header_opt_rois must be in 1\.\.8000, got 9000"):
-        tb.optimization_profiles(settings, options, header_opt_rois=9000)
+        optimization_profiles(settings, 8, header_opt_rois=9000)
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
+        optimization_profiles(settings, 0)
 
 
 def test_profiles_match_onnx_inputs(tiny):
     settings, paths = tiny
-    profiles = tb.optimization_profiles(settings, RepositoryOptions(target="tensorrt", max_batch_size=2))
+    profiles = optimization_profiles(settings, 2)
     for name, path in paths.items():
-        tb.check_profile(profiles[name], onnx.load(str(path)))
+        check_profile(profiles[name], onnx.load(str(path)))
 
 
 def test_check_profile_rejects_mismatches(tiny):
     settings, paths = tiny
     rpn = onnx.load(str(paths[names.RPN]))
-    wrong_canvas = tb.optimization_profiles(DetectorSettings(num_classes=5, canvas_height=320, canvas_width=352),
-                                            RepositoryOptions())[names.RPN]
+    wrong_canvas = optimization_profiles(DetectorSettings(num_classes=5, canvas_height=320, canvas_width=352),
+                                         8)[names.RPN]
     with pytest.raises(ValueError, match=r"'images' has 352 on axis 3, expected the ONNX's static 320"):
-        tb.check_profile(wrong_canvas, rpn)
-    header_profile = tb.optimization_profiles(settings, RepositoryOptions())[names.HEADER]
+        check_profile(wrong_canvas, rpn)
+    header_profile = optimization_profiles(settings, 8)[names.HEADER]
     with pytest.raises(ValueError, match="do not match the ONNX inputs"):
-        tb.check_profile(header_profile, rpn)
-    good = tb.optimization_profiles(settings, RepositoryOptions())[names.RPN]
+        check_profile(header_profile, rpn)
+    good = optimization_profiles(settings, 8)[names.RPN]
     bad_order = dict(good, **{names.IMAGE_SIZES: ((2, 2), (1, 2), (8, 2))})
     with pytest.raises(ValueError, match="min <= opt <= max"):
-        tb.check_profile(bad_order, rpn)
+        check_profile(bad_order, rpn)
 
 
 def test_shapes_string_is_ort_format():
     profile = {"a": ((1, 3), (4, 3), (8, 3)), "b": ((1,), (2,), (3,))}
-    assert tb.shapes_string(profile, 0) == "a:1x3,b:1"
-    assert tb.shapes_string(profile, 2) == "a:8x3,b:3"
+    assert shapes_string(profile, 0) == "a:1x3,b:1"
+    assert shapes_string(profile, 2) == "a:8x3,b:3"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +161,7 @@ def test_network_configs_match_onnx_and_profiles(case, tiny, tmp_path):
             plans[name] = tmp_path / f"{name}.plan"
             plans[name].write_bytes(b"not a real engine")
     repo = write_repository(tmp_path / "repo", settings, paths, options, plans=plans)
-    profiles = tb.optimization_profiles(settings, options)
+    profiles = optimization_profiles(settings, options.max_batch_size)
 
     for name in (names.RPN, names.HEADER):
         cfg = read_config(repo / name / "config.pbtxt")
@@ -199,7 +211,7 @@ def test_repository_options_validate_trt_fields():
 
 
 # ----------------------------------------------------------------------------------------------
-# fp32 layer selection, with look-alike layers
+# the fp32 policy's adapter over TensorRT networks, with look-alike layers
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -215,11 +227,14 @@ class _Tensor:
 
 @dataclass
 class _Layer:
+    """Like ``trt.ILayer`` as TensorRT returns it: the operation is only readable after a downcast
+    (``trt.IElementWiseLayer``, see :func:`exporters.tensorrt.build.layer_info`)."""
+
     name: str
     type: _Enum
     ins: list
     outs: list
-    op: _Enum | None = None
+    hidden_op: _Enum | None = None
     precision: object = None
     output_types: dict = field(default_factory=dict)
 
@@ -241,19 +256,37 @@ class _Layer:
         self.output_types[i] = dtype
 
 
+class _ElementWise(_Layer):
+    @property
+    def op(self):
+        return self.hidden_op
+
+
+class _Activation(_Layer):
+    @property
+    def type(self):  # an activation's ``type`` is its ActivationType once downcast
+        return self.hidden_op
+
+    @type.setter
+    def type(self, value):
+        pass
+
+
+FAKE_TRT = types.SimpleNamespace(IElementWiseLayer=_ElementWise, IUnaryLayer=_ElementWise,
+                                 IActivationLayer=_Activation, float32="float32")
+
+
 class _Network:
     def __init__(self):
         self.layers: list[_Layer] = []
         self.tensors: dict[str, _Tensor] = {}
 
-    def add(self, name, kind, ins=(), outs=None, op=None, dtypes=None):
-        outs = outs or [name + ":0"]
-        dtypes = dtypes or ["FLOAT"] * len(outs)
-        for o, d in zip(outs, dtypes):
-            self.tensors[o] = _Tensor(o, _Enum(d))
-        self.layers.append(_Layer(name, _Enum(kind), [self.tensors[i] for i in ins],
-                                  [self.tensors[o] for o in outs], _Enum(op) if op else None))
-        return outs[0]
+    def add(self, name, kind, ins=(), op=None, dtype="FLOAT"):
+        out = _Tensor(name + ":0", _Enum(dtype))
+        self.tensors[out.name] = out
+        self.layers.append(_Layer(name, _Enum(kind), [self.tensors[i] for i in ins], [out],
+                                  _Enum(op) if op else None))
+        return out.name
 
     @property
     def num_layers(self):
@@ -263,72 +296,45 @@ class _Network:
         return self.layers[i]
 
 
-def _detector_like_network() -> _Network:
-    """A small graph with the rpn/header patterns:
-
-    image > Mul(mask) > Conv > Add(residual, Conv) > Conv(head) > Select(valid) > TopK > Sigmoid
-    head > Sub/Exp/Mul decode with anchors (tail) > Concat > output; bias Add with a constant
-    before a conv; a bool mask (Less) and int32 shape arithmetic.
-    """
+def _gemm_softmax_network() -> _Network:
+    """x -> Gemm (CONSTANT weight, MATRIX_MULTIPLY, CONSTANT bias -> broadcast SHUFFLE -> SUM) -> softmax,
+    and a sigmoid on the logits: the parser's layer shapes."""
     n = _Network()
-    n.tensors["images"] = _Tensor("images")
-    n.tensors["sizes"] = _Tensor("sizes")
-    shape = n.add("shape", "SHAPE", ["images"], dtypes=["INT32"])
-    n.add("shape_mul", "ELEMENTWISE", [shape, shape], op="PROD", dtypes=["INT32"])
-    mask_bool = n.add("mask_less", "ELEMENTWISE", ["sizes", "sizes"], op="LESS", dtypes=["BOOL"])
-    mask = n.add("mask_cast", "CAST", [mask_bool])
-    x = n.add("mask_mul", "ELEMENTWISE", ["images", mask], op="PROD")
-    c1 = n.add("conv1", "CONVOLUTION", [x])
-    bias = n.add("bias_const", "CONSTANT")
-    b1 = n.add("bias_add", "ELEMENTWISE", [c1, bias], op="SUM")
-    c2 = n.add("conv2", "CONVOLUTION", [b1])
-    res = n.add("residual_add", "ELEMENTWISE", [c2, c1], op="SUM")
-    relu = n.add("relu", "ACTIVATION", [res], op="RELU")
-    head = n.add("head_conv", "CONVOLUTION", [relu])
-    valid = n.add("valid", "SELECT", [mask_bool, head, head])
-    top = n.add("topk", "TOPK", [valid], outs=["topk:values", "topk:indices"], dtypes=["FLOAT", "INT32"])
-    prob = n.add("sigmoid", "ACTIVATION", [top], op="SIGMOID")
-    anchors = n.add("anchor_scale", "ELEMENTWISE", ["sizes", "sizes"], op="PROD")
-    gathered = n.add("gather", "GATHER", [head, "topk:indices"])
-    e = n.add("exp", "UNARY", [gathered], op="EXP")
-    w = n.add("decode_mul", "ELEMENTWISE", [e, anchors], op="PROD")
-    ctr = n.add("decode_sub", "ELEMENTWISE", [w, anchors], op="SUB")
-    n.add("stack", "CONCATENATION", [ctr, prob])
+    n.tensors["x"] = _Tensor("x")
+    w = n.add("fc.weight", "CONSTANT")
+    mm = n.add("fc.matmul", "MATRIX_MULTIPLY", ["x", w])
+    b = n.add("ONNXTRT_Broadcast_1", "SHUFFLE", [n.add("fc.bias", "CONSTANT")])
+    logits = n.add("fc", "ELEMENTWISE", [mm, b], op="SUM")
+    n.add("softmax", "SOFTMAX", [logits])
+    n.add("sigmoid", "ACTIVATION", [logits], op="SIGMOID")
+    n.add("shape", "SHAPE", [logits], dtype="INT32")
     return n
 
 
-def test_fp32_selection_on_detector_patterns():
-    n = _detector_like_network()
-    keep = tb.fp32_layer_names(n)
-    assert keep == ["residual_add", "valid", "topk", "sigmoid", "anchor_scale", "exp", "decode_mul", "decode_sub",
-                    "stack"]
-    # never constrained: the dense body in fp16, masks, biases fused into convs, ints and bools
-    for name in ("conv1", "conv2", "head_conv", "mask_mul", "bias_add", "relu", "mask_less", "shape_mul", "shape"):
-        assert name not in keep, name
+def test_layer_info_reads_operations_after_downcasting():
+    n = _gemm_softmax_network()
+    layers = {layer.name: layer for layer in n.layers}
+    info = build.layer_info(layers["fc"], FAKE_TRT)
+    assert (info.kind, info.op, info.inputs, info.outputs) == ("ELEMENTWISE", "SUM", ("fc.matmul:0",
+                                                                                        "ONNXTRT_Broadcast_1:0"),
+                                                              ("fc:0",))
+    assert type(layers["fc"]) is _Layer  # the wrapper's class is restored
+    assert build.layer_info(layers["sigmoid"], FAKE_TRT).op == "SIGMOID"
+    assert build.layer_info(layers["shape"], FAKE_TRT).float_outputs == ()
 
 
-def test_fp32_selection_keeps_concat_and_add_inside_the_body():
-    """Mask R-CNN port lesson: Concat and tensor+tensor Add stay fp32 even when convs follow."""
-    n = _Network()
-    n.tensors["x"] = _Tensor("x")
-    a = n.add("conv_a", "CONVOLUTION", ["x"])
-    b = n.add("conv_b", "CONVOLUTION", ["x"])
-    s = n.add("fpn_add", "ELEMENTWISE", [a, b], op="SUM")
-    c = n.add("concat", "CONCATENATION", [s, a])
-    m = n.add("scale", "ELEMENTWISE", [c, c], op="PROD")
-    n.add("conv_out", "CONVOLUTION", [m])
-    assert tb.fp32_layer_names(n) == ["fpn_add", "concat"]
+def test_fp32_layer_names_over_a_network():
+    """The bias add through the broadcast SHUFFLE stays fp16; softmax and sigmoid are pinned."""
+    assert build.fp32_layer_names(_gemm_softmax_network(), FAKE_TRT) == ["softmax", "sigmoid"]
 
 
 def test_constrain_fp32_sets_only_float_outputs():
-    n = _detector_like_network()
-    fake_trt = types.SimpleNamespace(float32="float32")
-    count = tb.constrain_fp32(n, ["topk", "exp"], fake_trt)
-    assert count == 2
+    n = _gemm_softmax_network()
+    assert build.constrain_fp32(n, ["softmax", "shape"], FAKE_TRT) == 2
     layers = {layer.name: layer for layer in n.layers}
-    assert layers["topk"].precision == "float32" and layers["topk"].output_types == {0: "float32"}
-    assert layers["exp"].output_types == {0: "float32"}
-    assert layers["conv1"].precision is None
+    assert layers["softmax"].precision == "float32" and layers["softmax"].output_types == {0: "float32"}
+    assert layers["shape"].precision == "float32" and layers["shape"].output_types == {}  # int32 output kept
+    assert layers["fc"].precision is None and layers["fc"].output_types == {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,33 +347,33 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch, tmp_path):
     onnx_file = tmp_path / "rpn.onnx"
     onnx_file.write_bytes(b"")
     expected = r"not importable \(import tensorrt: .*tensorrt-cu12-bindings==10\.5\.0"
-    with pytest.raises(tb.TensorRTUnavailable, match=expected):
-        tb.build_engine(onnx_file, tmp_path / "rpn.plan", {})
+    with pytest.raises(build.TensorRTUnavailable, match=expected):
+        build.build_engine(onnx_file, tmp_path / "rpn.plan", {})
     assert not (tmp_path / "rpn.plan").exists()
 
 
-def test_no_gpu_is_a_clear_error(monkeypatch, tmp_path):
+def test_no_gpu_is_a_clear_error(monkeypatch):
     fake = types.ModuleType("tensorrt")
     fake.__version__ = "10.5.0"
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(tb, "cuda_device_count", lambda: 0)
-    with pytest.raises(tb.TensorRTUnavailable, match="TensorRT 10.5.0 is installed but no CUDA GPU is visible"):
-        tb.require_tensorrt()
+    monkeypatch.setattr(build, "cuda_device_count", lambda: 0)
+    with pytest.raises(build.TensorRTUnavailable, match="TensorRT 10.5.0 is installed but no CUDA GPU is visible"):
+        build.require_tensorrt()
 
 
 def test_old_tensorrt_is_refused(monkeypatch):
     fake = types.ModuleType("tensorrt")
     fake.__version__ = "8.6.1"
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    with pytest.raises(tb.TensorRTUnavailable, match=r"TensorRT 8\.6\.1 is too old: this code needs TensorRT >= 10"):
-        tb.import_tensorrt()
+    with pytest.raises(build.TensorRTUnavailable, match=r"TensorRT 8\.6\.1 is too old: this code needs TensorRT >= 10"):
+        build.import_tensorrt()
 
 
 def test_bad_arguments_fail_before_tensorrt(tmp_path):
     with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'tf32', 'fp16'\), got 'int8'"):
-        tb.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {}, precision="int8")
+        build.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {}, precision="int8")
     with pytest.raises(FileNotFoundError, match="x.onnx does not exist"):
-        tb.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {})
+        build.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {})
 
 
 def test_parser_errors_name_the_node():
@@ -389,21 +395,17 @@ def test_parser_errors_name_the_node():
 
     parser = types.SimpleNamespace(num_errors=2, get_error=[Err(12, "/Where_3", "Where", "bad type"),
                                                             Err(-1, "", "", "bad file")].__getitem__)
-    assert tb.parser_errors(parser) == ["node 12 '/Where_3' (Where): bad type", "model: bad file"]
+    assert build.parser_errors(parser) == ["node 12 '/Where_3' (Where): bad type", "model: bad file"]
 
 
 def test_cli_reports_missing_onnx(tmp_path, capsys):
-    assert tb.main(["--onnx", str(tmp_path), "--out", str(tmp_path / "plans")]) == 2
+    assert compare.main(["--onnx", str(tmp_path), "--out", str(tmp_path / "plans")]) == 2
     assert "rpn.onnx does not exist: export the ONNX first" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------------------------
-# progress, cache key
-# ----------------------------------------------------------------------------------------------
-
 def test_build_progress_prints_phases_with_durations():
     lines, now = [], [0.0]
-    p = tb.BuildProgress(lines.append, max_depth=2, step_interval_s=5.0, clock=lambda: now[0])
+    p = BuildProgress(lines.append, max_depth=2, step_interval_s=5.0, clock=lambda: now[0])
     p.phase_start("Building engine", None, 3)
     p.phase_start("Tactic selection", "Building engine", 100)
     p.phase_start("Layer 7", "Tactic selection", 10)  # depth 2: not printed
@@ -424,20 +426,367 @@ def test_build_progress_prints_phases_with_durations():
     ]
 
 
+# ----------------------------------------------------------------------------------------------
+# the loaded library's version and the engine cache
+# ----------------------------------------------------------------------------------------------
+
+class _FakeLibnvinfer:
+    """A loaded libnvinfer as ctypes shows it: the version getters of NvInferRuntime.h."""
+
+    def __init__(self, major, minor, patch, build_number):
+        self.getInferLibMajorVersion = lambda: major
+        self.getInferLibMinorVersion = lambda: minor
+        self.getInferLibPatchVersion = lambda: patch
+        self.getInferLibBuildVersion = lambda: build_number
+
+
+MAPS = ("7f1c2a000000-7f1c2b000000 r-xp 00000000 08:01 1234  /usr/lib/x86_64-linux-gnu/libnvinfer_plugin.so.10.6.0\n"
+        "7f1c3a000000-7f1c3b000000 r-xp 00000000 08:01 5678  /usr/lib/x86_64-linux-gnu/libnvinfer.so.10.6.0\n"
+        "7ffd1a000000-7ffd1b000000 rw-p 00000000 00:00 0  [stack]\n")
+
+
+def test_version_is_the_loaded_library_not_the_bindings(tmp_path):
+    """After a base-image bump the bindings may still say 10.5.0 while libnvinfer 10.6 is loaded."""
+    maps = tmp_path / "maps"
+    maps.write_text(MAPS)
+    opened = []
+
+    def load(path):
+        opened.append(path)
+        return _FakeLibnvinfer(10, 6, 0, 26)
+
+    bindings = types.SimpleNamespace(__version__="10.5.0")
+    assert build.loaded_tensorrt_version(bindings, maps, load) == "10.6.0.26"
+    assert opened == ["/usr/lib/x86_64-linux-gnu/libnvinfer.so.10.6.0"]
+    # no maps file: the soname of the bindings' major version (dlopen returns the loaded library)
+    assert build.loaded_tensorrt_version(bindings, tmp_path / "absent", load) == "10.6.0.26"
+    assert opened[-1] == "libnvinfer.so.10"
+
+
+def test_library_version_from_the_packed_number():
+    lib = types.SimpleNamespace(getInferLibVersion=lambda: 100500)  # (10 * 100 + 5) * 100 + 0
+    assert build.library_version(lib) == "10.5.0"
+
+
 def test_engine_cache_key():
     s, o = _settings(), RepositoryOptions(target="tensorrt")
-    key = tb.engine_cache_key(s, o, "fp16", "NVIDIA H100 80GB HBM3", "10.5.0", "abc")
-    assert key.startswith("NVIDIA-H100-80GB-HBM3__trt10.5.0__fp16__")
-    assert key == tb.engine_cache_key(s, o, "fp16", "NVIDIA H100 80GB HBM3", "10.5.0", "abc")
+    key = cache.engine_cache_key(s, o, "fp16", [H100], "10.5.0.18", "abc")
+    assert key.startswith("NVIDIA-H100-80GB-HBM3-cc9.0__trt10.5.0.18__fp16__")
+    assert key == cache.engine_cache_key(s, o, "fp16", [H100], "10.5.0.18", "abc")
     others = {
-        tb.engine_cache_key(s, o, "fp16", "NVIDIA L4", "10.5.0", "abc"),
-        tb.engine_cache_key(s, o, "fp32", "NVIDIA H100 80GB HBM3", "10.5.0", "abc"),
-        tb.engine_cache_key(_settings(box_score_thresh=0.5), o, "fp16", "NVIDIA H100 80GB HBM3", "10.5.0", "abc"),
-        tb.engine_cache_key(s, RepositoryOptions(target="tensorrt", max_batch_size=4), "fp16",
-                            "NVIDIA H100 80GB HBM3", "10.5.0", "abc"),
-        tb.engine_cache_key(s, o, "fp16", "NVIDIA H100 80GB HBM3", "10.5.0", "other weights"),
+        cache.engine_cache_key(s, o, "fp16", [GpuInfo(0, "NVIDIA L4", "8.9")], "10.5.0.18", "abc"),
+        cache.engine_cache_key(s, o, "fp16", [H100, GpuInfo(1, "NVIDIA A100-SXM4-80GB", "8.0")], "10.5.0.18", "abc"),
+        cache.engine_cache_key(s, o, "fp16", [H100], "10.6.0.26", "abc"),
+        cache.engine_cache_key(s, o, "fp32", [H100], "10.5.0.18", "abc"),
+        cache.engine_cache_key(_settings(box_score_thresh=0.5), o, "fp16", [H100], "10.5.0.18", "abc"),
+        cache.engine_cache_key(s, RepositoryOptions(target="tensorrt", max_batch_size=4), "fp16", [H100],
+                               "10.5.0.18", "abc"),
+        cache.engine_cache_key(s, o, "fp16", [H100], "10.5.0.18", "other weights"),
     }
-    assert key not in others and len(others) == 5
+    assert key not in others and len(others) == 7
+    # two GPUs of one model key like one
+    assert key == cache.engine_cache_key(s, o, "fp16", [H100, GpuInfo(1, H100.name, "9.0")], "10.5.0.18", "abc")
+    with pytest.raises(ValueError, match="needs at least one GPU, got none"):
+        cache.engine_cache_key(s, o, "fp16", [], "10.5.0.18", "abc")
+
+
+def test_a_plan_of_a_stale_library_is_not_reused(tmp_path):
+    """Cached under the key of the library that built it; the loaded one's key finds nothing."""
+    s, o = _settings(), RepositoryOptions(target="tensorrt")
+    maps = tmp_path / "maps"
+    maps.write_text(MAPS)
+    built_with = cache.engine_cache_key(s, o, "fp16", [H100], "10.5.0.18", "abc")
+    root = tmp_path / "repos"
+    (root / built_with / "model_repository" / "rpn" / "1").mkdir(parents=True)
+    (root / built_with / cache.COMPLETE_MARKER).write_text("{}")
+    loaded = build.loaded_tensorrt_version(types.SimpleNamespace(__version__="10.5.0"), maps,
+                                           lambda _: _FakeLibnvinfer(10, 6, 0, 26))
+    key = cache.engine_cache_key(s, o, "fp16", [H100], loaded, "abc")
+    assert key != built_with
+    assert cache.why_rebuild(root / built_with, None) is None  # the old folder itself is complete
+    assert cache.why_rebuild(root / key, None) == f"no finished preparation in {root / key}"
+
+
+def _prepared(root: Path, plans: dict[str, bytes]) -> Path:
+    for rel, blob in plans.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(blob)
+    (root / cache.COMPLETE_MARKER).write_text("{}")
+    return root
+
+
+def _fake_tensorrt(monkeypatch):
+    """build's TensorRT and device switch replaced: a plan deserializes unless it says b"stale"."""
+    devices = []
+
+    @contextlib.contextmanager
+    def use_device(index):
+        devices.append(index)
+        yield
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            if blob == b"crash":
+                raise RuntimeError("corrupt plan")
+            return None if blob == b"stale" else object()
+
+    class Logger:
+        ERROR = 0
+
+        def __init__(self, severity):
+            pass
+
+    trt = types.SimpleNamespace(Runtime=Runtime, Logger=Logger, __version__="10.5.0")
+    monkeypatch.setattr(build, "require_tensorrt", lambda: trt)
+    monkeypatch.setattr(build, "use_device", use_device)
+    return devices
+
+
+def test_a_plan_that_does_not_deserialize_triggers_a_rebuild(monkeypatch, tmp_path):
+    devices = _fake_tensorrt(monkeypatch)
+    targets = gpus.plan_targets([GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0"), GpuInfo(1, H100.name, "9.0")])
+    good = {"model_repository/rpn/1/model_cc8.0.plan": b"ok", "model_repository/rpn/1/model_cc9.0.plan": b"ok",
+            "plans/cc9.0/rpn.plan": b"stale"}  # outside the repository: not served, not checked
+    root = _prepared(tmp_path / "good", good)
+    assert cache.why_rebuild(root, build.plan_check(targets)) is None
+    assert devices == [0, 1]  # each plan on a device of its compute capability
+    for bad in (b"stale", b"crash"):
+        root = _prepared(tmp_path / bad.decode(), dict(good, **{"model_repository/header/1/model_cc9.0.plan": bad}))
+        reason = cache.why_rebuild(root, build.plan_check(targets))
+        assert reason == (f"cached engine {root}/model_repository/header/1/model_cc9.0.plan does not deserialize "
+                          "with this TensorRT and GPU")
+    # a plan for a compute capability this host no longer has
+    root = _prepared(tmp_path / "other", {"model_repository/rpn/1/model_cc8.6.plan": b"ok"})
+    assert "model_cc8.6.plan does not deserialize" in cache.why_rebuild(root, build.plan_check(targets))
+    assert cache.why_rebuild(tmp_path / "unfinished", None) == f"no finished preparation in {tmp_path / 'unfinished'}"
+
+
+def test_plan_deserializes_reads_files_and_catches_failures(tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine")
+    assert cache.plan_deserializes(plan, lambda blob: blob if blob == b"engine" else None)
+    assert not cache.plan_deserializes(b"other", lambda blob: blob if blob == b"engine" else None)
+    assert not cache.plan_deserializes(tmp_path / "missing.plan", lambda blob: object())
+
+    def explode(blob):
+        raise RuntimeError("magic tag does not match")
+
+    assert not cache.plan_deserializes(plan, explode)
+
+
+def test_timing_cache_round_trip(tmp_path):
+    path = tmp_path / "timing" / "h100.cache"
+    assert cache.read_timing_cache(path) == b""
+    cache.write_timing_cache(path, b"first")
+    cache.write_timing_cache(path, memoryview(b"second"))
+    assert cache.read_timing_cache(path) == b"second"
+    assert os.listdir(path.parent) == ["h100.cache"]
+    assert cache.timing_cache_file(tmp_path, H100, "10.5.0.18") == tmp_path / "NVIDIA-H100-80GB-HBM3-cc9.0__trt10.5.0.18.cache"
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_an_interrupted_timing_cache_write_leaves_the_old_file(where, monkeypatch, tmp_path):
+    """Disk full halfway through the write, or the container stopped before the rename: the old
+    cache survives whole and no temporary file is left behind."""
+    path = tmp_path / "timing.cache"
+    cache.write_timing_cache(path, b"old cache " * 100)
+
+    class Stopped(BaseException):  # like the KeyboardInterrupt/SystemExit of a stopped process
+        pass
+
+    real_fdopen = os.fdopen
+
+    class HalfWritten:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(bytes(data[: len(data) // 2]))
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def stop(*args, **kwargs):
+        raise Stopped()
+
+    if where == "write":
+        monkeypatch.setattr(cache.os, "fdopen", lambda fd, mode: HalfWritten(real_fdopen(fd, mode)))
+    else:
+        monkeypatch.setattr(cache.os, where, stop)
+    with pytest.raises(OSError if where == "write" else Stopped):
+        cache.write_timing_cache(path, b"new cache " * 200)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old cache " * 100
+    assert os.listdir(tmp_path) == ["timing.cache"]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPUs: one plan per compute capability
+# ----------------------------------------------------------------------------------------------
+
+A100, A30 = GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0"), GpuInfo(2, "NVIDIA A30", "8.0")
+
+
+def test_one_gpu_model_keeps_the_default_plan_name():
+    targets = gpus.plan_targets([GpuInfo(1, H100.name, "9.0"), H100])
+    assert targets == [gpus.PlanTarget("9.0", 0, (H100.name,), "model.plan")]
+    cfg = mc.ModelConfig(name="rpn")
+    gpus.set_cc_model_filenames(cfg, targets)
+    assert dict(cfg.cc_model_filenames) == {}
+
+
+def test_mixed_gpus_get_one_plan_per_compute_capability():
+    targets = gpus.plan_targets([GpuInfo(1, H100.name, "9.0"), A30, A100])
+    assert targets == [gpus.PlanTarget("8.0", 0, (A100.name, A30.name), "model_cc8.0.plan"),
+                       gpus.PlanTarget("9.0", 1, (H100.name,), "model_cc9.0.plan")]
+    cfg = mc.ModelConfig(name="rpn", platform="tensorrt_plan")
+    gpus.set_cc_model_filenames(cfg, targets)
+    parsed = text_format.Parse(text_format.MessageToString(cfg), mc.ModelConfig())
+    assert dict(parsed.cc_model_filenames) == {"8.0": "model_cc8.0.plan", "9.0": "model_cc9.0.plan"}
+    with pytest.raises(ValueError, match="no CUDA device to build TensorRT engines on"):
+        gpus.plan_targets([])
+
+
+def test_build_plans_per_gpu_builds_each_target_on_its_device(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_build_plans(onnx_paths, out_dir, settings, max_batch_size, precision, workspace_bytes,
+                         timing_cache_path, header_opt_rois, verbose, printer, device_index):
+        calls.append((Path(out_dir).name, max_batch_size, precision, device_index))
+        return {n: Path(out_dir) / f"{n}.plan" for n in (names.RPN, names.HEADER)}
+
+    monkeypatch.setattr(build, "build_plans", fake_build_plans)
+    targets = gpus.plan_targets([A100, GpuInfo(1, H100.name, "9.0"), A30])
+    lines = []
+    plans = build.build_plans_per_gpu({}, tmp_path, _settings(), 4, targets, "fp16", printer=lines.append)
+    assert calls == [("cc8.0", 4, "fp16", 0), ("cc9.0", 4, "fp16", 1)]
+    assert plans == {n: {"model_cc8.0.plan": tmp_path / "cc8.0" / f"{n}.plan",
+                         "model_cc9.0.plan": tmp_path / "cc9.0" / f"{n}.plan"} for n in (names.RPN, names.HEADER)}
+    assert lines == [f"[trt] compute capability 8.0: the plan built on {A100.name} also serves {A30.name}"]
+
+
+class _FakeDriver:
+    """libcuda as ctypes sees it: two devices; records the context calls."""
+
+    NAMES = {0: b"NVIDIA A100-SXM4-80GB", 1: b"NVIDIA H100 80GB HBM3"}
+    CC = {0: (8, 0), 1: (9, 0)}
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def _set(ref, value):
+        ref._obj.value = value  # ctypes.byref(x)._obj is x
+
+    def cuDeviceGetCount(self, ref):
+        self._set(ref, 2)
+        return 0
+
+    def cuDeviceGet(self, ref, index):
+        self._set(ref, index)
+        return 0 if index in self.NAMES else 101  # CUDA_ERROR_INVALID_DEVICE
+
+    def cuDeviceGetName(self, buf, size, dev):
+        buf.value = self.NAMES[dev.value]
+        return 0
+
+    def cuDeviceGetAttribute(self, ref, attribute, dev):
+        self._set(ref, self.CC[dev.value][attribute - 75])  # 75: major, 76: minor
+        return 0
+
+    def cuDevicePrimaryCtxRetain(self, ref, dev):
+        self.calls.append(("retain", dev.value))
+        return 0
+
+    def cuCtxPushCurrent(self, ctx):
+        self.calls.append(("push",))
+        return 0
+
+    def cuCtxPopCurrent(self, ref):
+        self.calls.append(("pop",))
+        return 0
+
+    def cuDevicePrimaryCtxRelease(self, dev):
+        self.calls.append(("release", dev.value))
+        return 0
+
+
+def test_cuda_devices_and_use_device_through_the_driver(monkeypatch):
+    driver = _FakeDriver()
+    monkeypatch.setattr(gpus, "_driver", lambda: driver)
+    assert gpus.cuda_devices() == [A100, GpuInfo(1, H100.name, "9.0")]
+    assert gpus.cuda_device_count() == 2
+    with pytest.raises(KeyError):
+        with gpus.use_device(1):
+            assert driver.calls == [("retain", 1), ("push",)]
+            raise KeyError("the build failed")
+    assert driver.calls == [("retain", 1), ("push",), ("pop",), ("release", 1)]  # restored all the same
+    with pytest.raises(gpus.CudaError, match=r"cuDeviceGet\(5\) failed with CUresult 101"):
+        with gpus.use_device(5):
+            pass
+    with gpus.use_device(None):  # the current device, no driver call
+        pass
+    assert len(driver.calls) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing outputs; proposals as sets of rows (TopK ties)
+# ----------------------------------------------------------------------------------------------
+
+def _proposals(rows_per_level: list[list[tuple[float, ...]]]) -> np.ndarray:
+    rows = [(*r, level) for level, rows in enumerate(rows_per_level) for r in rows]
+    return np.asarray([rows], dtype=np.float32)  # [1, K, 6]
+
+
+BOX_TOL = [0.01] * 4 + [1e-4, 0.0]
+
+
+def test_reordered_ties_are_the_same_proposals():
+    ref = _proposals([[(0, 0, 10, 10, 0.9), (5, 5, 20, 20, 0.5), (1, 1, 8, 8, 0.5)], [(0, 0, 64, 64, 0.7)]])
+    eng = ref.copy()
+    eng[0, [1, 2]] = eng[0, [2, 1]]  # equal scores in the other order
+    eng[0, :, :4] += 0.005  # within the box tolerance
+    assert compare.proposal_mismatches(eng, ref, BOX_TOL) == []
+
+
+def test_a_tie_at_the_cutoff_may_keep_another_row():
+    ref = _proposals([[(0, 0, 10, 10, 0.9), (5, 5, 20, 20, 0.30001)]])
+    eng = _proposals([[(0, 0, 10, 10, 0.9), (7, 7, 30, 30, 0.3)]])  # the other of two tied rows kept
+    assert compare.proposal_mismatches(eng, ref, BOX_TOL, score_atol=1e-4) == []
+    assert len(compare.proposal_mismatches(eng, ref, BOX_TOL, score_atol=0.0)) == 2  # both rows unexplained
+
+
+def test_a_moved_box_or_a_lost_top_row_is_a_mismatch():
+    ref = _proposals([[(0, 0, 10, 10, 0.9), (5, 5, 20, 20, 0.5)], [(0, 0, 64, 64, 0.7)]])
+    moved = ref.copy()
+    moved[0, 0, 2] += 1.0  # level 0's top box, one pixel off
+    problems = compare.proposal_mismatches(moved, ref, BOX_TOL, score_atol=1e-4)
+    assert len(problems) == 2 and all(p.startswith("image 0 level 0:") for p in problems)
+    below = _proposals([[(0, 0, 10, 10, 0.9), (5, 5, 20, 20, 0.2)], [(0, 0, 64, 64, 0.7)]])
+    problems = compare.proposal_mismatches(below, ref, BOX_TOL, score_atol=1e-4)  # kept a row far below the cutoff
+    assert [p.split(":")[0] for p in problems] == ["image 0 level 0"] * 2
+    lost = _proposals([[(3, 3, 9, 9, 0.5), (5, 5, 20, 20, 0.5)], [(0, 0, 64, 64, 0.7)]])
+    problems = compare.proposal_mismatches(lost, ref, BOX_TOL, score_atol=1e-4)
+    assert problems == ["image 0 level 0: reference row [0.0, 0.0, 10.0, 10.0, 0.8999999761581421, 0.0] has no "
+                        "partner and is not a tie at the cutoff score 0.5"]
+    with pytest.raises(ValueError, match=r"expected two proposals arrays \[B, K, 6\] of one shape"):
+        compare.proposal_mismatches(ref[:, :2], ref, BOX_TOL)
+
+
+def test_output_diff():
+    d = compare.output_diff("x", np.array([1.0, 2.5, 0.0]), np.array([1.0, 2.0, 1e-4]))
+    assert (d.name, d.max_abs, d.shape) == ("x", 0.5, (3,))
+    assert d.max_rel == pytest.approx(0.5 / (2.0 + 1e-6))
+    with pytest.raises(ValueError, match=r"output 'x': engine shape \(2,\), ONNX Runtime shape \(3,\)"):
+        compare.output_diff("x", np.zeros(2), np.zeros(3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,48 +796,72 @@ def test_engine_cache_key():
 @pytest.fixture(scope="module")
 def trt_ready():
     try:
-        tb.import_tensorrt()
-    except tb.TensorRTUnavailable:
+        build.import_tensorrt()
+    except build.TensorRTUnavailable:
         pytest.skip(TRT_SKIP_REASON)
-    if tb.cuda_device_count() < 1:
+    if gpus.cuda_device_count() < 1:
         pytest.skip("no CUDA GPU is visible")
 
 
 # fp32 (TF32 off) should match ONNX Runtime's CPU numbers to float32 rounding of a deep
 # network; fp16 keeps decode and softmax in fp32, so boxes stay within a pixel or two.
-TOLERANCES = {"fp32": {names.CLASS_SCORES: 1e-4, names.CLASS_BOXES: 1e-2, "features": 1e-3},
-              "fp16": {names.CLASS_SCORES: 2e-2, names.CLASS_BOXES: 2.0, "features": 0.5}}
+TOLERANCES = {"fp32": {names.CLASS_SCORES: 1e-4, names.CLASS_BOXES: 1e-2, "features": 1e-3,
+                       "box": 1e-2, "box_rel": 0.0, "score": 1e-4},
+              "fp16": {names.CLASS_SCORES: 2e-2, names.CLASS_BOXES: 2.0, "features": 0.5,
+                       "box": 2.0, "box_rel": 1e-2, "score": 2e-2}}
 
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engines_match_onnxruntime(precision, tiny, trt_ready, tmp_path):
     settings, paths = tiny
-    options = RepositoryOptions(target="tensorrt", max_batch_size=2)
-    plans = tb.build_plans(paths, tmp_path, settings, options, precision, workspace_bytes=1 << 30,
-                           timing_cache_path=tmp_path / "timing.cache")
+    plans = build.build_plans(paths, tmp_path, settings, 2, precision, workspace_bytes=1 << 30,
+                              timing_cache_path=tmp_path / "timing.cache")
     assert (tmp_path / "timing.cache").stat().st_size > 0
-    inputs = tb.random_inputs(settings, batch=2, rois=64)
+    inputs = compare.random_inputs(settings, batch=2, rois=64)
     tol = TOLERANCES[precision]
-    header = tb.compare_with_onnxruntime(plans[names.HEADER], paths[names.HEADER], inputs[names.HEADER])
+    header = compare.compare_with_onnxruntime(plans[names.HEADER], paths[names.HEADER], inputs[names.HEADER])
     assert header[names.CLASS_SCORES].max_abs < tol[names.CLASS_SCORES], header
     assert header[names.CLASS_BOXES].max_abs < tol[names.CLASS_BOXES], header
-    rpn = tb.compare_with_onnxruntime(plans[names.RPN], paths[names.RPN], inputs[names.RPN])
+    engine = run_engine(plans[names.RPN], inputs[names.RPN])
+    reference = compare.onnxruntime_outputs(paths[names.RPN], inputs[names.RPN])
     for feature in names.FEATURES:
-        assert rpn[feature].max_abs < tol["features"], rpn
-    # proposals go through TopK: near-ties may swap rows, so only their shape is compared here
-    assert rpn[names.PROPOSALS].shape == (2, settings.num_proposals, 6)
+        assert compare.output_diff(feature, engine[feature], reference[feature]).max_abs < tol["features"]
+    # proposals go through TopK: near-ties may swap rows, so they are compared as sets of rows
+    proposals = reference[names.PROPOSALS]
+    assert proposals.shape == (2, settings.num_proposals, 6)
+    assert (proposals[:, :, compare.LEVEL] >= 0).sum() > settings.num_proposals  # valid rows to compare
+    atol = [tol["box"]] * 4 + [tol["score"], 0.0]
+    problems = compare.proposal_mismatches(engine[names.PROPOSALS], proposals, atol, tol["box_rel"], tol["score"])
+    assert problems == [], "\n".join(problems[:10])
 
 
 @pytest.mark.tensorrt
 def test_engine_accepts_the_profile_extremes(tiny, trt_ready, tmp_path):
     settings, paths = tiny
-    options = RepositoryOptions(target="tensorrt", max_batch_size=2)
-    profile = tb.optimization_profiles(settings, options)[names.HEADER]
-    plan = tb.build_engine(paths[names.HEADER], tmp_path / "header.plan", profile, "fp32", 1 << 30)
-    for r in (1, max_rois(settings, options.max_batch_size)):
+    profile = optimization_profiles(settings, 2)[names.HEADER]
+    plan = build.build_engine(paths[names.HEADER], tmp_path / "header.plan", profile, "fp32", 1 << 30)
+    for r in (1, max_rois(settings, 2)):
         rng = np.random.default_rng(r)
-        out = tb.run_engine(plan, {names.ROI_FEATURES: rng.standard_normal((r, 7, 7, 256), dtype=np.float32),
-                                   names.ROIS: np.tile(np.array([[0, 0, 32, 32]], np.float32), (r, 1))})
+        out = run_engine(plan, {names.ROI_FEATURES: rng.standard_normal((r, 7, 7, 256), dtype=np.float32),
+                                names.ROIS: np.tile(np.array([[0, 0, 32, 32]], np.float32), (r, 1))})
         assert out[names.CLASS_SCORES].shape == (r, settings.num_classes)
         np.testing.assert_allclose(out[names.CLASS_SCORES].sum(axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.tensorrt
+def test_cached_engines_deserialize_on_every_gpu(tiny, trt_ready, tmp_path):
+    settings, paths = tiny
+    targets = gpus.plan_targets(gpus.cuda_devices())
+    plans = build.build_plans_per_gpu(paths, tmp_path / "plans", settings, 1, targets, "fp32", 1 << 30)
+    root = tmp_path / "prepared"
+    for model, files in plans.items():
+        for filename, path in files.items():
+            (root / "model_repository" / model / "1").mkdir(parents=True, exist_ok=True)
+            (root / "model_repository" / model / "1" / filename).write_bytes(path.read_bytes())
+    (root / cache.COMPLETE_MARKER).write_text("{}")
+    assert cache.why_rebuild(root, build.plan_check(targets)) is None
+    stale = root / "model_repository" / names.HEADER / "1" / targets[0].filename
+    stale.write_bytes(stale.read_bytes()[: stale.stat().st_size // 2])  # a truncated plan
+    assert cache.why_rebuild(root, build.plan_check(targets)) == (
+        f"cached engine {stale} does not deserialize with this TensorRT and GPU")
