@@ -78,7 +78,8 @@ def check_tensorrt_ready(model: onnx.ModelProto, dynamic_axis: int = 0) -> None:
         for i in _SHAPE_INPUTS.get(node.op_type, ()):
             if i < len(node.input) and node.input[i] and node.input[i] not in constants:
                 raise NotTensorRTReady(
-                    f"{_node_label(node)} takes input {i} ({node.input[i]!r}) from data, so its output shape is data dependent"
+                    f"{_node_label(node)} takes input {i} ({node.input[i]!r}) from data, so its output shape is "
+                    "data dependent"
                 )
         if node.op_type == "TopK" and len(node.input) > 1 and constants.get(node.input[1]) is not None:
             k = int(numpy_helper.to_array(constants[node.input[1]]).reshape(-1)[0])
@@ -92,7 +93,8 @@ def check_tensorrt_ready(model: onnx.ModelProto, dynamic_axis: int = 0) -> None:
         for axis, d in enumerate(dims):
             if not d.HasField("dim_value"):
                 if axis != dynamic_axis:
-                    raise NotTensorRTReady(f"input {value.name!r} has a dynamic dimension {axis}; only axis {dynamic_axis} may be")
+                    raise NotTensorRTReady(f"input {value.name!r} has a dynamic dimension {axis}; "
+                                           f"only axis {dynamic_axis} may be")
                 dynamic.add(d.dim_param)
     for value in graph.output:
         dims = value.type.tensor_type.shape.dim

@@ -584,7 +584,8 @@ def test_timing_cache_round_trip(tmp_path):
     cache.write_timing_cache(path, memoryview(b"second"))
     assert cache.read_timing_cache(path) == b"second"
     assert os.listdir(path.parent) == ["h100.cache"]
-    assert cache.timing_cache_file(tmp_path, H100, "10.5.0.18") == tmp_path / "NVIDIA-H100-80GB-HBM3-cc9.0__trt10.5.0.18.cache"
+    expected = tmp_path / "NVIDIA-H100-80GB-HBM3-cc9.0__trt10.5.0.18.cache"
+    assert cache.timing_cache_file(tmp_path, H100, "10.5.0.18") == expected
 
 
 @pytest.mark.parametrize("where", ["write", "fsync", "replace"])
