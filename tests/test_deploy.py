@@ -336,6 +336,12 @@ def test_security_context_matches_the_image(render, name):
     pod = deployment["spec"]["template"]["spec"]["securityContext"]
     uid = _dockerfile_uid()
     assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"], pod["runAsNonRoot"]) == (uid, uid, uid, True)
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    # Pod Security "restricted" allows these volume types only; node-cache's hostPath needs "privileged"
+    restricted = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                  "secret"}
+    types = {key for v in deployment["spec"]["template"]["spec"]["volumes"] for key in v if key != "name"}
+    assert types - restricted == ({"hostPath"} if name.endswith("+node-cache") else set())
     for c in containers(deployment).values():
         sc = c["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
