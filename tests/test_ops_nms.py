@@ -203,7 +203,8 @@ BOXES, SCORES = np.zeros((3, 4), np.float32), np.zeros(3, np.float32)
 
 
 @pytest.mark.parametrize("boxes, scores, error, message", [
-    (np.zeros((3, 5), np.float32), SCORES, ValueError, r"boxes should have 4 elements in dimension 1 .*got shape \(3, 5\)"),
+    (np.zeros((3, 5), np.float32), SCORES, ValueError,
+     r"boxes should have 4 elements in dimension 1 .*got shape \(3, 5\)"),
     (np.zeros(4, np.float32), SCORES, ValueError, r"boxes should be a 2d array \[N, 4\], got 1d"),
     (np.zeros((1, 3, 4), np.float32), SCORES, ValueError, "boxes should be a 2d array"),
     (BOXES, np.zeros((3, 2), np.float32), ValueError, r"scores should be a 1d array \[N\], got 2d"),
@@ -239,4 +240,5 @@ def test_float64_input_is_computed_in_float32(backend):
     boxes = np.array([a, b], dtype=np.float64)
     scores = np.array([0.9, 0.8], dtype=np.float64)
     np.testing.assert_array_equal(run_nms(backend, boxes, scores, thr), [0, 1])
-    np.testing.assert_array_equal(run_nms(backend, boxes, scores, float(np.nextafter(np.float32(thr), np.float32(0)))), [0])
+    below = float(np.nextafter(np.float32(thr), np.float32(0)))
+    np.testing.assert_array_equal(run_nms(backend, boxes, scores, below), [0])

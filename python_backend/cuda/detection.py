@@ -7,7 +7,7 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from ..reference.contract import check_counts, check_header_outputs, check_sizes
+from ..reference.contract import check_postprocess_inputs
 from ._modules import EXACT, THREADS, blocks, kernel
 from .nms import SCORE_BITS, bits_for, check_key_bits, nms_sorted_segments, rank_keys
 
@@ -36,16 +36,12 @@ def postprocess_detections(class_scores, class_boxes, counts, image_sizes, origi
         boxes ``[B, D, 4]`` float32, scores ``[B, D]`` float32, labels ``[B, D]`` int32 and
         num ``[B, 1]`` int32, ``D = detections_per_img``, unused slots zero.
     """
-    scores, boxes = cp.asarray(class_scores), cp.asarray(class_boxes)
-    r_total, c = check_header_outputs(scores, boxes)
-    counts = check_counts(np.asarray(cp.asnumpy(counts)), r_total)
-    image_sizes, original_sizes = cp.asarray(image_sizes), cp.asarray(original_sizes)
-    b = check_sizes("image_sizes", image_sizes, counts.shape[0])
-    check_sizes("original_sizes", original_sizes, b)
-    scores = cp.ascontiguousarray(scores.astype(cp.float32, copy=False))
-    boxes = cp.ascontiguousarray(boxes.astype(cp.float32, copy=False))
-    image_sizes = cp.ascontiguousarray(image_sizes.astype(cp.float32, copy=False))
-    original_sizes = cp.ascontiguousarray(original_sizes.astype(cp.float32, copy=False))
+    scores, boxes, image_sizes, original_sizes = (
+        cp.asarray(a) for a in (class_scores, class_boxes, image_sizes, original_sizes))
+    counts = check_postprocess_inputs(scores, boxes, np.asarray(cp.asnumpy(counts)), image_sizes, original_sizes)
+    b, c = int(counts.shape[0]), int(scores.shape[1])
+    scores, boxes, image_sizes, original_sizes = (
+        cp.ascontiguousarray(a.astype(cp.float32, copy=False)) for a in (scores, boxes, image_sizes, original_sizes))
     d = int(detections_per_img)
     out_boxes = cp.zeros((b, d, 4), dtype=cp.float32)
     out_scores = cp.zeros((b, d), dtype=cp.float32)

@@ -62,8 +62,8 @@ def filter_proposals(proposals, rpn_min_size: float, rpn_score_thresh: float, rp
         (proposals, np.int32(k), np.int32(n_pow2), np.float32(rpn_min_size), np.float32(rpn_score_thresh),
          np.int32(INVALID_LEVEL), np.int32(code_shift), np.int32(idx_bits), idx_mask, keys, sboxes, codes),
         shared_mem=n_pow2 * 8)
-    keep, kept = nms_sorted_segments(sboxes, codes, _segment_offsets(cp.cuda.Device().id, b, k), b, k, INVALID_LEVEL + 1,
-                                     INVALID_LEVEL, rpn_nms_thresh)
+    seg_off = _segment_offsets(cp.cuda.Device().id, b, k)
+    keep, kept = nms_sorted_segments(sboxes, codes, seg_off, b, k, INVALID_LEVEL + 1, INVALID_LEVEL, rpn_nms_thresh)
     _sort_kernel("proposal_topk", n_pow2)(
         (b,), (SORT_THREADS,),
         (proposals, keys, keep, kept, np.int32(b), np.int32(k), np.int32(n_pow2), np.int32(post_nms_top_n),

@@ -6,8 +6,8 @@
 //   out       [R, ROI_OUT, ROI_OUT, C]  (the header's fc6 weights are permuted to match)
 // Why channels last: a warp's threads take consecutive channels, so each of the 16 bilinear taps
 // of a bin is one coalesced 128-byte read and each output row one coalesced write.  The NCHW
-// version (one thread per bin, taps scattered over a plane) was bound by L1 wavefronts: Nsight
-// Compute on the H100 showed L1 83% busy at 1.05 ms for 8 x 1000 RoIs (docs/gpu_kernels.md).
+// version (one thread per bin, taps scattered over a plane) was bound by L1 wavefronts, as
+// Nsight Compute showed (the profiles are in docs/gpu_kernels.md).
 //
 // Image b only owns the top-left (padded_h / stride, padded_w / stride) of each map, padded =
 // resized size rounded up to size_divisible (torchvision batch_images); sampling clamps at that

@@ -173,3 +173,13 @@ def check_counts(counts: np.ndarray, rows: int) -> np.ndarray:
     if (counts < 0).any() or counts.sum() > rows:
         raise ValueError(f"counts {counts.tolist()} do not fit the {rows} rows of class_scores")
     return counts
+
+
+def check_postprocess_inputs(class_scores, class_boxes, counts: np.ndarray, image_sizes, original_sizes) -> np.ndarray:
+    """postprocess_detections: header outputs (:func:`check_header_outputs`), host ``counts [B]``
+    that fit their rows, ``image_sizes`` and ``original_sizes [B, 2]``; returns counts as int64."""
+    rows, _ = check_header_outputs(class_scores, class_boxes)
+    counts = check_counts(counts, rows)
+    b = check_sizes("image_sizes", image_sizes, counts.shape[0])
+    check_sizes("original_sizes", original_sizes, b)
+    return counts

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .boxes import batched_nms, clip_boxes, small_box_mask
-from .contract import ProposalRois, check_counts, check_header_outputs, check_proposals, check_sizes
+from .contract import ProposalRois, check_postprocess_inputs, check_proposals
 
 
 def filter_image_proposals(proposals: np.ndarray, rpn_min_size: float, rpn_score_thresh: float,
@@ -101,15 +101,12 @@ def postprocess_detections(class_scores, class_boxes, counts, image_sizes, origi
         boxes ``[B, D, 4]`` float32, scores ``[B, D]`` float32, labels ``[B, D]`` int32 and
         num ``[B, 1]`` int32, ``D = detections_per_img``, unused slots zero.
     """
-    class_scores, class_boxes = np.asarray(class_scores), np.asarray(class_boxes)
-    rows, _ = check_header_outputs(class_scores, class_boxes)
-    counts = check_counts(np.asarray(counts), rows)
-    image_sizes, original_sizes = np.asarray(image_sizes), np.asarray(original_sizes)
-    b = check_sizes("image_sizes", image_sizes, counts.shape[0])
-    check_sizes("original_sizes", original_sizes, b)
+    class_scores, class_boxes, image_sizes, original_sizes = (
+        np.asarray(a) for a in (class_scores, class_boxes, image_sizes, original_sizes))
+    counts = check_postprocess_inputs(class_scores, class_boxes, np.asarray(counts), image_sizes, original_sizes)
     class_scores = class_scores.astype(np.float32, copy=False)
     class_boxes = class_boxes.astype(np.float32, copy=False)
-    d = int(detections_per_img)
+    b, d = counts.shape[0], int(detections_per_img)
     if b == 0:
         return (np.zeros((0, d, 4), np.float32), np.zeros((0, d), np.float32), np.zeros((0, d), np.int32),
                 np.zeros((0, 1), np.int32))
