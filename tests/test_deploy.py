@@ -158,23 +158,25 @@ def test_render_validates_against_kubernetes_schemas(render, name):
     assert not failures, f"{name}:\n" + "\n".join(failures)
 
 
+def _parent(obj: dict, path: str) -> tuple[dict, str]:
+    """The mapping holding the dotted ``path`` (list items by index) and the last key."""
+    *head, last = path.split(".")
+    for key in head:
+        obj = obj[int(key)] if isinstance(obj, list) else obj[key]
+    return obj, last
+
+
 def _set(path: str, value):
-    def mutate(d):
-        *head, last = path.split(".")
-        node = d
-        for key in head:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        node[last] = value
+    def mutate(obj):
+        parent, key = _parent(obj, path)
+        parent[key] = value
     return mutate
 
 
 def _delete(path: str):
-    def mutate(d):
-        *head, last = path.split(".")
-        node = d
-        for key in head:
-            node = node[int(key)] if isinstance(node, list) else node[key]
-        del node[last]
+    def mutate(obj):
+        parent, key = _parent(obj, path)
+        del parent[key]
     return mutate
 
 
