@@ -1,0 +1,268 @@
+"""A bad request batched beside good ones, sent straight to each step model of a real tritonserver.
+
+One small repository (the 320x320 canvas of tests/conftest.py) holds every step: preprocess, rpn
+and header through ONNX Runtime (onnx_runner.py), rpn and header again through torch
+(torch_runner.py, as ``rpn_torch`` / ``header_torch``), roi and postprocess.  The dynamic batcher
+waits long enough that requests sent together share one ``execute`` (checked in the statistics).
+In each batch the bad request must get an error naming what was wrong, and every good one the
+values of an independent computation of that request alone: the NumPy reference steps, or the
+eager torch modules the networks were exported from.
+
+postprocess does not batch (``max_batch_size: 0``, each request has its own RoI count), and
+Triton hands such a model one request per ``execute`` even with a dynamic batcher (seen with this
+server); there the requests run side by side.  tests/test_adapter.py covers several postprocess
+requests in one call.
+"""
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+
+from exporters import torch_export
+from exporters.repository import RepositoryOptions, read_config, write_repository
+from exporters.split import HeaderNetwork, RpnNetwork
+from fasterrcnn.server import ServerError, TritonServer, free_port
+from evaluation.payloads import encode, textured_image
+from python_backend import backends, names
+
+pytestmark = pytest.mark.triton
+tritonclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # noqa: E402
+
+MAX_BATCH = 4
+QUEUE_DELAY_US = 2_000_000  # requests sent together arrive well within it
+NUMPY = backends.get_backend("cpu")
+TORCH = "_torch"  # suffix of the torch runner's copies of rpn and header
+
+
+@pytest.fixture(scope="module")
+def server(small_model, square_export, tmp_path_factory):
+    settings, paths = square_export
+    repo = tmp_path_factory.mktemp("isolation_repo")
+    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=QUEUE_DELAY_US))
+    traces = torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("traces"), device="cpu")
+    torch_repo = tmp_path_factory.mktemp("torch_repo")
+    write_repository(torch_repo, settings, {}, RepositoryOptions(target="torch", max_batch_size=MAX_BATCH,
+                                                                 queue_delay_us=QUEUE_DELAY_US), torch_models=traces)
+    for name in (names.RPN, names.HEADER):
+        folder = repo / f"{name}{TORCH}"
+        shutil.copytree(torch_repo / name, folder)
+        cfg = read_config(folder / "config.pbtxt")
+        cfg.name = folder.name
+        (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    for name in (names.ENSEMBLE, names.ENSEMBLE_RAW, names.PREPROCESS_RAW):
+        shutil.rmtree(repo / name)
+    srv = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    try:
+        srv.start(timeout=300)
+    except ServerError as e:
+        pytest.fail(str(e))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return tritonclient.InferenceServerClient(server.grpc_url)
+
+
+def _batch_counts(client, model: str) -> dict[int, int]:
+    """{batch size: executions} from the model's statistics."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+def _infer(client, model: str, inputs: dict):
+    tensors = []
+    for name, array in inputs.items():
+        t = tritonclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        t.set_data_from_numpy(array)
+        tensors.append(t)
+    try:
+        return client.infer(model, tensors)
+    except InferenceServerException as e:
+        return e
+
+
+def _together(client, model: str, requests: list[dict], batch: int | None = None) -> list:
+    """Send ``requests`` at once; with ``batch``, check they ran as one execution of that batch size."""
+    before = _batch_counts(client, model)
+    with ThreadPoolExecutor(len(requests)) as pool:
+        results = list(pool.map(lambda r: _infer(client, model, r), requests))
+    if batch is not None:
+        after = _batch_counts(client, model)
+        grown = {b: n - before.get(b, 0) for b, n in after.items() if n > before.get(b, 0)}
+        assert grown == {batch: 1}, f"{model}: expected one execution of batch {batch}, got {grown}"
+    return results
+
+
+def _values(result, *output_names):
+    assert not isinstance(result, Exception), result
+    return [result.as_numpy(n) for n in output_names]
+
+
+def _error(result) -> str:
+    assert isinstance(result, InferenceServerException), "expected an error, got outputs"
+    return result.message()
+
+
+# --- inputs: a few images through the NumPy preprocess and the eager rpn ----------------------------
+
+IMAGES = [textured_image(240, 400, seed=3), textured_image(300, 300, seed=4), textured_image(400, 240, seed=5)]
+
+
+@pytest.fixture(scope="module")
+def rpn_inputs(square_export):
+    """Preprocessed (images, image_sizes) of each of IMAGES."""
+    settings, _ = square_export
+    return [NUMPY.preprocess_batch([im], settings)[:2] for im in IMAGES]
+
+
+@pytest.fixture(scope="module")
+def rpn_eager(small_model, square_export):
+    settings, _ = square_export
+    net = RpnNetwork(small_model, settings).eval()
+
+    def run(images, sizes):
+        with torch.no_grad():
+            return [o.numpy() for o in net(torch.from_numpy(images), torch.from_numpy(sizes))]
+
+    return run
+
+
+def _cat(*arrays):
+    return np.concatenate(arrays)
+
+
+# --- the steps ----------------------------------------------------------------------------------
+
+def test_preprocess(client, square_export):
+    settings, _ = square_export
+    request = lambda *items: {names.IMAGE_BYTES: np.array([[b] for b in items], dtype=np.object_)}  # noqa: E731
+    results = _together(client, names.PREPROCESS, [request(encode(IMAGES[0])), request(b"GIF89a broken"),
+                                                    request(encode(IMAGES[1]), encode(IMAGES[2]))], batch=4)
+    assert "bad input image: not a decodable image" in _error(results[1])
+    outs = (names.IMAGES, names.IMAGE_SIZES, names.ORIGINAL_SIZES)
+    for result, own in ((results[0], IMAGES[:1]), (results[2], IMAGES[1:])):
+        for got, want in zip(_values(result, *outs), NUMPY.preprocess_batch(own, settings)):
+            np.testing.assert_array_equal(got, want)
+
+
+def _assert_rpn_outputs(got, want, what):
+    """Maps to float32 summation order.  Proposals level by level, as sets (random weights give
+    near-tied objectness, so two runtimes may pick a few top-k rows differently); rows of level -1
+    are padding, whose content no step reads."""
+    for name, a, b in zip(names.FEATURES, want[1:], got[1:]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5 * np.abs(a).max(), err_msg=f"{what} {name}")
+    assert got[0].shape == want[0].shape
+    for i, (a, b) in enumerate(zip(want[0], got[0])):
+        for level in range(5):
+            la, lb = a[a[:, 5] == level], b[b[:, 5] == level]
+            assert lb.shape == la.shape, f"{what} image {i} level {level}: {lb.shape[0]} proposals, want {la.shape[0]}"
+            found = np.isclose(lb[:, None, :], la[None, :, :], rtol=1e-4, atol=1e-3).all(-1).any(1).mean()
+            assert found >= 0.99, f"{what} image {i} level {level}: {found:.3f} of the proposals found"
+
+
+@pytest.mark.parametrize("model", [names.RPN, names.RPN + TORCH])
+def test_rpn(client, rpn_inputs, rpn_eager, model):
+    (x0, s0), (x1, s1), (x2, s2) = rpn_inputs
+    good = [{names.IMAGES: x0, names.IMAGE_SIZES: s0}, {names.IMAGES: _cat(x1, x2), names.IMAGE_SIZES: _cat(s1, s2)}]
+    bad = {names.IMAGES: x0, names.IMAGE_SIZES: np.array([[400, 200]], np.float32)}  # taller than the canvas
+    results = _together(client, model, [good[0], bad, good[1]], batch=4)
+    assert _error(results[1]).startswith("image_sizes[0] = (400, 200): expected a resized (height, width) "
+                                         "within the 320x320 canvas")
+    outs = (names.PROPOSALS, *names.FEATURES)
+    for result, inputs in ((results[0], good[0]), (results[2], good[1])):
+        want = rpn_eager(inputs[names.IMAGES], inputs[names.IMAGE_SIZES])
+        _assert_rpn_outputs(_values(result, *outs), want, model)
+
+
+def _roi_request(rpn_out, sizes):
+    return {names.PROPOSALS: rpn_out[0], **dict(zip(names.FEATURES, rpn_out[1:])), names.IMAGE_SIZES: sizes}
+
+
+@pytest.fixture(scope="module")
+def roi_requests(rpn_inputs, rpn_eager):
+    """The roi step's good requests: one image, then two."""
+    (x0, s0), (x1, s1), (x2, s2) = rpn_inputs
+    return [_roi_request(rpn_eager(x0, s0), s0), _roi_request(rpn_eager(_cat(x1, x2), _cat(s1, s2)), _cat(s1, s2))]
+
+
+def test_roi(client, square_export, roi_requests):
+    settings, _ = square_export
+    bad = dict(roi_requests[0], **{names.IMAGE_SIZES: np.array([[0, 200]], np.float32)})
+    results = _together(client, names.ROI, [roi_requests[0], bad, roi_requests[1]], batch=4)
+    assert _error(results[1]).startswith("image_sizes[0] = (0, 200): expected a resized (height, width)")
+    for result, r in ((results[0], roi_requests[0]), (results[2], roi_requests[1])):
+        want = NUMPY.roi_step(r[names.PROPOSALS], [r[n] for n in names.FEATURES], r[names.IMAGE_SIZES], settings)
+        rois, feats, counts = _values(result, names.ROIS, names.ROI_FEATURES, names.NUM_ROIS)
+        assert rois.shape[0] == int(want.counts.sum()) > 0
+        np.testing.assert_array_equal(counts.reshape(-1), want.counts)
+        np.testing.assert_allclose(rois, want.rois, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(feats, want.features, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def header_requests(square_export, roi_requests):
+    """A few of the RoIs of each roi request (with their features), as header requests."""
+    settings, _ = square_export
+    out = []
+    for r, n in zip(roi_requests, (40, 25)):
+        b = NUMPY.roi_step(r[names.PROPOSALS], [r[f] for f in names.FEATURES], r[names.IMAGE_SIZES], settings)
+        out.append({names.ROI_FEATURES: np.ascontiguousarray(b.features[:n]), names.ROIS: b.rois[:n]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def header_eager(small_model):
+    net = HeaderNetwork(small_model).eval()
+
+    def run(r):
+        with torch.no_grad():
+            return [o.numpy() for o in net(torch.from_numpy(r[names.ROI_FEATURES]), torch.from_numpy(r[names.ROIS]))]
+
+    return run
+
+
+@pytest.mark.parametrize("model", [names.HEADER, names.HEADER + TORCH])
+def test_header(client, header_requests, header_eager, model):
+    good = header_requests
+    rois = good[1][names.ROIS][:10].copy()
+    rois[3] = [50, 60, 40, 90]  # x2 < x1
+    bad = {names.ROI_FEATURES: good[1][names.ROI_FEATURES][:10], names.ROIS: rois}
+    results = _together(client, model, [good[0], bad, good[1]], batch=40 + 10 + 25)
+    assert _error(results[1]) == ("rois[3] = [50.0, 60.0, 40.0, 90.0]: expected finite x1 y1 x2 y2 "
+                                  "with x1 <= x2 and y1 <= y2")
+    for result, r in ((results[0], good[0]), (results[2], good[1])):
+        for got, want in zip(_values(result, names.CLASS_SCORES, names.CLASS_BOXES), header_eager(r)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=model)
+
+
+def test_postprocess(client, square_export, header_requests, header_eager):
+    settings, _ = square_export
+    requests = []
+    for r, sizes, originals in zip(header_requests, ([[240, 400]], [[300, 300], [320, 192]]),
+                                   ([[240, 400]], [[300, 300], [400, 240]])):
+        scores, boxes = header_eager(r)
+        n = scores.shape[0]
+        counts = [n] if len(sizes) == 1 else [n - 10, 10]
+        requests.append({names.CLASS_SCORES: scores, names.CLASS_BOXES: boxes,
+                         names.NUM_ROIS: np.array(counts, np.int32).reshape(-1, 1),
+                         names.IMAGE_SIZES: np.array(sizes, np.float32),
+                         names.ORIGINAL_SIZES: np.array(originals, np.float32)})
+    bad = dict(requests[0], **{names.NUM_ROIS: np.array([[7]], np.int32)})
+    results = _together(client, names.POSTPROCESS, [requests[0], bad, requests[1]])
+    assert _error(results[1]).startswith("num_rois sums to 7 RoIs but class_scores has 40 rows")
+    outs = (names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS)
+    for result, r in ((results[0], requests[0]), (results[2], requests[1])):
+        want = NUMPY.postprocess_batch(r[names.CLASS_SCORES], r[names.CLASS_BOXES], r[names.NUM_ROIS].reshape(-1),
+                                       r[names.IMAGE_SIZES], r[names.ORIGINAL_SIZES], settings)
+        assert want[3].sum() > 0
+        for got, expected in zip(_values(result, *outs), want):
+            np.testing.assert_array_equal(got, expected)
+    assert client.is_server_ready()
