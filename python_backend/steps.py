@@ -67,13 +67,3 @@ def postprocess_batch(class_scores, class_boxes, counts, image_sizes, original_s
                                       settings.box_score_thresh, settings.box_min_size, settings.box_nms_thresh,
                                       settings.box_detections_per_img)
 
-
-def postprocess_step(class_scores, class_boxes, image_size, original_size, settings: DetectorSettings,
-                     ops=reference_ops):
-    """:func:`postprocess_batch` for one image (``image_size``, ``original_size``: host (h, w))
-    -> boxes ``[D, 4]``, scores ``[D]``, labels ``[D]`` int32, num ``[1]`` int32."""
-    sizes = np.asarray(image_size, dtype=np.float32).reshape(1, 2)
-    originals = np.asarray(original_size, dtype=np.float32).reshape(1, 2)
-    counts = np.array([class_scores.shape[0]], dtype=np.int64)
-    out = postprocess_batch(class_scores, class_boxes, counts, sizes, originals, settings, ops)
-    return tuple(o[0] for o in out)

@@ -26,15 +26,8 @@ def postprocess_detections(class_scores, class_boxes, counts, image_sizes, origi
     each image's number of live candidates -> gather -> bitmask NMS over every (image, class)
     -> keys [img | dropped | -score | r | class] -> sort -> packed outputs.
 
-    Args:
-        class_scores: ``[R, C]`` floating softmax, class 0 the background.
-        class_boxes: ``[R, C, 4]`` floating decoded boxes (x1, y1, x2, y2), not clipped.
-        counts: ``[B]`` integer RoIs of each image (host or device; read on the host), rows
-            image after image (rows past their sum, such as a filler RoI, are ignored).
-        image_sizes, original_sizes: ``[B, 2]`` (h, w) resized and decoded sizes.
-    Returns:
-        boxes ``[B, D, 4]`` float32, scores ``[B, D]`` float32, labels ``[B, D]`` int32 and
-        num ``[B, 1]`` int32, ``D = detections_per_img``, unused slots zero.
+    Arguments and results as the reference's (CuPy arrays; ``counts`` may be on the host or the
+    device, it is read on the host).
     """
     scores, boxes, image_sizes, original_sizes = (
         cp.asarray(a) for a in (class_scores, class_boxes, image_sizes, original_sizes))
