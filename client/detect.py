@@ -149,10 +149,13 @@ def infer_iter(client, payloads: Iterable, concurrency: int = 1, model: str | No
                 while not slots.acquire(timeout=0.2):
                     if stop.is_set():
                         return
-                inputs, outputs = _request(data)
                 target = model or (names.ENSEMBLE_RAW if isinstance(data, np.ndarray) else names.ENSEMBLE)
-                client.async_infer(target, inputs, callback=functools.partial(answer, i, time.perf_counter()),
-                                   outputs=outputs)
+                try:
+                    inputs, outputs = _request(data)
+                    client.async_infer(target, inputs, callback=functools.partial(answer, i, time.perf_counter()),
+                                       outputs=outputs)
+                except Exception as e:  # noqa: BLE001  this payload's failure (rejected before sending), not the run's
+                    answer(i, time.perf_counter(), None, e)
         except BaseException as e:  # handed to the consumer, which raises it
             state["error"] = e
         finally:
