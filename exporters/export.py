@@ -144,10 +144,10 @@ def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, rep
             onnx_paths = export_all(detector, settings, work / "onnx")
             plans = None
             if repo.target == "tensorrt":
-                from .tensorrt_build import build_plans
+                from .tensorrt.build import build_plans
 
                 log.info("[2/3] building TensorRT engines (%s); this takes minutes", repo.trt_precision)
-                plans = build_plans(onnx_paths, work / "plans", settings, repo, precision=repo.trt_precision,
+                plans = build_plans(onnx_paths, work / "plans", settings, repo.max_batch_size, precision=repo.trt_precision,
                                     workspace_bytes=repo.trt_workspace_bytes, timing_cache_path=timing_cache,
                                     printer=printer or log.info)
             log.info("[3/3] writing the model repository to %s (target %s, device %s)", out, repo.target, repo.device)

@@ -90,9 +90,9 @@ def gpu_name(options: Options, override: str | None = None) -> str:
 def tensorrt_version(options: Options) -> str:
     if options.target != "tensorrt":
         return "none"
-    from exporters.tensorrt_build import require_tensorrt
+    from exporters.tensorrt.build import loaded_tensorrt_version, require_tensorrt
 
-    return require_tensorrt().__version__
+    return loaded_tensorrt_version(require_tensorrt())
 
 
 def _lock(path: Path):
@@ -195,7 +195,7 @@ def prepare(options: Options, cache_dir: str | Path, gpu: str, rebuild: bool = F
     repo_options = options.repository_options(
         ort_trt_cache_dir=str(cache / "ort_trt") if options.target == "onnxruntime-trt" else "")
     trt_version = tensorrt_version(options)
-    from exporters.tensorrt_build import engine_cache_key
+    from exporters.tensorrt.cache import engine_cache_key
 
     key = engine_cache_key(settings, repo_options, options.precision, gpu, trt_version, model_options.digest())
     slot = cache / "repos" / key

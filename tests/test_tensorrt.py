@@ -488,6 +488,8 @@ def test_engine_cache_key():
     assert key == cache.engine_cache_key(s, o, "fp16", [H100, GpuInfo(1, H100.name, "9.0")], "10.5.0.18", "abc")
     with pytest.raises(ValueError, match="needs at least one GPU, got none"):
         cache.engine_cache_key(s, o, "fp16", [], "10.5.0.18", "abc")
+    named = cache.engine_cache_key(s, o, "fp16", "NVIDIA H100 80GB HBM3", "10.5.0.18", "abc")  # GPU_NAME override
+    assert named.startswith("NVIDIA-H100-80GB-HBM3__trt10.5.0.18__fp16__") and named != key
 
 
 def test_a_plan_of_a_stale_library_is_not_reused(tmp_path):

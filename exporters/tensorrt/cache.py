@@ -37,18 +37,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "unknown"
 
 
-def gpus_slug(gpus: Sequence[GpuInfo]) -> str:
-    """``NVIDIA-H100-80GB-HBM3-cc9.0`` (distinct models joined by ``+``, in device order)."""
+def gpus_slug(gpus: Sequence[GpuInfo] | str) -> str:
+    """``NVIDIA-H100-80GB-HBM3-cc9.0`` (distinct models joined by ``+``, in device order); a plain
+    string is a GPU model name given without its compute capability (an operator's override)."""
+    if isinstance(gpus, str):
+        return _slug(gpus)
     if not gpus:
         raise ValueError("the engine cache key needs at least one GPU, got none")
     models = dict.fromkeys(f"{_slug(g.name)}-cc{g.compute_capability}" for g in sorted(gpus, key=lambda g: g.index))
     return "+".join(models)
 
 
-def engine_cache_key(settings: DetectorSettings, options, precision: str, gpus: Sequence[GpuInfo],
+def engine_cache_key(settings: DetectorSettings, options, precision: str, gpus: Sequence[GpuInfo] | str,
                      trt_version: str, model_digest: str = "") -> str:
     """Folder name for cached engines: ``<gpus>__trt<version>__<precision>__<hash>``.
 
+    ``gpus``: the devices that will serve (:func:`exporters.tensorrt.gpus.cuda_devices`), or a
+    GPU model name (see :func:`gpus_slug`).
     ``options``: the repository options (a dataclass, e.g. ``RepositoryOptions``, or a mapping).
     ``trt_version``: the loaded library's version, or ``"none"`` for targets without engines.
     The hash covers the settings, the options and the weights' digest.
