@@ -17,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 import triton_fake as fake
 from exporters.repository import RepositoryOptions, python_step_config
-from parity import encode, textured_image
+from evaluation.payloads import encode, textured_image
 from python_backend import backends, names, triton_io
 from python_backend.settings import FPN_STRIDES, DetectorSettings, level_grid
 from python_backend.triton_models import adapter as adapter_module

@@ -16,6 +16,7 @@ from exporters.repository import RepositoryOptions, bucket_key, read_config, wri
 from exporters.split import HeaderNetwork, RpnNetwork
 from evaluation.parity import assert_parity, from_packed, torchvision_detect
 from evaluation.payloads import encode, textured_image
+import triton_fake as fake
 from python_backend import names
 from python_backend.reference.image import preprocess_batch
 from python_backend.settings import (DetectorSettings, bucket_file, check_buckets, default_buckets, format_buckets,
@@ -177,7 +178,53 @@ def test_torch_network_configs(torch_repo, model):
     assert (version / "model.pt").is_file() and not (version / "model.onnx").exists()
     buckets = sorted(p.name for p in version.glob("model_*.pt"))
     assert buckets == (["model_256x256.pt", "model_256x320.pt", "model_320x256.pt"] if model == names.RPN else [])
-    assert "TorchNetwork(" in (version / "model.py").read_text()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_torch_repository_serves_its_traces(small_model, traces, tmp_path, monkeypatch, device):
+    """The rpn and header ``model.py`` that write_repository puts in a torch-target repository load
+    that repository's traces (``torch_file``, the canvas buckets) on the instance's device and
+    answer a batch of requests, each with what the eager split modules give for it alone.  (The
+    ONNX runner there, or a runner that ignored the traces, would not.)"""
+    settings, paths = traces
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA")
+        paths = torch_export.export_torch(small_model, settings, tmp_path / "traces", device="gpu",
+                                          buckets=default_buckets(settings))
+    options = RepositoryOptions(target="torch", device=device, max_batch_size=4, torch_rpn_buckets=default_buckets(settings))
+    repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths)
+
+    def serve(model, requests):
+        instance = fake.load_model(repo / model / "1" / "model.py", monkeypatch)()
+        instance.initialize(fake.model_args(read_config(repo / model / "config.pbtxt"), kind=device.upper(),
+                                            repository=repo / model))
+        responses = instance.execute([fake.Request(**r) for r in requests])
+        assert not any(r.has_error() for r in responses), [r.error().message() for r in responses if r.has_error()]
+        return responses
+
+    rpn_requests = [dict(zip((names.IMAGES, names.IMAGE_SIZES), preprocess_batch(ims, settings)[:2]))
+                    for ims in (_images()[:1], _images()[1:])]
+    eager = RpnNetwork(small_model, settings).eval()
+    for request, response in zip(rpn_requests, serve(names.RPN, rpn_requests)):
+        x, sizes = (torch.from_numpy(request[n]) for n in (names.IMAGES, names.IMAGE_SIZES))
+        with torch.no_grad():
+            want = eager(x, sizes)
+        got = [torch.from_numpy(response.output(n)) for n in (names.PROPOSALS, *names.FEATURES)]
+        assert_same_rpn_outputs(want, got, sizes, dict(rtol=1e-4, atol=1e-3))
+    g = torch.Generator().manual_seed(1)
+    header_requests = []
+    for rois in (5, 9):
+        xy = torch.rand(rois, 2, generator=g) * 200
+        header_requests.append({names.ROI_FEATURES: torch.randn(rois, 7, 7, 256, generator=g).numpy(),
+                                names.ROIS: torch.cat([xy, xy + 1 + torch.rand(rois, 2, generator=g) * 100], 1).numpy()})
+    eager = HeaderNetwork(small_model).eval()
+    for request, response in zip(header_requests, serve(names.HEADER, header_requests)):
+        with torch.no_grad():
+            want = eager(*(torch.from_numpy(request[n]) for n in (names.ROI_FEATURES, names.ROIS)))
+        for name, a in zip((names.CLASS_SCORES, names.CLASS_BOXES), want):
+            torch.testing.assert_close(torch.from_numpy(response.output(name)), a, rtol=1e-4, atol=1e-4,
+                                       msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("model", [names.RPN, names.HEADER])

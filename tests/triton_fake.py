@@ -2,7 +2,8 @@
 the python-backend adapters run without a tritonserver.
 
 Only what the adapters use: ``Tensor`` (``as_numpy``, ``to_dlpack``, ``is_cpu``, ``from_dlpack``),
-``InferenceResponse``, ``TritonError`` and ``get_input_tensor_by_name``.  Host tensors only.
+``InferenceResponse``, ``TritonError`` and ``get_input_tensor_by_name``.  Inputs are host tensors;
+outputs made from GPU arrays are copied to the host.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class Tensor:
 
     @classmethod
     def from_dlpack(cls, name: str, obj):
+        if hasattr(obj, "get"):  # CuPy: kept on the host here
+            obj = obj.get()
+        elif hasattr(obj, "cpu"):  # torch
+            obj = obj.cpu()
         return cls(name, np.from_dlpack(obj).copy(), via="dlpack")
 
     def name(self) -> str:
