@@ -31,7 +31,7 @@ perf() {  # name, work folder, extra benchmarks.perf arguments...
   if [ -z "${SKIP_CHECKS:-}" ]; then
     timeout 150 "$PY" -m pytest -q -rs -p no:cacheprovider -W ignore::FutureWarning tests/test_torch_target.py \
       -k "cuda_graph or channels_last or gpu_preprocess or optimized or warmed or bucket"
-    timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_ops.py -k "warm_up"
+    timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_ops_steps.py -k "warm_up"
     timeout 200 "$PY" -m benchmarks.bench_dense | tee "$OUT/dense.txt"
   fi
   for v in "${variants[@]}"; do

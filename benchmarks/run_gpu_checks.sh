@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu.txt"
 "$PY" -c 'import cupy, torch, torchvision, numpy; print("cupy", cupy.__version__, "torch", torch.__version__, "torchvision", torchvision.__version__, "numpy", numpy.__version__)' 2>&1 | tee -a "$OUT/gpu.txt"
-timeout 330 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_ops.py 2>&1 | tee "$OUT/gpu_tests.txt"
+timeout 330 "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu tests/test_ops_*.py 2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=$?
 timeout 220 "$PY" -m benchmarks.bench_cuda_ops "$@" 2>&1 | tee "$OUT/bench.txt"
 bench_rc=$?
