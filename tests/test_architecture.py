@@ -1,4 +1,4 @@
-"""The tree keeps the shape the README's layout table describes (docs/architecture rules):
+"""The tree keeps the shape the README's layout table describes:
 
 * no import cycle between the first-party modules;
 * no module in ``exporters/``, ``python_backend/`` or ``client/`` over :data:`MAX_LINES` lines;

@@ -83,8 +83,9 @@ def require_tensorrt():
 
 def library_version(lib) -> str:
     """``"10.5.0.18"`` from a loaded libnvinfer: ``getInferLibMajorVersion`` ... ``BuildVersion``
-    (``NvInferRuntime.h``), or ``getInferLibVersion()`` ((major * 100 + minor) * 100 + patch,
-    ``NvInferRuntimeBase.h``) where those are missing."""
+    (``include/NvInferRuntime.h``), or ``getInferLibVersion()`` ((major * 100 + minor) * 100 + patch,
+    ``include/NvInferRuntimeBase.h``) where those are missing; both headers are in
+    https://github.com/NVIDIA/TensorRT (the Python bindings expose neither)."""
     try:
         parts = [getattr(lib, f"getInferLib{p}Version")() for p in ("Major", "Minor", "Patch", "Build")]
     except AttributeError:
