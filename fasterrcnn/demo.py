@@ -40,6 +40,7 @@ def demo(options: Options, out: Path, command: str = "python -m fasterrcnn demo"
     from client import detect
 
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     ensure_repository(options, rebuild=True)
     server = make_server(options)
     with stop_signals():

@@ -1,19 +1,30 @@
-"""The exporter CLI: progress, artifacts in the repository layout, clear errors."""
+"""The fasterrcnn command: options from flags and from Docker's variables, export, errors, help,
+the console scripts, the demo's closing statement and the launcher's arguments."""
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from exporters.__main__ import main
 from exporters.loading import CheckpointError, checkpoint_model, random_model
+from exporters.repository import read_config
+from fasterrcnn.__main__ import build_parser, main
+from fasterrcnn.options import HelpFormatter, Options, OptionsError
 from python_backend import names
 
+ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--canvas", "256x320", "--min-size", "224", "--max-size", "320"]
+DIST = "fasterrcnn-triton"
 
 
-def test_export_writes_the_repository(tmp_path, small_model, capsys, caplog):
+def test_export_writes_the_repository(tmp_path, small_model, caplog):
     ckpt = tmp_path / "model.pt"
     torch.save(small_model.state_dict(), ckpt)
     repo = tmp_path / "repo"
@@ -72,12 +83,252 @@ def test_unwritable_output(tmp_path, capsys):
     assert "cannot write the model repository" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("canvas, message", [("800x1000", "multiple of 32"), ("32x64", "at least 64"),
-                                             ("big", "HEIGHTxWIDTH")])
-def test_impossible_canvas(canvas, message, capsys):
-    with pytest.raises(SystemExit):
-        main(["export", "--canvas", canvas])
+@pytest.mark.parametrize("args, message", [
+    (["--canvas", "800x1000"], "multiple of 32"), (["--canvas", "32x64"], "at least 64"),
+    (["--canvas", "big"], "HEIGHTxWIDTH"), (["--gpus", "0,0"], "distinct GPU ids"),
+    (["--gpus", "first"], "'all' or GPU ids"),
+    (["--precision", "fp16"], "precision 'fp16' does not apply to target 'python': choose one of fp32"),
+    (["--target", "torch", "--precision", "tf32"], "choose one of fp32, fp16"),
+    (["--gpus", "0,1"], "with device 'cpu' and target 'python' every step runs on the CPU"),
+    (["--peaky", "50"], "unrecognized arguments: --peaky"),  # a test knob, not a product option
+])
+def test_bad_options_are_usage_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", *args])
+    assert info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# --- one options object, from flags and from Docker's variables -------------------------------
+
+def test_environment_and_flags_build_the_same_options():
+    env = {"MODEL": "random", "NUM_CLASSES": "5", "CANVAS": "320x320", "TARGET": "tensorrt", "PRECISION": "tf32",
+           "MAX_BATCH_SIZE": "2", "INSTANCES": "3", "GPUS": "0,1", "WORKSPACE_GIB": "2", "CUDA_POOL_BYTES": "1024",
+           "REBUILD": "1", "UNRELATED": "x"}
+    flags = ["serve", "--weights", "random", "--num-classes", "5", "--canvas", "320x320", "--target", "tensorrt",
+             "--precision", "tf32", "--max-batch-size", "2", "--instances", "3", "--gpus", "0,1", "--workspace-gib",
+             "2", "--cuda-pool-bytes", "1024", "--rebuild", "--device", "gpu"]
+    from_env = Options.from_env(env)
+    assert from_env == Options.from_args(build_parser().parse_args(flags))
+    repo = from_env.repository_options()
+    assert (repo.target, repo.trt_precision, repo.gpus, repo.instances) == ("tensorrt", "tf32", (0, 1), 3)
+    assert repo.trt_workspace_bytes == 2 << 30
+
+
+def test_docker_defaults_differ_where_the_image_needs_them():
+    image, cli = Options.from_env({}), Options.from_args(build_parser().parse_args(["export"]))
+    assert (image.weights, image.target, image.device, image.precision) == ("coco", "tensorrt", "gpu", "fp16")
+    assert (cli.weights, cli.target, cli.device, cli.precision) == ("random", "python", "cpu", "fp32")
+    assert image.canvas == cli.canvas == (800, 1344) and image.gpus is cli.gpus is None
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CANVAS": "big"}, "CANVAS: canvas must be HEIGHTxWIDTH"), ({"TARGET": "tflite"}, "TARGET must be one of"),
+    ({"GPUS": "0,x"}, "GPUS: gpus must be 'all'"), ({"MAX_BATCH_SIZE": "eight"}, "MAX_BATCH_SIZE: invalid literal"),
+    ({"REBUILD": "maybe"}, "REBUILD: expected 1/0"),
+    ({"TARGET": "python", "PRECISION": "fp16"}, "precision 'fp16' does not apply to target 'python'"),
+])
+def test_bad_environment_names_the_variable(env, message):
+    with pytest.raises(OptionsError, match=message):
+        Options.from_env(env)
+
+
+def _fake_build_plans(calls):
+    def build_plans(onnx_paths, out_dir, settings, options, precision="fp16", workspace_bytes=0, **kw):
+        calls.append(dict(precision=precision, workspace_bytes=workspace_bytes, options=options))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        plans = {n: Path(out_dir) / f"{n}.plan" for n in (names.RPN, names.HEADER)}
+        for p in plans.values():
+            p.write_bytes(b"not an engine")
+        return plans
+    return build_plans
+
+
+def test_workspace_and_precision_reach_the_engine_build(tmp_path, monkeypatch):
+    """--workspace-gib and --precision are what the TensorRT build gets (RepositoryOptions carries them)."""
+    import exporters.tensorrt.build as tb
+
+    calls = []
+    monkeypatch.setattr(tb, "build_plans", _fake_build_plans(calls))
+    repo = tmp_path / "repo"
+    assert main(["export", "--target", "tensorrt", "--device", "gpu", "--precision", "tf32", "--workspace-gib", "0.5",
+                 "--num-classes", "3", "--repository", str(repo), *SMALL]) == 0
+    assert [(c["precision"], c["workspace_bytes"]) for c in calls] == [("tf32", 1 << 29)]
+    assert (repo / names.RPN / "1" / "model.plan").read_bytes() == b"not an engine"
+
+
+def test_workspace_reaches_onnxruntime_tensorrt(tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["export", "--target", "onnxruntime-trt", "--device", "gpu", "--workspace-gib", "2",
+                 "--num-classes", "3", "--repository", str(repo), *SMALL]) == 0
+    acc = read_config(repo / names.RPN / "config.pbtxt").optimization.execution_accelerators
+    params = acc.gpu_execution_accelerator[0].parameters
+    assert params["max_workspace_size_bytes"] == str(2 << 30) and params["precision_mode"] == "FP16"
+
+
+def test_export_places_gpu_instances_on_the_chosen_gpus(tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["export", "--device", "gpu", "--gpus", "1,0", "--instances", "2", "--num-classes", "3",
+                 "--repository", str(repo), *SMALL]) == 0
+    for name in (names.PREPROCESS, names.RPN, names.ROI, names.HEADER, names.POSTPROCESS):
+        (group,) = read_config(repo / name / "config.pbtxt").instance_group
+        assert list(group.gpus) == [1, 0] and group.count == 2, name
+
+
+# --- help ---------------------------------------------------------------------------------------
+
+def _subparsers(parser):
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices
+
+
+@pytest.mark.parametrize("command", ["export", "serve", "demo"])
+def test_every_option_has_help_and_shows_its_default(command):
+    sub = _subparsers(build_parser())[command]
+    formatter = HelpFormatter(prog="fasterrcnn")
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{command} {action.option_strings} has no help"
+        text = formatter._get_help_string(action)
+        assert "(default" in text, f"{command} {action.option_strings}: no default in {text!r}"
+    assert "--peaky" not in sub.format_help()
+
+
+def test_top_level_help_is_plain_text():
+    text = build_parser().format_help()
+    for marker in ("``", ":class:", ":func:", ".. "):
+        assert marker not in text
+    for command in ("export", "serve", "demo", "detect", "prepare"):
+        assert f"    {command} " in text
+
+
+def _console_scripts() -> dict[str, str]:
+    eps = importlib.metadata.distribution(DIST).entry_points
+    return {ep.name: ep.value for ep in eps if ep.group == "console_scripts"}
+
+
+def test_pyproject_lists_the_installed_scripts():
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert declared == {"fasterrcnn": "fasterrcnn.__main__:main"}
+    assert _console_scripts() == declared, "the venv's install is stale: pip install -e '.[dev]' (make venv)"
+
+
+@pytest.mark.parametrize("script", sorted(_console_scripts()) or ["fasterrcnn"])
+@pytest.mark.parametrize("args, expect", [(["--help"], "usage: fasterrcnn [-h] COMMAND"),
+                                          (["serve", "--help"], "--gpus all|0,1,..."),
+                                          (["prepare", "--help"], "--lease-fd"),
+                                          (["detect", "--help"], "usage: fasterrcnn detect")])
+def test_console_script_runs(script, args, expect):
+    """Every console script, as installed next to this Python (pip install -e puts it there)."""
+    exe = Path(sys.executable).parent / script
+    assert exe.is_file(), f"{exe} is not installed: pip install -e '.[dev]' (make venv)"
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert expect in proc.stdout
+
+
+def test_python_m_exporters_is_an_alias_of_export(capsys):
+    from exporters.__main__ import main as alias
+
+    assert alias(["serve"]) == 2
+    assert "python -m fasterrcnn --help" in capsys.readouterr().err
+
+
+# --- the demo's closing statement ------------------------------------------------------------
+
+def test_demo_statement_says_what_random_weights_mean():
+    from fasterrcnn.demo import weights_statement
+
+    text = weights_statement("random", "fasterrcnn demo")
+    assert "RANDOM weights" in text and "meaningless" in text and "only show that every step" in text
+    assert "fasterrcnn demo --weights coco" in text and "--weights path/to/checkpoint.pt" in text
+
+
+@pytest.mark.parametrize("weights, expect, absent", [
+    ("coco", "real detections of COCO's classes", "meaningless"),
+    ("/data/mine.pt", "your checkpoint /data/mine.pt", "meaningless"),
+])
+def test_demo_statement_for_trained_weights(weights, expect, absent):
+    from fasterrcnn.demo import weights_statement
+
+    text = weights_statement(weights)
+    assert expect in text and absent not in text
+
+
+def test_demo_prints_the_statement_last(tmp_path, monkeypatch, capsys):
+    """The demo's output ends with the statement for the weights it used (server and client faked)."""
+    import client.detect as detect
+    import fasterrcnn.demo as demo_mod
+
+    class FakeServer:
+        grpc_url = "127.0.0.1:1"
+        stopped = False
+
+        def start(self):
+            return self
+
+        def stop(self):
+            FakeServer.stopped = True
+
+    monkeypatch.setattr(demo_mod, "ensure_repository", lambda options, rebuild=False: options.repository)
+    monkeypatch.setattr(demo_mod, "make_server", lambda options: FakeServer())
+    monkeypatch.setattr(detect, "sample_images", lambda folder: [folder / "a.jpg"])
+    monkeypatch.setattr(detect, "run", lambda url, images, **kw: [
+        {"image": str(images[0]), "detections": [{"label": "kite", "score": 0.9, "box": [0, 0, 1, 1]}]}])
+    options = Options(weights="random", repository=tmp_path / "repo")
+    assert demo_mod.demo(options, tmp_path / "out", command="fasterrcnn demo") == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "a.jpg: 1 detections; top: kite 0.90"
+    assert out[-1].startswith("For real detections: fasterrcnn demo --weights coco")
+    assert "meaningless" in out[-2] and FakeServer.stopped
+
+
+def test_demo_auto_weights(monkeypatch):
+    import fasterrcnn.demo as demo_mod
+
+    monkeypatch.setattr(demo_mod.loading, "coco_weights_cached", lambda: None)
+    assert demo_mod.choose_weights("auto") == "random"
+    monkeypatch.setattr(demo_mod.loading, "coco_weights_cached", lambda: Path("/cache/coco.pth"))
+    assert demo_mod.choose_weights("auto") == "coco"
+    assert demo_mod.choose_weights("random") == "random"
+
+
+# --- the launcher -----------------------------------------------------------------------------
+
+def fake_nvidia_smi(folder: Path, gpu_names: list[str]) -> Path:
+    """An ``nvidia-smi`` that answers ``--query-gpu=index,name`` and ``--query-gpu=index``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    smi = folder / "nvidia-smi"
+    rows = "".join(f"{i}, {n}\\n" for i, n in enumerate(gpu_names))
+    ids = "".join(f"{i}\\n" for i in range(len(gpu_names)))
+    smi.write_text(f'#!/bin/sh\ncase "$*" in *index,name*) printf \'{rows}\' ;; *) printf \'{ids}\' ;; esac\n')
+    smi.chmod(0o755)
+    return smi
+
+
+def test_launcher_sets_a_memory_pool_on_every_gpu(tmp_path, monkeypatch):
+    from fasterrcnn.serve import make_server
+    from fasterrcnn.server import TritonBinary, TritonServer
+
+    binary = TritonBinary(Path("/opt/tritonserver/bin/tritonserver"), None)
+    cmd = TritonServer(tmp_path, cuda_pool_bytes=1 << 30, gpus=(0, 1)).command(binary)
+    assert [a for a in cmd if a.startswith("--cuda-memory-pool")] == [
+        f"--cuda-memory-pool-byte-size=0:{1 << 30}", f"--cuda-memory-pool-byte-size=1:{1 << 30}"]
+    # gpus None: every GPU nvidia-smi lists (two here), or as many as CUDA_VISIBLE_DEVICES names
+    fake_nvidia_smi(tmp_path / "bin", ["NVIDIA H200", "NVIDIA H200"])
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    server = make_server(Options(device="gpu", cuda_pool_bytes=4096, repository=tmp_path))
+    assert [a for a in server.command(binary) if "pool" in a] == [
+        "--cuda-memory-pool-byte-size=0:4096", "--cuda-memory-pool-byte-size=1:4096"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert [a for a in server.command(binary) if "pool" in a] == ["--cuda-memory-pool-byte-size=0:4096"]
+    # no GPU step: no pool
+    cpu = make_server(Options(repository=tmp_path))
+    assert not [a for a in cpu.command(binary) if "pool" in a]
 
 
 def test_mps_without_its_control_binary_is_a_clear_error(monkeypatch, tmp_path):
