@@ -13,12 +13,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from python_backend.settings import DetectorSettings, check_buckets, default_buckets, validate_canvas
 
 from . import loading
 from .repository import RepositoryOptions, write_repository
+from .tensorrt.gpus import GpuInfo, cuda_devices, plan_targets
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +111,29 @@ def export(model: ModelOptions, repo: RepositoryOptions, out: str | Path, **kw) 
     return export_loaded(*loaded, model, repo, out, **kw)
 
 
+def serving_devices(gpus: Sequence[int] = ()) -> list[GpuInfo]:
+    """The CUDA devices the repository's GPU instances will run on: ``gpus`` (every visible device
+    when empty), as the driver reports them (name, compute capability)."""
+    devices = cuda_devices()
+    if not gpus:
+        return devices
+    missing = sorted(set(gpus) - {d.index for d in devices})
+    if missing:
+        raise ValueError(f"GPU ids {missing} are not among the visible CUDA devices "
+                         f"{[d.index for d in devices]}")
+    return [d for d in devices if d.index in gpus]
+
+
 def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, repo: RepositoryOptions,
-                  out: str | Path, work_dir: str | Path | None = None, timing_cache: str | Path | None = None,
-                  printer: Callable[[str], None] | None = None) -> Path:
+                  out: str | Path, work_dir: str | Path | None = None, timing_cache_dir: str | Path | None = None,
+                  devices: Sequence[GpuInfo] | None = None, printer: Callable[[str], None] | None = None) -> Path:
     """:func:`export` for an already loaded detector (``load_model``'s pair).
 
     ``work_dir``: where the ONNX files, traces and engines are written before they are copied
-    into the repository (kept); None: a temporary folder.  ``timing_cache``: TensorRT's timing
-    cache file (tensorrt target).  ``printer``: where TensorRT's build progress goes.
+    into the repository (kept); None: a temporary folder.  tensorrt target: ``devices`` are the
+    GPUs that will serve (default :func:`serving_devices` of ``repo.gpus``), one engine is built
+    per distinct compute capability among them; ``timing_cache_dir`` keeps TensorRT's timing cache
+    per GPU model; ``printer`` gets the build's progress.
     """
     t0 = time.monotonic()
     out = Path(out)
@@ -143,14 +159,17 @@ def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, rep
             log.info("[2/3] exporting rpn and header to ONNX on a %dx%d canvas", *settings.canvas)
             onnx_paths = export_all(detector, settings, work / "onnx")
             plans = None
+            targets = None
             if repo.target == "tensorrt":
-                from .tensorrt.build import build_plans
+                from .tensorrt.build import build_plans_per_gpu
 
-                log.info("[2/3] building TensorRT engines (%s); this takes minutes", repo.trt_precision)
-                plans = build_plans(onnx_paths, work / "plans", settings, repo.max_batch_size, precision=repo.trt_precision,
-                                    workspace_bytes=repo.trt_workspace_bytes, timing_cache_path=timing_cache,
-                                    printer=printer or log.info)
+                targets = plan_targets(serving_devices(repo.gpus) if devices is None else devices)
+                log.info("[2/3] building TensorRT engines (%s) for compute capability %s; this takes minutes",
+                         repo.trt_precision, ", ".join(t.compute_capability for t in targets))
+                plans = build_plans_per_gpu(onnx_paths, work / "plans", settings, repo.max_batch_size, targets,
+                                            precision=repo.trt_precision, workspace_bytes=repo.trt_workspace_bytes,
+                                            timing_cache_dir=timing_cache_dir, printer=printer or log.info)
             log.info("[3/3] writing the model repository to %s (target %s, device %s)", out, repo.target, repo.device)
-            write_repository(out, settings, onnx_paths, repo, plans=plans)
+            write_repository(out, settings, onnx_paths, repo, plans=plans, plan_targets=targets)
     log.info("done in %.1f s", time.monotonic() - t0)
     return out

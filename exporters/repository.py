@@ -27,6 +27,7 @@ from python_backend.settings import DetectorSettings, bucket_file, check_buckets
 
 from .specs import FP32, INT32, STRING, UINT8, max_rois, tensor_specs
 from .specs import io_spec as _io
+from .tensorrt.gpus import PLAN_FILE, PlanTarget, set_cc_model_filenames
 from .tensorrt.profiles import optimization_profiles, shapes_string
 
 log = logging.getLogger(__name__)
@@ -275,12 +276,16 @@ _ADAPTERS = {names.PREPROCESS: "preprocess.py", names.PREPROCESS_RAW: "preproces
 
 
 def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str, Path],
-                     options: RepositoryOptions, plans: dict[str, Path] | None = None,
-                     torch_models: dict[str, Path] | None = None) -> Path:
+                     options: RepositoryOptions, plans: dict[str, Path | dict[str, Path]] | None = None,
+                     torch_models: dict[str, Path] | None = None,
+                     plan_targets: list[PlanTarget] | None = None) -> Path:
     """Write every model folder under ``out`` (created if needed; stale model folders replaced).
 
     ``onnx_paths``: {"rpn": path, "header": path} (may be empty for the torch target).
-    ``plans``: TensorRT engines for the tensorrt target ({"rpn": path, "header": path}).
+    ``plans``: TensorRT engines for the tensorrt target: {"rpn": path, "header": path} (written as
+    ``model.plan``), or {"rpn": {file name: path}, ...} with one plan per compute capability
+    (:func:`exporters.tensorrt.build.build_plans_per_gpu`) and their ``plan_targets``, which map
+    each compute capability to its file in the config (``cc_model_filenames``).
     ``torch_models``: TorchScript traces for the torch target ({"rpn": path, "header": path} and
     ``"rpn_<h>x<w>"`` for each of ``options.torch_rpn_buckets``, from
     :func:`exporters.torch_export.export_torch`).
@@ -309,6 +314,8 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
             shutil.rmtree(folder)
         version = folder / "1"
         version.mkdir(parents=True)
+        if cfg.platform == "tensorrt_plan" and plan_targets:
+            set_cc_model_filenames(cfg, plan_targets)
         (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
         torch_step = options.target == "torch" and name in (names.RPN, names.HEADER)
         if cfg.backend == "python":
@@ -321,7 +328,9 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
                     for h, w in options.torch_rpn_buckets:
                         shutil.copy(torch_models[bucket_key(h, w)], version / bucket_file(h, w))
             elif cfg.platform == "tensorrt_plan":
-                shutil.copy(plans[name], version / "model.plan")
+                files = plans[name] if isinstance(plans[name], dict) else {PLAN_FILE: plans[name]}
+                for filename, path in files.items():
+                    shutil.copy(path, version / filename)
             else:
                 shutil.copy(onnx_paths[name], version / "model.onnx")
         log.info("wrote %s", folder)

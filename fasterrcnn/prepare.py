@@ -36,16 +36,15 @@ from pathlib import Path
 from typing import Callable
 
 from exporters import loading
-from exporters.export import export_loaded, load_model
-from python_backend import names
+from exporters.export import export_loaded, load_model, serving_devices
+from exporters.tensorrt.cache import COMPLETE_MARKER, engine_cache_key, why_rebuild
+from exporters.tensorrt.gpus import CudaError, GpuInfo, plan_targets
 
-from .gpus import GpuError, list_gpus
 from .options import HelpFormatter, Options, OptionsError
 
 log = logging.getLogger(__name__)
 
 CURRENT = "current"
-COMPLETE = "complete.json"
 DEAD_LEASE_AGE_S = 24 * 3600  # unlocked lease files older than this are removed
 
 
@@ -60,31 +59,20 @@ class Prepared:
     reused: bool
 
 
-def gpu_name(options: Options, override: str | None = None) -> str:
-    """The name of the GPUs this deployment runs on (the engines' cache key).
-
-    ``override`` (GPU_NAME) skips nvidia-smi.  A TensorRT engine runs only on the GPU model that
-    built it, so the chosen GPUs must be one model: pick them with GPUS on a mixed host."""
+def serving_gpus(options: Options, override: str | None = None) -> str | list[GpuInfo]:
+    """The GPUs this deployment runs on, as the cache key names them: ``override`` (GPU_NAME) as
+    given, else the CUDA devices of ``options.gpus`` (all when None) with their model and compute
+    capability (the tensorrt target builds one engine per distinct compute capability)."""
     if override:
         return override
     try:
-        gpus = list_gpus()
-    except GpuError as e:
-        raise PrepareError(f"no usable GPU: {e}") from None
-    if not gpus:
-        raise PrepareError("no GPU visible (nvidia-smi is missing or lists none): start the container with "
+        devices = serving_devices(options.gpus or ())
+    except (ValueError, CudaError) as e:
+        raise PrepareError(f"GPUS={','.join(map(str, options.gpus or ()))}: {e}") from None
+    if not devices:
+        raise PrepareError("no GPU visible (no CUDA driver, or it lists no device): start the container with "
                            "--gpus all (NVIDIA Container Toolkit)")
-    chosen = gpus if options.gpus is None else [g for g in gpus if g.index in options.gpus]
-    missing = sorted(set(options.gpus or ()) - {g.index for g in gpus})
-    if missing:
-        raise PrepareError(f"GPUS names GPU ids {missing}, but nvidia-smi lists only "
-                           f"{[g.index for g in gpus]}")
-    models = sorted({g.name for g in chosen})
-    if len(models) > 1:
-        listing = ", ".join(f"{g.index}: {g.name}" for g in chosen)
-        raise PrepareError(f"the GPUs in use are different models ({listing}); an engine runs only on the model "
-                           "that built it: choose GPUs of one model with GPUS=<ids> (docs/docker.md)")
-    return models[0]
+    return devices
 
 
 def tensorrt_version(options: Options) -> str:
@@ -121,11 +109,6 @@ def _locked_by_someone(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
-
-
-def _complete(generation: Path | None) -> bool:
-    return bool(generation) and (generation / COMPLETE).is_file() and all(
-        (generation / "model_repository" / n / "config.pbtxt").is_file() for n in (names.ENSEMBLE, *names.STEPS))
 
 
 def _current(slot: Path) -> Path | None:
@@ -177,11 +160,20 @@ def _take_lease(lease_fd: int, generation: Path) -> None:
     os.pwrite(lease_fd, data, 0)
 
 
-def prepare(options: Options, cache_dir: str | Path, gpu: str, rebuild: bool = False, lease_fd: int | None = None,
-            printer: Callable[[str], None] = log.info) -> Prepared:
+def _plan_check(options: Options, gpus: str | list[GpuInfo]):
+    """The tensorrt target's ``plan_ok`` for :func:`why_rebuild`: cached engines must deserialize here."""
+    if options.target != "tensorrt":
+        return None
+    from exporters.tensorrt.build import plan_check
+
+    return plan_check(plan_targets(serving_devices(options.gpus or ()) if isinstance(gpus, str) else gpus))
+
+
+def prepare(options: Options, cache_dir: str | Path, gpus: str | list[GpuInfo], rebuild: bool = False,
+            lease_fd: int | None = None, printer: Callable[[str], None] = log.info) -> Prepared:
     """Reuse or build this deployment's repository under ``cache_dir`` (see the module docstring).
 
-    ``gpu``: the GPU model name (:func:`gpu_name`).  ``lease_fd``: an open descriptor of a file in
+    ``gpus``: :func:`serving_gpus`.  ``lease_fd``: an open descriptor of a file in
     ``cache_dir/leases`` that outlives this call for as long as the repository is served; None
     opens one held by this process.
     """
@@ -195,28 +187,27 @@ def prepare(options: Options, cache_dir: str | Path, gpu: str, rebuild: bool = F
     repo_options = options.repository_options(
         ort_trt_cache_dir=str(cache / "ort_trt") if options.target == "onnxruntime-trt" else "")
     trt_version = tensorrt_version(options)
-    from exporters.tensorrt.cache import engine_cache_key
-
-    key = engine_cache_key(settings, repo_options, options.precision, gpu, trt_version, model_options.digest())
+    key = engine_cache_key(settings, repo_options, options.precision, gpus, trt_version, model_options.digest())
     slot = cache / "repos" / key
     slot.mkdir(parents=True, exist_ok=True)
     with _lock(slot / ".lock"):
         current = _current(slot)
-        if not rebuild and _complete(current):
+        why = ("first start" if current is None else "REBUILD=1" if rebuild
+               else why_rebuild(current, _plan_check(options, gpus)))
+        if why is None:
             printer(f"reusing {current}")
             generation, reused = current, True
         else:
-            why = "first start" if current is None else "REBUILD" if rebuild else f"{current.name} is incomplete"
             printer(f"preparing {slot.name} ({why})" + ("; TensorRT engine builds take minutes"
                                                         if options.target == "tensorrt" else ""))
             generation, reused = slot / time.strftime(f"%Y%m%dT%H%M%S-{os.getpid()}"), False
             partial = slot / f".partial-{os.getpid()}"
             shutil.rmtree(partial, ignore_errors=True)
-            timing = cache / "timing" / f"{key.split('__')[0]}__trt{trt_version}.cache"
             export_loaded(detector, settings, model_options, repo_options, partial / "model_repository",
-                          work_dir=partial, timing_cache=timing, printer=printer)
-            (partial / COMPLETE).write_text(json.dumps(
-                {"gpu": gpu, "tensorrt": trt_version, "model": model_options.digest(), "target": options.target,
+                          work_dir=partial, timing_cache_dir=cache / "timing",
+                          devices=None if isinstance(gpus, str) else gpus, printer=printer)
+            (partial / COMPLETE_MARKER).write_text(json.dumps(
+                {"gpus": key.split("__")[0], "tensorrt": trt_version, "model": model_options.digest(), "target": options.target,
                  "precision": options.precision}, indent=1))
             os.rename(partial, generation)
             _switch(slot, generation)
@@ -248,7 +239,7 @@ def main(argv=None, prog: str | None = None) -> int:
         say(f"MODEL={options.weights} TARGET={options.target} PRECISION={options.precision} "
             f"CANVAS={options.canvas[0]}x{options.canvas[1]} MAX_BATCH_SIZE={options.max_batch_size} "
             f"GPUS={'all' if options.gpus is None else ','.join(map(str, options.gpus))}")
-        prepared = prepare(options, args.cache_dir, gpu_name(options, os.environ.get("GPU_NAME")),
+        prepared = prepare(options, args.cache_dir, serving_gpus(options, os.environ.get("GPU_NAME")),
                            rebuild=options.rebuild, lease_fd=args.lease_fd, printer=say)
     except (OptionsError, PrepareError, loading.CheckpointError, OSError, ValueError, RuntimeError) as e:
         say(f"{type(e).__name__}: {e}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .gpus import visible_gpu_ids
+from exporters.tensorrt.gpus import cuda_devices
 
 
 class ServerError(RuntimeError):
@@ -186,7 +186,9 @@ class TritonServer:
             raise ServerError(f"model repository {self.repository} does not exist")
         cmd = self.command(find_tritonserver(self.binary))
         env = dict(os.environ)
-        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # GPU ids as nvidia-smi numbers them (fasterrcnn/gpus.py)
+        # CUDA numbers GPUs fastest first unless told otherwise, nvidia-smi by PCI bus: with this a GPU
+        # id means the same GPU to Triton's instance groups, to --gpus and to nvidia-smi
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         # The python backend stub finds its environment through the first python3 on PATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         root = str(Path(__file__).resolve().parent.parent)
@@ -215,7 +217,7 @@ class TritonServer:
         if binary.backend_dir:
             cmd.append(f"--backend-directory={binary.backend_dir}")
         if self.cuda_pool_bytes:
-            gpus = visible_gpu_ids() if self.gpus is None else self.gpus
+            gpus = [d.index for d in cuda_devices()] if self.gpus is None else self.gpus
             cmd += [f"--cuda-memory-pool-byte-size={g}:{self.cuda_pool_bytes}" for g in gpus]
         return cmd
 

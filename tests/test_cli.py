@@ -15,6 +15,7 @@ import torch
 
 from exporters.loading import CheckpointError, checkpoint_model, random_model
 from exporters.repository import read_config
+from exporters.tensorrt.gpus import GpuInfo
 from fasterrcnn.__main__ import build_parser, main
 from fasterrcnn.options import HelpFormatter, Options, OptionsError
 from python_backend import names
@@ -133,28 +134,59 @@ def test_bad_environment_names_the_variable(env, message):
         Options.from_env(env)
 
 
-def _fake_build_plans(calls):
-    def build_plans(onnx_paths, out_dir, settings, options, precision="fp16", workspace_bytes=0, **kw):
-        calls.append(dict(precision=precision, workspace_bytes=workspace_bytes, options=options))
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        plans = {n: Path(out_dir) / f"{n}.plan" for n in (names.RPN, names.HEADER)}
-        for p in plans.values():
-            p.write_bytes(b"not an engine")
+A100 = GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0")
+H100 = GpuInfo(1, "NVIDIA H100 80GB HBM3", "9.0")
+
+
+def _fake_build_plans_per_gpu(calls):
+    """Records what the build gets; writes a stand-in plan per target and model."""
+    def build(onnx_paths, out_dir, settings, max_batch_size, targets, precision="fp16", workspace_bytes=0, **kw):
+        calls.append(dict(precision=precision, workspace_bytes=workspace_bytes, max_batch_size=max_batch_size,
+                          devices=[t.device_index for t in targets]))
+        plans = {}
+        for t in targets:
+            for name in (names.RPN, names.HEADER):
+                path = Path(out_dir) / f"cc{t.compute_capability}" / f"{name}.plan"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(f"{name} for {t.compute_capability}".encode())
+                plans.setdefault(name, {})[t.filename] = path
         return plans
-    return build_plans
+    return build
 
 
-def test_workspace_and_precision_reach_the_engine_build(tmp_path, monkeypatch):
-    """--workspace-gib and --precision are what the TensorRT build gets (RepositoryOptions carries them)."""
+@pytest.mark.parametrize("gpus, devices, want", [
+    ("all", [H100], {"model.plan": "9.0"}),
+    ("all", [A100, H100], {"model_cc8.0.plan": "8.0", "model_cc9.0.plan": "9.0"}),
+    ("1", [A100, H100], {"model.plan": "9.0"}),
+])
+def test_engines_are_built_for_the_gpus_that_serve(tmp_path, monkeypatch, gpus, devices, want):
+    """--workspace-gib and --precision are what the TensorRT build gets; one engine per distinct
+    compute capability of the chosen GPUs, mapped in the config when there are several."""
+    import exporters.export as export_mod
     import exporters.tensorrt.build as tb
 
     calls = []
-    monkeypatch.setattr(tb, "build_plans", _fake_build_plans(calls))
+    monkeypatch.setattr(tb, "build_plans_per_gpu", _fake_build_plans_per_gpu(calls))
+    monkeypatch.setattr(export_mod, "cuda_devices", lambda: devices)
     repo = tmp_path / "repo"
     assert main(["export", "--target", "tensorrt", "--device", "gpu", "--precision", "tf32", "--workspace-gib", "0.5",
-                 "--num-classes", "3", "--repository", str(repo), *SMALL]) == 0
-    assert [(c["precision"], c["workspace_bytes"]) for c in calls] == [("tf32", 1 << 29)]
-    assert (repo / names.RPN / "1" / "model.plan").read_bytes() == b"not an engine"
+                 "--gpus", gpus, "--max-batch-size", "2", "--num-classes", "3", "--repository", str(repo),
+                 *SMALL]) == 0
+    assert [(c["precision"], c["workspace_bytes"], c["max_batch_size"]) for c in calls] == [("tf32", 1 << 29, 2)]
+    for name in (names.RPN, names.HEADER):
+        files = {p.name: p.read_bytes().decode().split()[-1] for p in (repo / name / "1").iterdir()}
+        assert files == want
+        cfg = read_config(repo / name / "config.pbtxt")
+        assert dict(cfg.cc_model_filenames) == ({cc: f for f, cc in want.items()} if len(want) > 1 else {})
+
+
+def test_export_names_a_missing_gpu(tmp_path, monkeypatch, capsys):
+    import exporters.export as export_mod
+
+    monkeypatch.setattr(export_mod, "cuda_devices", lambda: [A100])
+    assert main(["export", "--target", "tensorrt", "--device", "gpu", "--gpus", "0,3", "--num-classes", "3",
+                 "--repository", str(tmp_path / "repo"), *SMALL]) == 2
+    assert "GPU ids [3] are not among the visible CUDA devices [0]" in capsys.readouterr().err
 
 
 def test_workspace_reaches_onnxruntime_tensorrt(tmp_path):
@@ -298,18 +330,8 @@ def test_demo_auto_weights(monkeypatch):
 
 # --- the launcher -----------------------------------------------------------------------------
 
-def fake_nvidia_smi(folder: Path, gpu_names: list[str]) -> Path:
-    """An ``nvidia-smi`` that answers ``--query-gpu=index,name`` and ``--query-gpu=index``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    smi = folder / "nvidia-smi"
-    rows = "".join(f"{i}, {n}\\n" for i, n in enumerate(gpu_names))
-    ids = "".join(f"{i}\\n" for i in range(len(gpu_names)))
-    smi.write_text(f'#!/bin/sh\ncase "$*" in *index,name*) printf \'{rows}\' ;; *) printf \'{ids}\' ;; esac\n')
-    smi.chmod(0o755)
-    return smi
-
-
 def test_launcher_sets_a_memory_pool_on_every_gpu(tmp_path, monkeypatch):
+    import fasterrcnn.server as server_mod
     from fasterrcnn.serve import make_server
     from fasterrcnn.server import TritonBinary, TritonServer
 
@@ -317,15 +339,13 @@ def test_launcher_sets_a_memory_pool_on_every_gpu(tmp_path, monkeypatch):
     cmd = TritonServer(tmp_path, cuda_pool_bytes=1 << 30, gpus=(0, 1)).command(binary)
     assert [a for a in cmd if a.startswith("--cuda-memory-pool")] == [
         f"--cuda-memory-pool-byte-size=0:{1 << 30}", f"--cuda-memory-pool-byte-size=1:{1 << 30}"]
-    # gpus None: every GPU nvidia-smi lists (two here), or as many as CUDA_VISIBLE_DEVICES names
-    fake_nvidia_smi(tmp_path / "bin", ["NVIDIA H200", "NVIDIA H200"])
-    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    # --gpus all: every CUDA device the driver shows (two here)
+    monkeypatch.setattr(server_mod, "cuda_devices", lambda: [GpuInfo(0, H100.name, "9.0"), H100])
     server = make_server(Options(device="gpu", cuda_pool_bytes=4096, repository=tmp_path))
     assert [a for a in server.command(binary) if "pool" in a] == [
         "--cuda-memory-pool-byte-size=0:4096", "--cuda-memory-pool-byte-size=1:4096"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert [a for a in server.command(binary) if "pool" in a] == ["--cuda-memory-pool-byte-size=0:4096"]
+    pinned = make_server(Options(device="gpu", cuda_pool_bytes=4096, gpus=(1,), repository=tmp_path))
+    assert [a for a in pinned.command(binary) if "pool" in a] == ["--cuda-memory-pool-byte-size=1:4096"]
     # no GPU step: no pool
     cpu = make_server(Options(repository=tmp_path))
     assert not [a for a in cpu.command(binary) if "pool" in a]

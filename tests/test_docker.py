@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 
 from exporters.repository import read_config
-from test_cli import fake_nvidia_smi
 from python_backend import names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,6 +188,15 @@ def test_entrypoint_prepares_and_reuses_the_repository(cache):
     assert "reusing" in again.stderr
 
 
+def fake_nvidia_smi(folder: Path, count: int) -> Path:
+    """An ``nvidia-smi`` answering ``--query-gpu=index --format=csv,noheader`` with ``count`` GPUs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    smi = folder / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + "".join(f"echo {i}\n" for i in range(count)))
+    smi.chmod(0o755)
+    return smi
+
+
 def _fake_tritonserver(folder: Path) -> Path:
     """A tritonserver that records its arguments and the lease it inherited on descriptor 9."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,11 +211,10 @@ def test_entrypoint_sets_a_memory_pool_on_every_gpu_in_use(cache, tmp_path, gpus
     """Two GPUs of one model: with GPUS unset the pools cover both and the configs have no gpus list;
     GPUS=1 pins every GPU step to GPU 1 and sets its pool only.  tritonserver inherits the lease."""
     bin_dir = tmp_path / "bin"
-    fake_nvidia_smi(bin_dir, ["Test GPU", "Test GPU"])
+    fake_nvidia_smi(bin_dir, 2)
     _fake_tritonserver(bin_dir)
     env = _entrypoint_env(cache, PREPARE_ONLY="0", CUDA_POOL_BYTES="1024", ARGS_FILE=str(tmp_path / "args"),
                           PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **({"GPUS": gpus} if gpus else {}))
-    del env["GPU_NAME"]  # read from (the stand-in) nvidia-smi
     result = _run(env)
     assert result.returncode == 0, result.stderr[-3000:]
     args = (tmp_path / "args").read_text().splitlines()
@@ -219,17 +226,23 @@ def test_entrypoint_sets_a_memory_pool_on_every_gpu_in_use(cache, tmp_path, gpus
         assert list(group.gpus) == ([int(gpus)] if gpus else []), model
 
 
-def test_entrypoint_refuses_mixed_gpu_models(tmp_path):
-    bin_dir = tmp_path / "bin"
-    fake_nvidia_smi(bin_dir, ["NVIDIA A100-SXM4-80GB", "Tesla T4"])
-    env = _entrypoint_env(tmp_path / "cache", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    del env["GPU_NAME"]
-    result = _run(env)
-    assert result.returncode != 0
-    assert "different models (0: NVIDIA A100-SXM4-80GB, 1: Tesla T4)" in result.stderr
-    assert "GPUS=<ids>" in result.stderr
-    # choosing GPUs of one model works past that check (to the export)
-    assert "different models" not in _run({**env, "GPUS": "1", "MODEL": "/missing.pt"}).stderr
+def test_prepare_keys_on_the_serving_gpus(monkeypatch):
+    """The cache key names each distinct GPU model (and compute capability) of the chosen GPUs."""
+    import exporters.export as export_mod
+    from exporters.tensorrt.gpus import GpuInfo
+    from fasterrcnn.options import Options
+    from fasterrcnn.prepare import PrepareError, serving_gpus
+
+    a100, t4 = GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0"), GpuInfo(1, "Tesla T4", "7.5")
+    monkeypatch.setattr(export_mod, "cuda_devices", lambda: [a100, t4])
+    assert serving_gpus(Options()) == [a100, t4]
+    assert serving_gpus(Options(device="gpu", gpus=(1,))) == [t4]
+    assert serving_gpus(Options(), override="Test GPU") == "Test GPU"
+    with pytest.raises(PrepareError, match=r"GPUS=1,2: GPU ids \[2\] are not among the visible CUDA devices \[0, 1\]"):
+        serving_gpus(Options(device="gpu", gpus=(1, 2)))
+    monkeypatch.setattr(export_mod, "cuda_devices", lambda: [])
+    with pytest.raises(PrepareError, match="no GPU visible"):
+        serving_gpus(Options())
 
 
 def test_entrypoint_explains_missing_tensorrt(tmp_path):
