@@ -60,7 +60,7 @@ def bytes_items(tensor) -> list[bytes]:
     """A TYPE_STRING input as a list of bytes objects, one per batch item.
 
     Under numpy 2 this Triton build's stub hands every string input over garbled before any model
-    code runs (seen on the GPU machine: the right length, every byte the same), so there the
+    code runs (on a GPU host: the right length, every byte the same), so there the
     ``*_raw`` entry points (uint8, read through DLPack) are the ones to use."""
     arr = tensor.as_numpy()
     return [bytes(x) for x in arr.reshape(-1)]

@@ -26,8 +26,8 @@ from google.protobuf import text_format
 from exporters import torch_export
 from exporters.repository import RepositoryOptions, read_config, write_repository
 from exporters.split import HeaderNetwork, RpnNetwork
-from fasterrcnn.server import ServerError, TritonServer, free_port
 from evaluation.payloads import encode, textured_image
+from evaluation.server import start_server
 from python_backend import backends, names
 
 pytestmark = pytest.mark.triton
@@ -57,13 +57,8 @@ def server(small_model, square_export, tmp_path_factory):
         (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
     for name in (names.ENSEMBLE, names.ENSEMBLE_RAW, names.PREPROCESS_RAW):
         shutil.rmtree(repo / name)
-    srv = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
-    try:
-        srv.start(timeout=300)
-    except ServerError as e:
-        pytest.fail(str(e))
-    yield srv
-    srv.stop()
+    with start_server(repo) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

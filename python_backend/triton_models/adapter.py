@@ -34,7 +34,7 @@ import numpy as np
 
 from python_backend import backends, names
 from python_backend.settings import DetectorSettings
-from python_backend.triton_io import output, to_device_array, to_numpy
+from python_backend.triton_io import model_parameters, output, to_device_array, to_numpy
 
 # Triton config data types -> array dtype names (NumPy's, which CuPy and torch share after "torch.")
 DTYPES = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_INT32": "int32", "TYPE_INT64": "int64",
@@ -209,7 +209,7 @@ class StepAdapter:
         self.pb_utils = pb_utils
         self.name = args["model_name"]
         self.config = json.loads(args["model_config"])
-        self.params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.params = model_parameters(args)
         self.settings = DetectorSettings.from_parameters(self.params)
         self.max_batch = int(self.config.get("max_batch_size", 0))
         self.inputs = [TensorSpec(i["name"], i["data_type"], i["dims"], self.max_batch > 0)
