@@ -8,6 +8,8 @@ own device id; numpy 1 and numpy 2 tensor paths.
 """
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +154,18 @@ def test_torch_arrays_make_the_instances_gpu_current(monkeypatch):
     adapter = StepAdapter(fake.model_args(_double_config("gpu"), kind="GPU", device_id=1), fake.pb_utils_module(),
                           arrays="torch")
     assert current == [torch.device("cuda", 1)] and adapter.arrays.device == torch.device("cuda", 1)
+
+
+def test_host_arrays_on_a_gpu_instance_copy_from_its_own_device(monkeypatch, backend_calls):
+    """The ONNX Runtime runner computes on the host: the NumPy backend, and CuPy (which copies GPU
+    inputs to the host) made current on the instance's device."""
+    used = []
+    device = type("Device", (), {"__init__": lambda self, i: setattr(self, "id", i),
+                                 "use": lambda self: used.append(self.id)})
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(Device=device)))
+    StepAdapter(fake.model_args(_double_config("gpu"), kind="GPU", device_id=2), fake.pb_utils_module(),
+                arrays="numpy")
+    assert backend_calls == [("cpu", 0)] and used == [2]
 
 
 def test_device_parameter_and_instance_kind_must_agree():

@@ -25,6 +25,7 @@ failure is traced to its request by the per-request fallback.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import traceback
@@ -227,6 +228,8 @@ class StepAdapter:
         elif arrays == "numpy":
             self.backend = backends.get_backend("cpu")
             self.arrays = _HostArrays(self.backend)
+            if self.device == "gpu":  # GPU inputs are copied to the host by CuPy, on this instance's device
+                importlib.import_module("cupy").cuda.Device(self.device_id).use()
         else:
             self.backend = backends.get_backend(self.device, self.device_id)
             self.arrays = _BackendArrays(self.backend)
