@@ -23,7 +23,7 @@ def choose_weights(weights: str) -> str:
 def weights_statement(weights: str, command: str = "python -m fasterrcnn demo") -> str:
     """What the demo's detections and annotated pictures mean, given the weights they came from."""
     if weights == "random":
-        return ("Weights: seeded RANDOM weights (no trained model was available). The boxes, labels and "
+        return ("Weights: seeded RANDOM weights, not a trained model. The boxes, labels and "
                 "scores in these pictures are meaningless: an untrained detector draws confident-looking "
                 "boxes anywhere. They only show that every step of the pipeline runs.\n"
                 f"For real detections: {command} --weights coco (downloads torchvision's COCO weights, "

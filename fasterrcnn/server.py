@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from exporters.tensorrt.gpus import cuda_devices
 
@@ -137,6 +137,25 @@ def _wait_exit(pid: int, timeout: float) -> bool:
         time.sleep(0.05)
 
 
+def wait_ready(grpc_url: str, exited: Callable[[], bool], timeout: float) -> bool | None:
+    """Poll a starting server's gRPC readiness: True once ready, False as soon as ``exited()`` says
+    its process is gone, None after ``timeout`` s."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(grpc_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if exited():
+            return False
+        try:
+            if client.is_server_ready():
+                return True
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        time.sleep(0.5)
+    return None
+
+
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -230,23 +249,15 @@ class TritonServer:
         return "\n".join(lines[-15:]) or self.log_text()[-3000:]
 
     def _wait_ready(self, timeout: float) -> None:
-        import tritonclient.grpc as grpcclient
-
-        deadline = time.monotonic() + timeout
-        client = grpcclient.InferenceServerClient(self.grpc_url)
-        while time.monotonic() < deadline:
-            if _wait_exit(self.process.pid, 0):
-                self.stop()  # the MPS daemon, if any
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
-                                  f"model errors:\n{self._load_errors()}\n(full log: {self.log_path})")
-            try:
-                if client.is_server_ready():
-                    return
-            except Exception:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self._load_errors()}\n(full log: {self.log_path})")
+        ready = wait_ready(self.grpc_url, lambda: _wait_exit(self.process.pid, 0), timeout)
+        if ready:
+            return
+        self.stop()  # the process group and the MPS daemon, if any
+        if ready is False:
+            raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
+                              f"model errors:\n{self._load_errors()}\n(full log: {self.log_path})")
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self._load_errors()}\n"
+                          f"(full log: {self.log_path})")
 
     def wait(self) -> int:
         """Block until tritonserver exits; its exit code (minus the signal that killed it).  The

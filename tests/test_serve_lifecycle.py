@@ -19,7 +19,7 @@ import pytest
 
 from exporters.repository import RepositoryOptions, write_repository
 from fasterrcnn.options import Options
-from fasterrcnn.server import free_port
+from fasterrcnn.server import free_port, wait_ready
 from python_backend import names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,22 +84,12 @@ def repo(square_export, tmp_path_factory):
 
 
 def _wait_ready(proc: subprocess.Popen, grpc_port: int, timeout: float = 300.0) -> None:
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited with {proc.returncode} before the server was ready:\n"
-                        f"{proc.stderr.read()[-3000:]}")
-        try:
-            if client.is_server_ready():
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    pytest.fail("the server was not ready in time")
+    ready = wait_ready(f"127.0.0.1:{grpc_port}", lambda: proc.poll() is not None, timeout)
+    if not ready:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"serve exited with {proc.returncode} before the server was ready:\n{err[-3000:]}"
+                    if ready is False else "the server was not ready in time")
 
 
 @pytest.mark.triton
