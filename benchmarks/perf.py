@@ -173,7 +173,8 @@ def main(argv=None) -> int:
     # 5. summary and figure
     (args.out / "summary.md").write_text(report.summary_markdown(env, perf_rows, breakdown_rows, acc_rows))
     try:
-        plots.throughput_latency(args.out / "perf.png", perf_rows, env)
+        if perf_rows:
+            plots.throughput_latency(args.out / "perf.png", perf_rows, env)
     except plots.PlotUnavailable as e:
         log.warning("perf.png not drawn: %s", e)
     log.info("done in %.0f s; results in %s (%s)", time.monotonic() - t0, args.out, "PASS" if ok else "FAIL")

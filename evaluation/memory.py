@@ -94,8 +94,8 @@ def sample(server_pid: int, t_s: float) -> dict:
 def flat(values: list[int], max_growth: int, fraction: float = 0.0) -> tuple[bool, int]:
     """(flat?, growth): growth from the end of the first quarter of ``values`` (warm-up, allocator pools
     filling) to the largest later value, against max(``max_growth``, ``fraction`` x that start).
-    Fewer than 4 values: (False, -1), nothing to judge."""
-    if len(values) < 4:
+    Fewer than 4 values, or a value that was not sampled (< 0): (False, -1), nothing to judge."""
+    if len(values) < 4 or min(values) < 0:
         return False, -1
     start = values[len(values) // 4]
     growth = max(values[len(values) // 4:]) - start

@@ -12,6 +12,11 @@ import numpy as np
 from evaluation.parity import FP16, fp16_overall
 
 
+def _cell(text: str) -> str:
+    """``text`` inside a markdown table cell (``|`` escaped)."""
+    return str(text).replace("|", "\\|")
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     """``rows`` as CSV, columns in order of first appearance; nothing written for no rows."""
     if not rows:
@@ -75,7 +80,7 @@ def summary_markdown(env: str, perf_rows: list[dict], breakdown_rows: list[dict]
               "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in acc_rows:
         lines.append(f"| {r['model']} | {r['image']} | {r['reference']} | {r['ours']} | {r['matched']} | "
-                     f"{r['extra']} | {r['criterion']} | {'yes' if r['pass'] else '**no**'} |")
+                     f"{r['extra']} | {_cell(r['criterion'])} | {'yes' if r['pass'] else '**no**'} |")
     for model in dict.fromkeys(r["model"] for r in acc_rows if r["model"].endswith("fp16")):
         lines.append("\n" + fp16_line(model, [r for r in acc_rows if r["model"] == model]))
     lines += ["", "Requests are sent 4 at a time, so Triton batches them.  Only the ensemble rows are pass/fail: "

@@ -1,4 +1,4 @@
-"""Requests sent round after round until stopped, each one's outcome counted: the soak's load.
+"""Requests sent in a loop until stopped, each one's outcome counted: the soak's load.
 
 Every request is accounted for by the client that sent it (succeeded, or failed with its error's
 message), so a failed good request is counted where it happens, and a bad request passes only if
@@ -28,50 +28,53 @@ class Tally:
 
 class RequestLoop(threading.Thread):
     """Sends ``payloads`` ({name: encoded bytes or decoded uint8 array}) to ``model`` until
-    :meth:`stop`: rounds of ``round_size`` requests cycling through the payloads, ``concurrency`` in
-    flight (``client.detect.infer_many``), ``pause_s`` between rounds.  ``tallies[name]`` counts what
-    each request of that payload got.  ``client``: a tritonclient gRPC client of its own."""
+    :meth:`stop`, cycling through them, ``concurrency`` requests in flight
+    (``client.detect.infer_iter``) and ``pause_s`` between sends.  ``tallies[name]`` counts what each
+    request of that payload got, as the answers arrive.  ``client``: a tritonclient gRPC client of
+    its own."""
 
-    def __init__(self, client, model: str, payloads: dict, concurrency: int = 1, round_size: int | None = None,
-                 pause_s: float = 0.0):
+    def __init__(self, client, model: str, payloads: dict, concurrency: int = 1, pause_s: float = 0.0):
         super().__init__(daemon=True)
         if not payloads:
             raise ValueError("RequestLoop needs at least one payload")
         self.client, self.model, self.payloads = client, model, payloads
         self.concurrency = max(1, concurrency)
-        self.round_size = round_size or 4 * self.concurrency
         self.pause_s = pause_s
         self.tallies = {name: Tally() for name in payloads}
         self.error: BaseException | None = None  # what ended the loop early, if anything
         self._stop_event = threading.Event()
         self._lock = threading.Lock()
+        self._names = list(payloads)
+
+    def _requests(self):
+        """The payloads in turn, each counted as sent when handed over, until :meth:`stop`."""
+        k = 0
+        while not self._stop_event.is_set():
+            name = self._names[k % len(self._names)]
+            k += 1
+            with self._lock:
+                self.tallies[name].sent += 1
+            yield self.payloads[name]
+            if self.pause_s:
+                self._stop_event.wait(self.pause_s)
 
     def run(self) -> None:
-        from client.detect import infer_many
+        from client.detect import infer_iter
 
-        names = list(self.payloads)
-        k = 0
         try:
-            while not self._stop_event.is_set():
-                batch = [names[(k + i) % len(names)] for i in range(self.round_size)]
-                k += self.round_size
+            replies = infer_iter(self.client, self._requests(), self.concurrency, self.model)
+            for k, (result, _) in enumerate(replies):  # in sending order: payload k % len(names)
+                tally = self.tallies[self._names[k % len(self._names)]]
                 with self._lock:
-                    for name in batch:
-                        self.tallies[name].sent += 1
-                results = infer_many(self.client, [self.payloads[n] for n in batch], self.concurrency, self.model)
-                with self._lock:
-                    for name, res in zip(batch, results):
-                        if isinstance(res, Exception):
-                            self.tallies[name].errors.append(str(res)[:300])
-                        else:
-                            self.tallies[name].succeeded += 1
-                if self.pause_s:
-                    time.sleep(self.pause_s)
+                    if isinstance(result, Exception):
+                        tally.errors.append(str(result)[:300])
+                    else:
+                        tally.succeeded += 1
         except Exception as e:  # noqa: BLE001  kept for the caller: the loop's thread can't raise to it
             self.error = e
 
     def stop(self, timeout: float = 120.0) -> None:
-        """Finish the round in flight, then end; raises RuntimeError if the loop died or hangs."""
+        """Send no more, wait for the answers in flight; raises RuntimeError if the loop died or hangs."""
         self._stop_event.set()
         self.join(timeout)
         if self.is_alive():

@@ -133,7 +133,7 @@ def test_request_loop_counts_every_outcome():
     client = FakeClient()
     sent = {"a": np.zeros((2, 2, 3), np.uint8), "b": np.zeros((3, 2, 3), np.uint8),
             "bad": np.zeros((1, 1, 3), np.uint8)}
-    loop = soak.RequestLoop(client, "m", sent, concurrency=4, round_size=6)
+    loop = soak.RequestLoop(client, "m", sent, concurrency=4)
     loop.start()
     for _ in range(500):
         if loop.totals().answered >= 60:
@@ -143,22 +143,27 @@ def test_request_loop_counts_every_outcome():
     t = loop.tallies
     # the client's own count of what arrived equals the loop's count of what it sent
     assert {2: t["a"].sent, 3: t["b"].sent, 1: t["bad"].sent} == client.received
-    assert t["a"].sent >= 20 and t["a"].sent == t["a"].succeeded == t["b"].succeeded == t["bad"].sent
-    assert not t["a"].errors and not t["b"].errors
+    assert t["a"].sent >= 20 and t["a"].sent - t["bad"].sent in (0, 1)  # in turn: a, b, bad, a, ...
+    assert (t["a"].succeeded, t["b"].succeeded) == (t["a"].sent, t["b"].sent) and not t["a"].errors + t["b"].errors
     assert t["bad"].succeeded == 0 and t["bad"].errors == ["bad input image: height 1"] * t["bad"].sent
     assert loop.totals().sent == loop.totals().answered == sum(client.received.values())
 
 
-def test_request_loop_reports_why_it_ended():
-    class Broken:
-        def async_infer(self, *a, **k):
+def test_request_loop_counts_requests_that_could_not_be_sent():
+    class Refusing:
+        def async_infer(self, *args, **kwargs):
             raise ConnectionError("no server")
 
-    loop = soak.RequestLoop(Broken(), "m", {"a": b"x"})
+    loop = soak.RequestLoop(Refusing(), "m", {"a": b"x"}, pause_s=0.001)
     loop.start()
-    loop.join(5)
-    with pytest.raises(RuntimeError, match="ended early: ConnectionError"):
-        loop.stop()
+    for _ in range(500):
+        if loop.totals().answered >= 5:
+            break
+        threading.Event().wait(0.01)
+    loop.stop()
+    a = loop.tallies["a"]
+    assert a.succeeded == 0 and a.sent == len(a.errors) >= 5 and set(a.errors) == {"no server"}
+    assert list(soak.request_checks(a, soak.Tally()).values())[0] is False  # the good-requests check
 
 
 def _tally(sent, succeeded, errors=()):
@@ -194,6 +199,7 @@ def test_flat_ignores_the_first_quarter():
     assert memory.flat(late, 256 * mib) == (False, 300 * mib)
     assert memory.flat(late, 256 * mib, fraction=0.5) == (True, 300 * mib)  # allowed: 50% of 1000 MiB
     assert memory.flat([1, 2, 3], 10) == (False, -1)
+    assert memory.flat([-1] * 8, 10) == (False, -1)  # nvidia-smi missing: nothing to judge
 
 
 def test_memory_sample_of_this_process():
