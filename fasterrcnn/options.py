@@ -90,6 +90,11 @@ def _opt(default: Any, group: str, help: str, *, parse: Callable[[str], Any] = s
 
 @dataclass(frozen=True)
 class Options:
+    """The model (which detector), the repository (what is written, how Triton runs it) and the
+    server.  ``precision="auto"`` becomes the target's default; cross-field errors raise
+    :class:`OptionsError`.  :meth:`model_options` and :meth:`repository_options` are what the
+    exporters take."""
+
     # -- model: which detector ------------------------------------------------------------------
     weights: str = _opt("random", "model", env="MODEL", docker_default="coco", metavar="coco|random|PATH",
                         help="'coco' (torchvision's COCO weights, downloaded once into torch's cache), 'random' "

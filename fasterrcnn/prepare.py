@@ -221,9 +221,9 @@ def prepare(options: Options, cache_dir: str | Path, gpus: str | list[GpuInfo], 
 def main(argv=None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=HelpFormatter,
-        description="Prepare the model repository the Docker image serves, from its environment variables "
-                    "(docs/docker.md): reuse the cached one for this GPU, TensorRT, settings and weights, or "
-                    "build it. Prints the repository's path as the last line.")
+        description="Prepare the model repository the Docker image serves, from its environment variables\n"
+                    "(docs/docker.md): reuse the cached one for these GPUs, TensorRT, settings and weights,\n"
+                    "or build it. Prints the repository's path as the last line.")
     parser.add_argument("--cache-dir", type=Path, default=os.environ.get("CACHE_DIR", "/cache"),
                         help="the volume for repositories, engines and timing caches (variable CACHE_DIR)")
     parser.add_argument("--lease-fd", type=int,
