@@ -149,11 +149,21 @@ def test_each_step_model_picks_its_instances_gpu(monkeypatch, backend_calls, mod
 
 
 def test_torch_arrays_make_the_instances_gpu_current(monkeypatch):
-    current = []
+    """torch on a GPU instance: its device current, TF32 off, the allocator capped on that device."""
+    current, caps = [], []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
-    adapter = StepAdapter(fake.model_args(_double_config("gpu"), kind="GPU", device_id=1), fake.pb_utils_module(),
-                          arrays="torch")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: caps.append((f, d)))
+    cfg = _double_config("gpu")
+    cfg.parameters["gpu_memory_fraction"].string_value = "0.25"
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        adapter = StepAdapter(fake.model_args(cfg, kind="GPU", device_id=1), fake.pb_utils_module(), arrays="torch")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     assert current == [torch.device("cuda", 1)] and adapter.arrays.device == torch.device("cuda", 1)
+    assert caps == [(0.25, torch.device("cuda", 1))]
 
 
 def test_host_arrays_on_a_gpu_instance_copy_from_its_own_device(monkeypatch, backend_calls):

@@ -159,9 +159,15 @@ class _HostArrays(_BackendArrays):
 
 
 class _TorchArrays:
-    """torch tensors on the instance's device (CPU, or its GPU, made current at construction)."""
+    """torch tensors on the instance's device (CPU, or its GPU, made current at construction).
 
-    def __init__(self, device: str, device_id: int):
+    On a GPU: fp32 means fp32 (no TF32 in convolutions or matmuls; cuDNN's default is TF32 on),
+    and this process's caching allocator is capped at ``memory_fraction`` of the card: the steps
+    of the ensemble share the GPU, each in its own process, and cuDNN's autotuner otherwise grabs
+    most of the card, leaving the CuPy steps beside it out of memory.
+    """
+
+    def __init__(self, device: str, device_id: int, memory_fraction: float):
         import torch
 
         self.torch = torch
@@ -169,6 +175,9 @@ class _TorchArrays:
             self.device = torch.device("cuda", device_id)
             # traces saved on the GPU hold index-less "cuda" tensors: the current device
             torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
         else:
             self.device = torch.device("cpu")
 
@@ -201,7 +210,8 @@ class StepAdapter:
         pb_utils: the ``triton_python_backend_utils`` module (a stand-in in the unit tests).
         arrays: what the step computes on: "backend" (NumPy or CuPy by the instance's kind, through
             the step backend), "numpy" (always the host: ONNX Runtime on the CPU) or "torch"
-            (torch tensors on the instance's device).
+            (torch tensors on the instance's device; on a GPU, the model parameter
+            ``gpu_memory_fraction``, default 0.3, caps this process's share of the card).
     """
 
     def __init__(self, args: dict, pb_utils, arrays: str = "backend"):
@@ -224,7 +234,7 @@ class StepAdapter:
                              f"KIND_{args['model_instance_kind']}; expected the two to agree")
         if arrays == "torch":
             self.backend = None
-            self.arrays = _TorchArrays(self.device, self.device_id)
+            self.arrays = _TorchArrays(self.device, self.device_id, float(self.params.get("gpu_memory_fraction", "0.3")))
         elif arrays == "numpy":
             self.backend = backends.get_backend("cpu")
             self.arrays = _HostArrays(self.backend)

@@ -22,16 +22,9 @@ class TritonPythonModel:
     def initialize(self, args):
         self.adapter = a = StepAdapter(args, pb_utils, arrays="torch")
         device = a.arrays.device
-        if device.type == "cuda":
-            # fp32 means fp32: no TF32 in convolutions or matmuls (cudnn's default is TF32 on)
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+        if device.type == "cuda":  # (TF32 off and the memory cap: the adapter's torch arrays)
             # fixed canvas and few batch sizes: autotuned convolutions pay off after one call per shape
             torch.backends.cudnn.benchmark = True
-            # The steps of the ensemble share the GPU, each in its own process: cap this one's
-            # caching allocator (cudnn's autotuner otherwise grabs most of the card, and the CuPy
-            # steps beside it run out of memory)
-            torch.cuda.set_per_process_memory_fraction(float(a.params.get("gpu_memory_fraction", "0.3")), device)
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = RuntimeOptions.from_parameters(a.params)
         path = os.path.join(folder, a.params.get("torch_file", "model.pt"))
