@@ -9,9 +9,10 @@ Triton-free where it can be; the scripts in ``benchmarks/`` and the tests in ``t
 - ``synthetic`` and ``training``: generated shape scenes and a brief from-scratch trainer on them;
 - ``repositories``: the model repositories of a benchmark run (ensemble + torchvision baseline);
 - ``baseline``: the torchvision baseline served as a Triton python model;
-- ``server``: a tritonserver for one benchmark run (start, warm up, send, keep its log);
+- ``server``: a tritonserver for one benchmark run (start on free ports, warm up, keep its log);
 - ``perf_analyzer``: the perf_analyzer driver; ``triton_stats``: per-step times from Triton's statistics;
 - ``soak``: requests sent in a loop with each outcome counted; ``memory``: GPU memory and RSS samples;
-- ``kernels`` and ``timing``: inputs and timers of the kernel and dense-network benchmarks;
+- ``kernels``, ``timing`` and ``profiling``: inputs, timers and kernel-time profiles of the kernel
+  and dense-network benchmarks;
 - ``report`` and ``plots``: CSV, markdown summary, and matplotlib figures.
 """
