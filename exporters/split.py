@@ -23,6 +23,14 @@ from torchvision.models.detection import FasterRCNN
 from python_backend.settings import RPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings
 
 
+def _size(t: Tensor, dim: int):
+    """``t.shape[dim]``: symbolic in an ONNX export (whose height and width may be dynamic), a plain
+    int otherwise.  A TorchScript trace is made per canvas, and a traced size arithmetic there
+    becomes NumToTensor -> mul -> Int, a host read that breaks CUDA-graph capture
+    (tests/test_torch_target.py::test_rpn_trace_has_no_host_synchronization)."""
+    return t.shape[dim] if torch.onnx.is_in_onnx_export() else int(t.shape[dim])
+
+
 class _ExtentMasks:
     """Per-forward cache of {map stride: [B, 1, h, w] float mask}.
 
@@ -57,8 +65,8 @@ class _ExtentMasks:
     def cells(self, x: Tensor, stride: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """([B, h] rows, [B, w] columns) bool: which cells of map ``x`` lie inside each image's extent."""
         vh, vw = self.valid_extent(stride)
-        rows = torch.arange(x.shape[-2], device=vh.device).to(torch.float32)[None, :] < vh[:, None]
-        cols = torch.arange(x.shape[-1], device=vw.device).to(torch.float32)[None, :] < vw[:, None]
+        rows = torch.arange(_size(x, -2), device=vh.device).to(torch.float32)[None, :] < vh[:, None]
+        cols = torch.arange(_size(x, -1), device=vw.device).to(torch.float32)[None, :] < vw[:, None]
         return rows, cols
 
     def mask(self, x: Tensor) -> Tensor:
@@ -175,8 +183,8 @@ class RpnNetwork(nn.Module):
         s = RPN_STRIDES[level]
         grid = torch.ceil(padded / s)
         stride = torch.floor(padded / grid)  # [B, 2] (h, w)
-        ys = torch.arange(rows.shape[1], device=padded.device).to(torch.float32)[None, :] * stride[:, 0:1]
-        xs = torch.arange(cols.shape[1], device=padded.device).to(torch.float32)[None, :] * stride[:, 1:2]
+        ys = torch.arange(_size(rows, 1), device=padded.device).to(torch.float32)[None, :] * stride[:, 0:1]
+        xs = torch.arange(_size(cols, 1), device=padded.device).to(torch.float32)[None, :] * stride[:, 1:2]
         sy = ys[:, :, None] + torch.zeros_like(xs)[:, None, :]  # [B, gh, gw]
         sx = xs[:, None, :] + torch.zeros_like(ys)[:, :, None]
         shifts = torch.stack((sx, sy, sx, sy), dim=-1)[:, :, :, None, :]  # [B, gh, gw, 1, 4]
@@ -198,7 +206,7 @@ class RpnNetwork(nn.Module):
         for level, (lg, dl) in enumerate(zip(logits, deltas)):
             a, k = int(lg.shape[1]), self.level_topk[level]
             # torchvision concat_box_prediction_layers: [B, A, H, W] -> [B, H*W*A]
-            gh, gw = lg.shape[2], lg.shape[3]  # symbolic under a dynamic-shape export
+            gh, gw = _size(lg, 2), _size(lg, 3)
             lg = lg.permute(0, 2, 3, 1).reshape(-1, gh * gw * a)
             dl = dl.reshape(-1, a, 4, gh, gw).permute(0, 3, 4, 1, 2).reshape(-1, gh * gw * a, 4)
             rows, cols = self.masks.cells(maps[level], (RPN_STRIDES[level], RPN_STRIDES[level]))
