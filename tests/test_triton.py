@@ -185,11 +185,12 @@ def test_client_cli_json_and_draw(server, tmp_path, capsys):
     folder.mkdir()
     (folder / "a.png").write_bytes(encode(IMAGES["tiny"]))
     (folder / "b.jpg").write_bytes(encode(IMAGES["coffee"], "JPEG"))
-    code = detect.main([str(folder), "--url", server.grpc_url, "--concurrency", "2", "--draw", str(tmp_path / "out")])
+    code = detect.main([str(folder), "--url", server.grpc_url, "--concurrency", "2", "--draw", str(tmp_path / "out"),
+                        "--json"])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all('"detections"' in ln for ln in lines)
-    assert (tmp_path / "out" / "a.png").is_file() and (tmp_path / "out" / "b.png").is_file()
+    assert (tmp_path / "out" / "a.png.png").is_file() and (tmp_path / "out" / "b.jpg.png").is_file()
 
 
 def test_client_checks_the_model(client):
