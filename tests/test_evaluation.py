@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -129,17 +130,20 @@ class FakeClient:
         threading.Thread(target=callback, args=(None if error else "result", error)).start()
 
 
+def _run_until_answered(loop: soak.RequestLoop, n: int, timeout_s: float = 5.0) -> None:
+    loop.start()
+    deadline = time.monotonic() + timeout_s
+    while loop.totals().answered < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop.stop()
+
+
 def test_request_loop_counts_every_outcome():
     client = FakeClient()
     sent = {"a": np.zeros((2, 2, 3), np.uint8), "b": np.zeros((3, 2, 3), np.uint8),
             "bad": np.zeros((1, 1, 3), np.uint8)}
     loop = soak.RequestLoop(client, "m", sent, concurrency=4)
-    loop.start()
-    for _ in range(500):
-        if loop.totals().answered >= 60:
-            break
-        threading.Event().wait(0.01)
-    loop.stop()
+    _run_until_answered(loop, 60)
     t = loop.tallies
     # the client's own count of what arrived equals the loop's count of what it sent
     assert {2: t["a"].sent, 3: t["b"].sent, 1: t["bad"].sent} == client.received
@@ -155,12 +159,7 @@ def test_request_loop_counts_requests_that_could_not_be_sent():
             raise ConnectionError("no server")
 
     loop = soak.RequestLoop(Refusing(), "m", {"a": b"x"}, pause_s=0.001)
-    loop.start()
-    for _ in range(500):
-        if loop.totals().answered >= 5:
-            break
-        threading.Event().wait(0.01)
-    loop.stop()
+    _run_until_answered(loop, 5)
     a = loop.tallies["a"]
     assert a.succeeded == 0 and a.sent == len(a.errors) >= 5 and set(a.errors) == {"no server"}
     assert list(soak.request_checks(a, soak.Tally()).values())[0] is False  # the good-requests check
