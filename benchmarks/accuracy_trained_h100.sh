@@ -7,7 +7,7 @@
 #   3. benchmarks.bench_dense --profile-only: the fp16 rpn's CUDA kernels by kind.
 # Usage on the GPU machine, from the repository root (binaries as benchmarks/device_env.sh says):
 #   OUT=/some/dir bash benchmarks/accuracy_trained_h100.sh
-# Writes $OUT/accuracy_trained.log, $OUT/accuracy_trained.md (perf.py's summary), $OUT/accuracy_trained.csv,
+# Writes $OUT/accuracy_trained.log, $OUT/accuracy_trained.md (benchmarks.perf's summary), $OUT/accuracy_trained.csv,
 # $OUT/dense.txt.  Exit code 0 only if the ensemble passes both accuracy criteria.
 set -uo pipefail
 # shellcheck source=benchmarks/device_env.sh
