@@ -155,11 +155,12 @@ class RpnNetwork(nn.Module):
             channels as one cache line.
     """
 
-    def __init__(self, model: FasterRCNN, settings: DetectorSettings):
+    def __init__(self, model: FasterRCNN, settings: DetectorSettings, fold_norms: bool = True):
         super().__init__()
         self.settings = settings
         self.backbone = copy.deepcopy(model.backbone).eval()
-        fold_batch_norms(self.backbone)
+        if fold_norms:  # fewer nodes; rounds differently from torchvision's separate FrozenBatchNorm2d
+            fold_batch_norms(self.backbone)
         self.head = copy.deepcopy(model.rpn.head).eval()
         self.box_coder = model.rpn.box_coder
         self.masks = _ExtentMasks()
