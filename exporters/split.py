@@ -85,8 +85,9 @@ def fold_batch_norms(module: nn.Module) -> int:
     without weights ``BatchNorm2d``; both hold running statistics, an affine and ``eps``.  The
     fused convolution computes ``bn(conv(x))`` with the normalization in its weights and bias
     (what TensorRT does by itself) and the graph has 53 fewer nodes.  For the torch target it is
-    not a speed-up at batch 8: torch adds a cuDNN convolution's bias in a separate pass, which
-    costs what the batch norm did (H100, docs/benchmarks.md); at batch 1 it saves launches.
+    not a speed-up at batch 8 (torch adds a cuDNN convolution's bias in a separate pass, which
+    costs what the batch norm did; docs/benchmarks.md has the measurement); at batch 1 it saves
+    launches.
     Uses ``torch.nn.utils.fusion.fuse_conv_bn_weights``.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_weights
