@@ -2,10 +2,11 @@
 
     python -m benchmarks.soak [--seconds 90] [--concurrency 64] [--out DIR] [--work DIR] [--mps]
 
-One client keeps ``--concurrency`` good requests in flight (the photographs as JPEGs; under numpy 2,
-``--input auto``, decoded 480x640 images to ``fasterrcnn_raw``: see ``python -m benchmarks.perf
---help``).  Another sends bad inputs one after another (random bytes, empty, truncated and corrupt
-JPEGs, a PNG signature alone; decoded: 1x1, 1x2, a portrait image beyond the landscape canvas).
+One client keeps ``--concurrency`` good requests in flight: the photographs as JPEGs to
+``fasterrcnn``, or decoded 480x640 images to ``fasterrcnn_raw`` (``--input raw``, and ``--input
+auto`` where the repository's encoded input is TYPE_STRING under numpy 2: evaluation/server.py
+``input_mode``).  Another sends bad inputs one after another (random bytes, empty, truncated and
+corrupt JPEGs, a PNG signature alone; decoded: images with no rows or no columns).
 Each request's outcome is counted by the client that sent it (evaluation/soak.py).  Every
 ``--sample-s`` seconds the GPU's memory in use (nvidia-smi) and the resident memory of the server
 and its python-backend stubs are sampled.
@@ -17,7 +18,7 @@ Pass criteria:
     grows by at most 256 MiB and server RSS by at most max(256 MiB, 10%).
 Writes soak.csv (samples) and soak.png (where matplotlib is installed), appends a "Soak" section to
 summary.md, prints PASS/FAIL.  Reuses ``--work``'s repo_fp32 written by ``benchmarks.perf``
-(writes it if missing).
+(exports it, default settings, if missing).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from evaluation import memory, payloads, plots, report, server
 from evaluation.memory import MIB
-from evaluation.repositories import ROOT, write_benchmark_repositories
+from evaluation.repositories import ROOT, WEIGHTS_FILE, export_ensemble, save_random_weights
 from evaluation.soak import RequestLoop, request_checks, unexpected_answers
 from python_backend import names
 
@@ -60,11 +61,12 @@ def main(argv=None) -> int:
     import tritonclient.grpc as grpcclient
 
     args.out.mkdir(parents=True, exist_ok=True)
-    raw = server.input_mode(args.input) == "raw"
-    model = names.ENSEMBLE_RAW if raw else names.ENSEMBLE
     repo = args.work / "repo_fp32"
     if not (repo / names.ENSEMBLE / "config.pbtxt").is_file():
-        repo = write_benchmark_repositories(args.work, precisions=("fp32",), raw=raw, device=args.device)["fp32"]
+        weights = args.work / WEIGHTS_FILE
+        export_ensemble(repo, weights if weights.is_file() else save_random_weights(weights), "fp32", args.device)
+    raw = server.input_mode(args.input, repo) == "raw"
+    model = names.ENSEMBLE_RAW if raw else names.ENSEMBLE
     jpegs = payloads.jpeg_payloads(args.work / "images")
     good = payloads.resized(payloads.decoded(jpegs)) if raw else jpegs
     bad = payloads.bad_raw_payloads() if raw else payloads.bad_payloads(jpegs["astronaut"])

@@ -63,24 +63,55 @@ def process_label(pid: int) -> str:
     return Path(args[0].decode(errors="replace")).name or str(pid)
 
 
-def gpu_memory_by_process(pids: list[int]) -> str:
-    """GPU memory of the processes ``pids`` as ``label=MiB`` pairs (nvidia-smi's compute apps), so
-    that a growth can be traced to a step; empty where nvidia-smi lists none of them."""
+def compute_apps() -> dict[int, int]:
+    """{pid: GPU MiB} of every process nvidia-smi lists as using a GPU; empty where nvidia-smi is missing."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return ""
-    ours = set(pids)
-    pairs = []
+        return {}
+    apps: dict[int, int] = {}
     for line in out.splitlines():
         try:
             pid, mib = (int(float(v)) for v in line.split(","))
         except ValueError:
             continue
-        if pid in ours:
-            pairs.append(f"{process_label(pid)}={mib}")
-    return " ".join(sorted(pairs))
+        apps[pid] = apps.get(pid, 0) + mib
+    return apps
+
+
+def gpu_memory_by_process(pids: list[int]) -> str:
+    """GPU memory of the processes ``pids`` as ``label=MiB`` pairs (nvidia-smi's compute apps), so
+    that a growth can be traced to a step; empty where nvidia-smi lists none of them."""
+    apps = compute_apps()
+    return " ".join(sorted(f"{process_label(pid)}={apps[pid]}" for pid in pids if pid in apps))
+
+
+def mps_server_pids() -> list[int]:
+    """Processes named ``nvidia-cuda-mps-server``: an MPS daemon's server, which holds GPU memory on
+    behalf of its clients."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() == "nvidia-cuda-mps-server":
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+    return pids
+
+
+def server_gpu_sample(server_pid: int, before_mib: int, **labels) -> dict:
+    """A server's GPU memory now, two ways: the card's memory in use minus ``before_mib`` (what it
+    was before the server started; -1 where nvidia-smi is missing), and the sum over the server's
+    processes, its python-backend stubs and any MPS server (nvidia-smi's compute apps), with the
+    per-process pairs; after ``labels`` (precision, when...)."""
+    used = gpu_memory_used()
+    pids = tree_pids(server_pid) + mps_server_pids()
+    apps = compute_apps()
+    return {**labels, "device_delta_mib": used // MIB - before_mib if used >= 0 and before_mib >= 0 else -1,
+            "process_sum_mib": sum(apps.get(p, 0) for p in pids) if apps else -1,
+            "by_process": " ".join(sorted(f"{process_label(p)}={apps[p]}" for p in pids if p in apps))}
 
 
 def sample(server_pid: int, t_s: float) -> dict:

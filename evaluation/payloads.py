@@ -13,6 +13,14 @@ import numpy as np
 
 # perf_analyzer's decoded images: one shape, so that the dynamic batcher can batch them
 RAW_SHAPE = (480, 640)
+# What a benchmark request carries, by key: decoded pixels to ``fasterrcnn_raw``, or encoded JPEGs to
+# ``fasterrcnn`` at (height, width): a VGA photo, and a 12-megapixel phone photo
+INPUT_KINDS = {"raw": "decoded pixels 640x480 (fasterrcnn_raw)", "jpeg": "JPEG 640x480 (fasterrcnn)",
+               "jpeg12mp": "JPEG 4000x3000, 12 MP (fasterrcnn)"}
+JPEG_SHAPES = {"jpeg": (480, 640), "jpeg12mp": (3000, 4000)}
+# sensor-like grain added before encoding a large JPEG: an upscaled photograph alone is smooth and
+# compresses to a fraction of what a phone's 12-megapixel JPEG weighs
+JPEG_GRAIN_SIGMA = 4.0
 PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket")  # scikit-image's, no download; landscape or square
 SCENE_SIZES = ((480, 640), (600, 800), (384, 512))
 
@@ -92,6 +100,33 @@ def resized(images: dict[str, np.ndarray], shape: tuple[int, int] = RAW_SHAPE) -
     return {k: np.asarray(Image.fromarray(v).resize((shape[1], shape[0]), Image.BILINEAR)) for k, v in images.items()}
 
 
+def jpegs_at(images: dict[str, np.ndarray], shape: tuple[int, int], quality: int = 92,
+             grain_sigma: float = 0.0, seed: int = 0) -> dict[str, bytes]:
+    """Each image resized (bilinear) to ``shape`` (height, width), with Gaussian grain of
+    ``grain_sigma`` grey levels added (seeded), as JPEG bytes of ``quality``."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, image in resized(images, shape).items():
+        if grain_sigma > 0:
+            noisy = image.astype(np.float32) + rng.normal(0.0, grain_sigma, image.shape).astype(np.float32)
+            image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+        out[name] = encode(image, "JPEG", quality=quality)
+    return out
+
+
+def perf_payloads(kind: str, photos: dict[str, np.ndarray]) -> list:
+    """The payloads perf_analyzer cycles through for an input ``kind`` of :data:`INPUT_KINDS`: the
+    photographs as decoded ``[480, 640, 3]`` uint8 arrays (``raw``), or as JPEG bytes at that kind's
+    :data:`JPEG_SHAPES` (grain on the 12-megapixel ones)."""
+    if kind == "raw":
+        return list(resized(photos).values())
+    if kind not in JPEG_SHAPES:
+        raise ValueError(f"input kind must be one of {', '.join(INPUT_KINDS)}, got {kind!r}")
+    shape = JPEG_SHAPES[kind]
+    grain = JPEG_GRAIN_SIGMA if shape[0] * shape[1] > 4_000_000 else 0.0
+    return list(jpegs_at(photos, shape, grain_sigma=grain).values())
+
+
 def bad_payloads(good_jpeg: bytes) -> dict[str, bytes]:
     """Encoded inputs the preprocess must refuse: random bytes, empty, a JPEG cut in half, a JPEG with
     2000 random bytes written over it from a third of its length on, a PNG signature alone."""
@@ -108,11 +143,6 @@ def bad_payloads(good_jpeg: bytes) -> dict[str, bytes]:
 
 
 def bad_raw_payloads() -> dict[str, np.ndarray]:
-    """Decoded inputs the preprocess must refuse: 1x1 and 1x2 images (below its minimum side) and a
-    portrait image that does not fit the 800x1344 landscape canvas."""
-    rng = np.random.default_rng(0)
-    return {
-        "1x1": rng.integers(0, 256, (1, 1, 3), dtype=np.uint8),
-        "2x1": rng.integers(0, 256, (1, 2, 3), dtype=np.uint8),
-        "portrait_beyond_canvas": rng.integers(0, 256, (1000, 600, 3), dtype=np.uint8),
-    }
+    """Decoded inputs the preprocess must refuse: images with no rows or no columns (below any
+    minimum side; every non-empty size is an image torchvision resizes)."""
+    return {"0x4": np.zeros((0, 4, 3), np.uint8), "4x0": np.zeros((4, 0, 3), np.uint8)}

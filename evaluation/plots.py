@@ -25,11 +25,11 @@ def _pyplot():
 
 def throughput_latency(path: Path, rows: list[dict], title: str) -> Path:
     """Throughput (x, ``infer_per_s``) against p99 latency (y, ``p99_ms``, log scale), one line per
-    ``model``, each point labelled by its ``concurrency``; written to ``path`` (PNG)."""
+    ``run`` (else per ``model``), each point labelled by its ``concurrency``; written to ``path`` (PNG)."""
     plt = _pyplot()
     series: dict[str, list[dict]] = {}
     for r in rows:
-        series.setdefault(r["model"], []).append(r)
+        series.setdefault(r.get("run", r["model"]), []).append(r)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     for model, pts in series.items():
         pts = sorted(pts, key=lambda r: r["concurrency"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation.parity import FP16, fp16_overall
+from evaluation.parity import FP16, FP16_IMAGE_MIN, fp16_overall, worst_image
 
 
 def _cell(text: str) -> str:
@@ -28,12 +28,18 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def environment(weights: Path | None = None, canvas: tuple[int, int] = (800, 1344)) -> str:
-    """One line: card, versions, the weights (``weights``: a state_dict file, named with the start of
-    its sha256; None: seeded random, seed 0), the canvas and the time."""
+def gpu_name() -> str:
+    """The name of CUDA device 0 as torch reports it ("NVIDIA H200", say), or "no GPU"."""
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+
+
+def environment(weights: Path | None = None) -> str:
+    """One line: card, versions, the weights (``weights``: a state_dict file, named with the start of
+    its sha256; None: seeded random, seed 0) and the time."""
+    import torch
+
     try:
         import cupy
 
@@ -45,48 +51,85 @@ def environment(weights: Path | None = None, canvas: tuple[int, int] = (800, 134
     else:
         digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
         weights_text = f"weights {Path(weights).name} (sha256 {digest}...)"
-    return (f"{gpu}; torch {torch.__version__}, CUDA {torch.version.cuda}, cupy {cupy_v}, numpy {np.__version__}, "
-            f"Python {platform.python_version()}; {weights_text}, canvas {canvas[0]}x{canvas[1]}; "
+    return (f"{gpu_name()}; torch {torch.__version__}, CUDA {torch.version.cuda}, cupy {cupy_v}, "
+            f"numpy {np.__version__}, Python {platform.python_version()}; {weights_text}; "
             f"{time.strftime('%Y-%m-%d %H:%M')}")
 
 
 def fp16_line(model: str, rows: list[dict]) -> str:
     """The fp16 criterion over all of ``model``'s accuracy rows, as one sentence."""
     matched, reference, ok = fp16_overall(rows)
+    worst = worst_image(rows)
+    worst_text = f", worst image {worst[0]} {worst[1]:.0%}" if worst else ""
     return (f"{model}: {matched} of {reference} detections matched over all images "
-            f"({matched / max(reference, 1):.1%}; criterion >= {FP16.min_matched:.0%}: "
-            f"{'met' if ok else '**not met**'})")
+            f"({matched / max(reference, 1):.2%}{worst_text}; criterion >= {FP16.min_matched:.0%} and no image "
+            f"< {FP16_IMAGE_MIN:.0%}: {'met' if ok else '**not met**'})")
 
 
-def summary_markdown(env: str, perf_rows: list[dict], breakdown_rows: list[dict], acc_rows: list[dict]) -> str:
-    """summary.md of ``benchmarks.perf``: the throughput/latency table, the per-step breakdown, the
-    accuracy table, and the fp16 criterion over all detections of each fp16 model."""
-    lines = ["# fasterrcnn on Triton: torch-target ensemble vs torchvision eager", "", env, "",
-             "## Throughput and latency (perf_analyzer, gRPC, 1 image per request; input as above)", "",
-             "| model | concurrency | images/s | p50 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r in perf_rows:
-        lines.append(f"| {r['model']} | {r['concurrency']} | {r['infer_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} |")
-    lines += ["", "## Per-step breakdown (Triton statistics over each model's whole sweep)", "",
-              "| run | step | requests | avg batch | queue ms/req | compute in ms/req | infer ms/exec "
-              "| compute out ms/req |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in breakdown_rows:
-        lines.append(f"| {r['run']} | {r['model']} | {r['requests']} | {r['avg_batch']} | "
-                     f"{r['queue_ms_per_request']} | {r['compute_input_ms_per_request']} | "
-                     f"{r['compute_infer_ms_per_execution']} | {r['compute_output_ms_per_request']} |")
-    lines += ["", "## Accuracy against torchvision eager fp32 on the GPU", "",
-              "| model | image | torchvision dets | ours | matched | extra | criterion | pass |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
-    for r in acc_rows:
-        lines.append(f"| {r['model']} | {r['image']} | {r['reference']} | {r['ours']} | {r['matched']} | "
-                     f"{r['extra']} | {_cell(r['criterion'])} | {'yes' if r['pass'] else '**no**'} |")
-    for model in dict.fromkeys(r["model"] for r in acc_rows if r["model"].endswith("fp16")):
-        lines.append("\n" + fp16_line(model, [r for r in acc_rows if r["model"] == model]))
-    lines += ["", "Requests are sent 4 at a time, so Triton batches them.  Only the ensemble rows are pass/fail: "
-              "fp32 per image, fp16 over all detections, and fp16 only with a trained checkpoint (--weights; with "
-              "seeded random weights near-tied scores make it informational, see docs/benchmarks.md).  "
-              "The baseline rows are informational: torchvision pads a batch to its largest image, so an image's "
-              "detections depend on what it is batched with (README, \"Why an image's detections don't depend on "
-              "its batch\")."]
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    align = ["---" if i == 0 or not isinstance(rows[0][i], (int, float)) else "---:" for i in range(len(header))] \
+        if rows else ["---"] * len(header)
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    for r in rows:
+        out.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in r) + " |")
+    return out
+
+
+def perf_section(perf_rows: list[dict], eager_rows: list[dict], kinds: dict[str, str]) -> list[str]:
+    """Best of each served run, every perf_analyzer row, and torchvision eager alone."""
+    lines = ["## Throughput and latency", "",
+             "Served: perf_analyzer over gRPC, one image per request, each run's best images/s over its "
+             "concurrencies. Inputs: " + "; ".join(f"`{k}` = {v}" for k, v in kinds.items()) + ".", ""]
+    runs = list(dict.fromkeys(r["run"] for r in perf_rows))
+    best = []
+    for run in runs:
+        rows = [r for r in perf_rows if r["run"] == run]
+        top = max(rows, key=lambda r: r["infer_per_s"])
+        one = [r["p99_ms"] for r in rows if r["concurrency"] == 1]
+        best.append([run, top["input"], top["infer_per_s"], top["concurrency"], one[0] if one else "-"])
+    lines += _table(["run", "input", "best images/s", "at concurrency", "p99 ms at concurrency 1"], best)
+    lines += ["", "torchvision eager alone (no server; only `model(images)` timed, images already on the GPU):", ""]
+    lines += _table(["precision", "batch", "cuDNN autotuner", "ms per image", "images/s"],
+                    [[r["precision"], r["batch"], "on" if r["cudnn_benchmark"] else "off", r["ms_per_image"],
+                      r["images_per_s"]] for r in eager_rows])
+    lines += ["", "Every perf_analyzer row:", ""]
+    lines += _table(["run", "concurrency", "images/s", "p50 ms", "p99 ms"],
+                    [[r["run"], r["concurrency"], r["infer_per_s"], r["p50_ms"], r["p99_ms"]] for r in perf_rows])
+    return lines + [""]
+
+
+def summary_markdown(env: str, goals_table: str, rec, kinds: dict[str, str]) -> str:
+    """summary.md of ``benchmarks.perf``: the goals, throughput and latency, the per-step breakdown,
+    the server's GPU memory, accuracy, the image decoders the servers named, and what was left out or
+    failed (``rec``: an :class:`evaluation.bench.Record`)."""
+    lines = ["# fasterrcnn on Triton: torch-target ensemble vs torchvision", "", env, "", "## Goals", "",
+             goals_table, *perf_section(rec.perf_rows, rec.eager_rows, kinds),
+             "## Per-step breakdown (Triton statistics over each run's sweep)", ""]
+    lines += _table(["run", "step", "requests", "avg batch", "queue ms/req", "compute in ms/req", "infer ms/exec",
+                     "compute out ms/req"],
+                    [[r["run"], r["model"], r["requests"], r["avg_batch"], r["queue_ms_per_request"],
+                      r["compute_input_ms_per_request"], r["compute_infer_ms_per_execution"],
+                      r["compute_output_ms_per_request"]] for r in rec.breakdown_rows])
+    lines += ["", "## GPU memory of the ensemble's server (nvidia-smi)", "",
+              "Device delta: the card's memory in use minus what it was before the server started. Process "
+              "sum: the server, its python-backend stubs and any MPS server.", ""]
+    lines += _table(["precision", "when", "device delta MiB", "process sum MiB", "by process (MiB)"],
+                    [[r["precision"], r["when"], r["device_delta_mib"], r["process_sum_mib"], r["by_process"]]
+                     for r in rec.memory_rows])
+    lines += ["", "## Accuracy against torchvision eager fp32 (TF32 off)", ""]
+    lines += _table(["model", "image", "torchvision dets", "ours", "matched", "extra", "criterion", "pass"],
+                    [[r["model"], r["image"], r["reference"], r["ours"], r["matched"], r["extra"], r["criterion"],
+                      "yes" if r["pass"] else "**no**"] for r in rec.acc_rows])
+    for model in dict.fromkeys(r["model"] for r in rec.acc_rows if "fp16" in r["model"] or "tf32" in r["model"]):
+        lines.append("\n" + fp16_line(model, [r for r in rec.acc_rows if r["model"] == model]))
+    lines += ["", "Requests are sent 4 at a time, so Triton batches them. The ensemble's fp32 rows are judged per "
+              "image, fp16 over all detections (gated only with a trained checkpoint). Baseline rows are "
+              "information: torchvision pads a batch to its largest image, so an image's detections depend on "
+              "what it is batched with (README, \"Why an image's detections don't depend on its batch\").", "",
+              "## Image decoders named in the server logs", ""]
+    lines += [f"- {d}" for d in rec.decoders] or ["- none named"]
+    lines += ["", "## Left out and failed", ""]
+    lines += [f"- left out: {n}" for n in rec.notes] + [f"- **failed**: {f}" for f in rec.failures]
+    if not rec.notes and not rec.failures:
+        lines.append("- nothing")
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ needs around it.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -41,17 +42,30 @@ def report_server_log(server: TritonServer, path: Path) -> list[str]:
     return errors
 
 
-def input_mode(choice: str) -> str:
-    """``--input`` of the benchmark scripts: ``jpeg`` or ``raw`` as given; ``auto`` -> ``raw`` under
-    numpy 2, whose python-backend stub in this Triton build garbles TYPE_STRING inputs
-    (docs/benchmarks.md, "Input mode"), else ``jpeg``."""
+def input_mode(choice: str, repo: Path | None = None) -> str:
+    """``--input`` of the benchmark scripts: ``jpeg`` or ``raw`` as given; ``auto`` -> ``jpeg``, except
+    where the ``fasterrcnn`` ensemble of ``repo`` takes TYPE_STRING under numpy 2, whose python-backend
+    stub in this Triton build garbles string inputs (docs/benchmarks.md, "Input mode"): ``raw`` there."""
     if choice not in ("auto", "jpeg", "raw"):
         raise ValueError(f"input mode must be auto, jpeg or raw, got {choice!r}")
     if choice != "auto":
         return choice
+    from evaluation.repositories import encoded_input_type
     from python_backend.triton_io import NUMPY2
 
-    return "raw" if NUMPY2 else "jpeg"
+    string_input = repo is None or encoded_input_type(repo) == "TYPE_STRING"
+    return "raw" if NUMPY2 and string_input else "jpeg"
+
+
+def decoder_lines(log_text: str, limit: int = 4) -> list[str]:
+    """The distinct messages of a server log that name an image decoder (a step saying which one it
+    uses: nvJPEG on the GPU, Pillow...), without Triton's line prefix; at most ``limit``."""
+    seen: dict[str, None] = {}
+    for line in log_text.splitlines():
+        if re.search(r"decoder|nvjpeg", line, re.IGNORECASE) and not re.search(r"error|traceback", line, re.I):
+            message = line.split("] ", 1)[-1].strip().strip('"')
+            seen.setdefault(message[:200], None)
+    return list(seen)[:limit]
 
 
 def warm_up(client, model: str, payloads: list) -> None:

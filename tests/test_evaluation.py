@@ -52,6 +52,34 @@ def test_every_bad_raw_payload_is_refused_by_the_preprocess(kind):
         preprocess_batch([image], SETTINGS)
 
 
+@pytest.mark.parametrize("kind", ["jpeg", "jpeg12mp"])
+def test_perf_payloads_are_jpegs_of_the_kind_s_size(kind):
+    photos = {"a": payloads.textured_image(60, 80, seed=1), "b": payloads.textured_image(90, 70, seed=2)}
+    items = payloads.perf_payloads(kind, photos)
+    assert len(items) == 2 and all(isinstance(b, bytes) and b[:2] == b"\xff\xd8" for b in items)
+    shape = payloads.JPEG_SHAPES[kind]
+    decoded = [decode_image(b, SETTINGS.max_input_pixels, 1) for b in items]
+    assert [d.shape for d in decoded] == [(*shape, 3)] * 2
+    # the JPEG is the resized photograph (grain and JPEG loss aside): mean absolute error a few grey levels
+    reference = payloads.resized(photos, shape)["a"].astype(np.float32)
+    assert np.abs(decoded[0].astype(np.float32) - reference).mean() < 6
+
+
+def test_grain_makes_large_jpegs_heavier_and_is_seeded():
+    photos = {"a": payloads.textured_image(60, 80, seed=1)}
+    smooth = payloads.jpegs_at(photos, (600, 800))["a"]
+    grainy = payloads.jpegs_at(photos, (600, 800), grain_sigma=4.0)["a"]
+    assert len(grainy) > 1.3 * len(smooth)
+    assert payloads.jpegs_at(photos, (600, 800), grain_sigma=4.0)["a"] == grainy
+
+
+def test_perf_payloads_raw_and_unknown_kinds():
+    items = payloads.perf_payloads("raw", {"a": payloads.textured_image(60, 80, seed=1)})
+    assert [(x.dtype, x.shape) for x in items] == [(np.uint8, (*payloads.RAW_SHAPE, 3))]
+    with pytest.raises(ValueError, match="input kind must be one of raw, jpeg, jpeg12mp, got 'png'"):
+        payloads.perf_payloads("png", {})
+
+
 def test_resized_gives_one_shape():
     out = payloads.resized({"a": np.zeros((100, 50, 3), np.uint8), "b": np.full((7, 9, 3), 200, np.uint8)})
     assert {k: v.shape for k, v in out.items()} == {"a": (480, 640, 3), "b": (480, 640, 3)}
@@ -60,22 +88,61 @@ def test_resized_gives_one_shape():
 
 # --- perf_analyzer -------------------------------------------------------------------------------
 
-def test_perf_analyzer_input_data(tmp_path):
-    jpeg, image = b"\xff\xd8 not really", np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    data = json.loads(perf_analyzer.write_input_data(tmp_path / "in.json", [jpeg, image]).read_text())["data"]
-    assert base64.b64decode(data[0][names.IMAGE_BYTES]["b64"]) == jpeg
-    raw = data[1][names.IMAGE_RAW]
-    np.testing.assert_array_equal(np.array(raw["content"], np.uint8).reshape(raw["shape"]), image)
+def _decode_entry(entry: dict) -> tuple[str, np.ndarray]:
+    """A perf_analyzer data entry read back as perf_analyzer reads it (its docs/input_data.md): the
+    tensor's name and its content as uint8, in its "shape" where one is given."""
+    ((name, tensor),) = entry.items()
+    content = tensor["content"] if "content" in tensor else tensor
+    data = np.frombuffer(base64.b64decode(content["b64"]), np.uint8)
+    return name, data.reshape(tensor["shape"]) if "shape" in tensor else data
+
+
+def test_perf_analyzer_input_data_round_trips(tmp_path):
+    photo = payloads.textured_image(48, 64, seed=3)
+    jpeg = payloads.encode(photo, "JPEG", quality=90)
+    data = json.loads(perf_analyzer.write_input_data(tmp_path / "in.json", [jpeg, photo]).read_text())["data"]
+    name, sent = _decode_entry(data[0])
+    # encoded bytes as the fasterrcnn ensemble's UINT8 [-1] input: the shape is the byte count
+    assert name == names.IMAGE_BYTES and data[0][name]["shape"] == [len(jpeg)] and sent.tobytes() == jpeg
+    np.testing.assert_array_equal(decode_image(sent.tobytes(), SETTINGS.max_input_pixels, 1),
+                                  decode_image(jpeg, SETTINGS.max_input_pixels, 1))
+    name, sent = _decode_entry(data[1])
+    assert name == names.IMAGE_RAW and data[1][name]["shape"] == [48, 64, 3]
+    np.testing.assert_array_equal(sent, photo)
+
+
+def test_perf_analyzer_input_data_for_a_string_input(tmp_path):
+    jpeg = b"\xff\xd8 not really a jpeg"
+    (entry,) = json.loads(perf_analyzer.write_input_data(tmp_path / "s.json", [jpeg], "TYPE_STRING").read_text())["data"]
+    _, sent = _decode_entry(entry)
+    # one BYTES element: a 4-byte little-endian length, then the bytes
+    assert int.from_bytes(sent[:4].tobytes(), "little") == len(jpeg) and sent[4:].tobytes() == jpeg
+
+
+def test_perf_analyzer_input_data_refuses_what_no_input_takes(tmp_path):
     with pytest.raises(TypeError, match="got str"):
         perf_analyzer.write_input_data(tmp_path / "bad.json", ["a path?"])
+    with pytest.raises(ValueError, match=r"\[H, W, 3\] uint8 array, got float32 \[4, 4, 3\]"):
+        perf_analyzer.input_entry(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ValueError, match="TYPE_UINT8 or TYPE_STRING, got 'TYPE_FP32'"):
+        perf_analyzer.input_entry(b"abc", "TYPE_FP32")
+
+
+def test_perf_analyzer_unavailable_says_why(tmp_path):
+    assert "perf_analyzer not found" in perf_analyzer.unavailable(str(tmp_path / "no_such_binary"))
+    tool = tmp_path / "pa"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    assert perf_analyzer.unavailable(str(tool)) is None
 
 
 def test_perf_row_converts_microseconds():
     raw = {"Concurrency": "8", "Inferences/Second": "312.5", "p50 latency": "25000", "p90 latency": "30500",
            "p99 latency": "41250", "Avg latency": "26000", "Server Queue": "1500", "Server Compute Infer": "9000"}
-    row = perf_analyzer.perf_row("ensemble_fp16", raw)
-    assert row == {"model": "ensemble_fp16", "concurrency": 8, "infer_per_s": 312.5, "p50_ms": 25.0, "p90_ms": 30.5,
-                   "p99_ms": 41.25, "avg_ms": 26.0, "server_queue_ms": 1.5, "server_compute_infer_ms": 9.0}
+    row = perf_analyzer.perf_row({"model": "ensemble", "precision": "fp16", "input": "raw"}, raw)
+    assert row == {"model": "ensemble", "precision": "fp16", "input": "raw", "concurrency": 8, "infer_per_s": 312.5,
+                   "p50_ms": 25.0, "p90_ms": 30.5, "p99_ms": 41.25, "avg_ms": 26.0, "server_queue_ms": 1.5,
+                   "server_compute_infer_ms": 9.0}
 
 
 def test_perf_command_names_the_run():
@@ -236,7 +303,7 @@ def test_eager_baseline_equals_torchvision(small_model, tmp_path):
 
     path = tmp_path / "weights.pt"
     torch.save(small_model.state_dict(), path)
-    settings = settings_from_model(small_model, (320, 320))
+    settings = settings_from_model(small_model)  # the canvases play no part in eager torchvision
     detector = EagerDetector(settings, path, "fp32", torch.device("cpu"))
     image = payloads.textured_image(200, 300, seed=4)
     ours = from_packed(*(part[0] for part in detector([image])))
@@ -252,23 +319,96 @@ def test_eager_baseline_equals_torchvision(small_model, tmp_path):
 
 @pytest.mark.parametrize("raw", [False, True])
 def test_baseline_config(raw):
-    from evaluation.repositories import WEIGHTS_FILE, baseline_config
+    from evaluation.repositories import WEIGHTS_FILE, ServingVariant, baseline_config
 
-    cfg = baseline_config("baseline_fp16", SETTINGS, "fp16", max_batch_size=8, device="gpu", raw=raw)
+    variant = ServingVariant(instances=2, max_batch_size=16, queue_delay_us=500)
+    cfg = baseline_config("baseline_fp16_i2b16d500", SETTINGS, "fp16", variant, device="gpu", raw=raw)
     parsed = text_format.Parse(text_format.MessageToString(cfg), mc.ModelConfig())
-    assert parsed.name == "baseline_fp16" and parsed.backend == "python" and parsed.max_batch_size == 8
+    assert parsed.name == "baseline_fp16_i2b16d500" and parsed.backend == "python" and parsed.max_batch_size == 16
+    assert parsed.dynamic_batching.max_queue_delay_microseconds == 500
     (inp,) = parsed.input
     if raw:
         assert (inp.name, inp.data_type, list(inp.dims)) == (names.IMAGE_RAW, mc.TYPE_UINT8, [-1, -1, 3])
-    else:
-        assert (inp.name, inp.data_type, list(inp.dims)) == (names.IMAGE_BYTES, mc.TYPE_STRING, [1])
+    else:  # as the fasterrcnn ensemble: the encoded bytes of one image per request
+        assert (inp.name, inp.data_type, list(inp.dims)) == (names.IMAGE_BYTES, mc.TYPE_UINT8, [-1])
     assert [(o.name, o.data_type, list(o.dims)) for o in parsed.output] == [
         (names.DETECTION_BOXES, mc.TYPE_FP32, [100, 4]), (names.DETECTION_SCORES, mc.TYPE_FP32, [100]),
         (names.DETECTION_LABELS, mc.TYPE_INT32, [100]), (names.NUM_DETECTIONS, mc.TYPE_INT32, [1])]
-    assert parsed.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    (group,) = parsed.instance_group
+    assert (group.kind, group.count) == (mc.ModelInstanceGroup.KIND_GPU, 2)
     params = {k: v.string_value for k, v in parsed.parameters.items()}
     assert params["precision"] == "fp16" and params["weights_file"] == WEIGHTS_FILE
     assert DetectorSettings.from_parameters(params) == SETTINGS
+    with pytest.raises(ValueError, match="baseline precision must be one of"):
+        baseline_config("b", SETTINGS, "tf32")
+
+
+def test_serving_variants_parse():
+    from evaluation.repositories import ServingVariant, baseline_name, parse_variants
+
+    assert parse_variants("i1b8, i2b16d2000") == [ServingVariant(1, 8, 0), ServingVariant(2, 16, 2000)]
+    assert ServingVariant.parse("i2b16").key == "i2b16d0"
+    assert baseline_name("fp16", ServingVariant(2, 16, 2000)) == "baseline_fp16_i2b16d2000"
+    for bad in ("2b16", "i2", "i0b8", "i1b8d-5", ""):
+        with pytest.raises(ValueError):
+            parse_variants(bad)
+
+
+def test_baseline_repository_holds_every_precision_and_variant(tmp_path):
+    from evaluation.repositories import ServingVariant, write_baseline_repository
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    repo = tmp_path / "repo"
+    (repo / "stale").mkdir(parents=True)
+    written = write_baseline_repository(repo, weights, SETTINGS, ["fp32", "fp16"],
+                                        [ServingVariant(1, 8, 0), ServingVariant(2, 16, 0)])
+    assert written == ["baseline_fp32_i1b8d0", "baseline_fp32_i2b16d0", "baseline_fp16_i1b8d0",
+                       "baseline_fp16_i2b16d0"]
+    assert sorted(d.name for d in repo.iterdir()) == sorted(written)  # emptied first
+    for name in written:
+        cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), mc.ModelConfig())
+        assert cfg.name == name and cfg.input[0].name == names.IMAGE_RAW
+        assert (repo / name / "1" / "weights.pt").read_bytes() == b"weights"
+        assert (repo / name / "1" / "model.py").read_text().startswith('"""Triton model (benchmark baseline)')
+
+
+# --- server logs and memory ----------------------------------------------------------------------
+
+def test_decoder_lines_name_each_decoder_once():
+    from evaluation.server import decoder_lines
+
+    log = "\n".join([
+        'I1201 10:00:00.1 1 model.py:40] "preprocess: image decoder: nvjpeg (torchvision.io.decode_jpeg on cuda:0)"',
+        'I1201 10:00:00.2 2 model.py:40] "preprocess: image decoder: nvjpeg (torchvision.io.decode_jpeg on cuda:0)"',
+        "I1201 10:00:00.3 3 model_lifecycle.cc:1] successfully loaded 'rpn'",
+        'E1201 10:00:01.0 1 pb_stub.cc:7] "decoder error: not a JPEG"',
+        "preprocess_raw: image decoder: none (decoded input)"])
+    assert decoder_lines(log) == ["preprocess: image decoder: nvjpeg (torchvision.io.decode_jpeg on cuda:0)",
+                                  "preprocess_raw: image decoder: none (decoded input)"]
+    assert decoder_lines("I1201 loaded 'rpn'") == []
+
+
+def test_server_gpu_sample_without_nvidia_smi(monkeypatch):
+    import os
+
+    monkeypatch.setattr(memory, "gpu_memory_used", lambda index=0: -1)
+    monkeypatch.setattr(memory, "compute_apps", lambda: {})
+    row = memory.server_gpu_sample(os.getpid(), 500, precision="fp16", when="ready")
+    assert row == {"precision": "fp16", "when": "ready", "device_delta_mib": -1, "process_sum_mib": -1,
+                   "by_process": ""}
+
+
+def test_server_gpu_sample_sums_the_server_s_processes(monkeypatch):
+    import os
+
+    me = os.getpid()
+    monkeypatch.setattr(memory, "gpu_memory_used", lambda index=0: 9000 * memory.MIB)
+    monkeypatch.setattr(memory, "mps_server_pids", lambda: [424242])
+    monkeypatch.setattr(memory, "compute_apps", lambda: {me: 1200, 424242: 300, 1: 5000})  # pid 1: not ours
+    row = memory.server_gpu_sample(me, 1000, precision="fp32", when="after the load")
+    assert row["device_delta_mib"] == 8000 and row["process_sum_mib"] == 1500
+    assert f"={1200}" in row["by_process"] and "=300" in row["by_process"] and "5000" not in row["by_process"]
 
 
 # --- figures -------------------------------------------------------------------------------------
