@@ -21,8 +21,8 @@ variants=("$@")
 perf() {  # name, work folder, extra benchmarks.perf arguments...
   local name=$1 work=$2
   shift 2
-  timeout 240 "$PY" -m benchmarks.perf --precisions fp16 --skip-baseline --concurrency "$CONC" --window-ms 1000 \
-    --max-trials 3 --out "/tmp/knobs_$name" --work "$work" "$@"
+  timeout 240 "$PY" -m benchmarks.perf --precisions fp16 --skip-baseline --inputs raw --eager-batches= \
+    --concurrency "$CONC" --window-ms 1000 --max-trials 3 --out "/tmp/knobs_$name" --work "$work" "$@"
   echo "variant $name rc=$?"
   cp "/tmp/knobs_$name/summary.md" "$OUT/$name.md" 2>/dev/null
 }

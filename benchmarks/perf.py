@@ -64,7 +64,7 @@ def parse_args(argv):
     p.add_argument("--precisions", default="fp32,fp16", help="ensemble precisions: fp32, fp16, tf32")
     p.add_argument("--inputs", default="raw,jpeg,jpeg12mp",
                    help=f"input kinds the ensemble is swept with: {', '.join(payloads.INPUT_KINDS)}")
-    p.add_argument("--concurrency", type=ints, default="1,2,4,8,16,32,64", help="the ensemble, decoded input")
+    p.add_argument("--concurrency", type=ints, default="1,4,8,16,32,64", help="the ensemble, decoded input")
     p.add_argument("--encoded-concurrency", type=ints, default="1,16,64", help="the ensemble, encoded inputs")
     p.add_argument("--baseline-concurrency", type=ints, default="16,32,64")
     p.add_argument("--baseline-variants", type=parse_variants, default="i1b8,i2b8,i2b16,i2b16d2000",
@@ -125,17 +125,22 @@ def ensemble_target(args, precision: str, kinds: list[str], reference, images, e
     return Target({"model": "ensemble", "precision": precision}, sweeps, checks)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    # a `timeout` around this script sends SIGTERM: unwind, so that the servers are stopped
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
-    t0, rec = time.monotonic(), Record()
-    env = report.environment(args.weights)
-    log.info("%s", env)
+def baseline_targets(args, precisions: list[str], reference, images) -> list[Target]:
+    """torchvision served, every serving variant of every precision, decoded input; the accuracy of
+    the first variant of each precision (information: torchvision's results depend on the batch)."""
+    targets = []
+    for precision in precisions:
+        for i, variant in enumerate(args.baseline_variants):
+            name = baseline_name(precision, variant)
+            checks = [Check(name, name, images, reference, PARITY if precision == "fp32" else FP16)] if i == 0 else []
+            targets.append(Target({"model": "baseline", "precision": precision, "variant": variant.key},
+                                  {"raw": Sweep(name, args.baseline_concurrency)}, checks))
+    return targets
 
+
+def run_stages(args, rec: Record, save) -> None:
+    """Steps 1-5 of the docstring, calling ``save()`` after each server so that a run cut short
+    still leaves its tables."""
     # 1-2. weights, the photographs perf_analyzer sends, the accuracy images and their reference
     weights = args.weights or save_random_weights(args.work / WEIGHTS_FILE)
     photos = payloads.decoded(payloads.jpeg_payloads(args.work / "images"))
@@ -154,15 +159,14 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - the served measurements still run
             rec.fail(f"torchvision eager alone: {e}")
     else:
-        rec.note("torchvision eager alone: no --eager-batches (on the CPU by default)")
+        rec.note("torchvision eager alone: no --eager-batches (none by default on the CPU)")
 
     # perf_analyzer, or why not
-    why = "--no-perf" if args.no_perf else perf_analyzer.unavailable(perf_analyzer.binary())
-    if why:
-        (rec.fail if args.device == "gpu" and not args.no_perf else rec.note)(f"perf rows: {why}")
-    ps = None if why else perf_analyzer.PerfSettings(perf_analyzer.binary(), "", Path(), args.window_ms,
-                                                    args.max_trials)
-    plan = Plan(ps, {}, {}, args.work, why or "", args.mps)
+    if args.why_no_perf:
+        (rec.fail if args.device == "gpu" and not args.no_perf else rec.note)(f"perf rows: {args.why_no_perf}")
+    ps = None if args.why_no_perf else perf_analyzer.PerfSettings(perf_analyzer.binary(), "", Path(), args.window_ms,
+                                                                 args.max_trials)
+    plan = Plan(ps, {}, {}, args.work, args.why_no_perf, args.mps)
 
     # 4. the ensemble, one repository and server per precision
     for precision in args.precisions:
@@ -171,7 +175,9 @@ def main(argv=None) -> int:
             try:
                 export_ensemble(repo, weights, precision, args.device, extra_args=export_args(args))
             except RuntimeError as e:
-                (rec.note if precision == "tf32" else rec.fail)(f"ensemble {precision}: the export refused it: {e}")
+                last = str(e).strip().splitlines()[-1]  # the CLI's own words; the whole of it is in run.log
+                log.error("%s", e)
+                (rec.note if precision == "tf32" else rec.fail)(f"ensemble {precision}: the export refused it: {last}")
                 continue
         kinds = list(args.inputs)
         if server.input_mode("auto", repo) == "raw" and kinds != ["raw"]:
@@ -185,6 +191,7 @@ def main(argv=None) -> int:
                     args.work / f"perf_input_{kind}.json", plan.payloads[kind], encoded_input_type(repo))
         target = ensemble_target(args, precision, kinds, reference, images, encoded)
         measure_server(rec, repo, [target], plan, f"tritonserver_{precision}.log", {"precision": precision})
+        save()
 
     # 5. torchvision served, every variant of every precision it has, decoded input
     served = [p for p in args.precisions if p in ("fp32", "fp16")]
@@ -192,40 +199,57 @@ def main(argv=None) -> int:
     if args.skip_baseline or not served or not exported:
         rec.note("served torchvision: " + ("--skip-baseline" if args.skip_baseline else
                                            "no fp32 or fp16 in --precisions" if not served else "no ensemble exported"))
-    else:
-        repo = args.work / "repo_baseline"  # the same settings as the ensemble's export
-        write_baseline_repository(repo, weights, exported_settings(exported[0]), served, args.baseline_variants,
-                                  args.device)
-        if ps and "raw" not in plan.input_data:
-            plan.payloads["raw"] = payloads.perf_payloads("raw", photos)
-            plan.input_data["raw"] = perf_analyzer.write_input_data(args.work / "perf_input_raw.json",
-                                                                    plan.payloads["raw"])
-        targets = []
-        for precision in served:
-            for i, variant in enumerate(args.baseline_variants):
-                name = baseline_name(precision, variant)
-                checks = [Check(name, name, images, reference, PARITY if precision == "fp32" else FP16)] if i == 0 else []
-                targets.append(Target({"model": "baseline", "precision": precision, "variant": variant.key},
-                                      {"raw": Sweep(name, args.baseline_concurrency)}, checks))
-        measure_server(rec, repo, targets, plan, "tritonserver_baseline.log")
+        return
+    repo = args.work / "repo_baseline"  # the settings of the ensemble's export
+    write_baseline_repository(repo, weights, exported_settings(exported[0]), served, args.baseline_variants,
+                              args.device)
+    if ps and "raw" not in plan.input_data:
+        plan.payloads["raw"] = payloads.perf_payloads("raw", photos)
+        plan.input_data["raw"] = perf_analyzer.write_input_data(args.work / "perf_input_raw.json", plan.payloads["raw"])
+    measure_server(rec, repo, baseline_targets(args, served, reference, images), plan, "tritonserver_baseline.log")
 
-    # 6. goals, tables, figure
+
+def save_results(args, env: str, rec: Record, plot: bool) -> int:
+    """Step 6: the goals, summary.md, perf.csv, accuracy.csv and (``plot``) perf.png from what ``rec``
+    holds so far; the exit code they give."""
     kinds = {k: payloads.INPUT_KINDS[k] for k in dict.fromkeys(["raw", *args.inputs])}
     results = goals.evaluate(report.gpu_name(), args.precisions, rec.perf_rows, rec.eager_rows, rec.memory_rows,
-                             rec.acc_rows, trained=args.weights is not None, why_missing=why or "the sweep failed",
+                             rec.acc_rows, trained=args.weights is not None,
+                             why_missing="no perf rows: see Left out and failed",
                              encoded_kinds={k: v for k, v in kinds.items() if k != "raw"},
                              decoder="; ".join(rec.decoders))
     table = goals.goals_markdown(results)
-    print(table)
     (args.out / "summary.md").write_text(report.summary_markdown(env, table, rec, kinds))
     report.write_csv(args.out / "perf.csv", rec.perf_rows + rec.eager_rows)
     report.write_csv(args.out / "accuracy.csv", rec.acc_rows)
+    if plot:
+        print(table)
+        try:
+            if rec.perf_rows:
+                plots.throughput_latency(args.out / "perf.png", rec.perf_rows, env)
+        except plots.PlotUnavailable as e:
+            log.warning("perf.png not drawn: %s", e)
+    return max(goals.exit_code(results), int(bool(rec.failures)))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # a `timeout` around this script sends SIGTERM: unwind, so that the servers are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.why_no_perf = "--no-perf" if args.no_perf else perf_analyzer.unavailable(perf_analyzer.binary())
+    t0, rec, env = time.monotonic(), Record(), report.environment(args.weights)
+    log.info("%s", env)
+    finished = False
     try:
-        if rec.perf_rows:
-            plots.throughput_latency(args.out / "perf.png", rec.perf_rows, env)
-    except plots.PlotUnavailable as e:
-        log.warning("perf.png not drawn: %s", e)
-    code = max(goals.exit_code(results), int(bool(rec.failures)))
+        run_stages(args, rec, lambda: save_results(args, env, rec, plot=False))
+        finished = True
+    finally:
+        if not finished:
+            rec.fail("the run was cut short (see run.log); the tables hold what was measured before")
+        code = save_results(args, env, rec, plot=True)
     log.info("done in %.0f s; results in %s; %d failed stage(s); exit code %d", time.monotonic() - t0, args.out,
              len(rec.failures), code)
     return code

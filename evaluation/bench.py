@@ -31,6 +31,7 @@ class Record:
     acc_rows: list[dict] = field(default_factory=list)
     memory_rows: list[dict] = field(default_factory=list)
     decoders: list[str] = field(default_factory=list)
+    server_logs: list[str] = field(default_factory=list)  # per server: its error lines, counted, the last few
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -116,7 +117,9 @@ def measure_server(rec: Record, repo: Path, targets: list[Target], plan: Plan, l
                                                             when="after the load"))
     finally:
         triton.stop()
-        server.report_server_log(triton, plan.work / log_name)
+        errors = server.report_server_log(triton, plan.work / log_name)
+        last = "".join(f"; `{e.strip()[:160]}`" for e in errors[-3:])
+        rec.server_logs.append(f"{log_name}: {len(errors)} error lines{last}")
         rec.decoders += [f"{Path(repo).name}: {d}" for d in server.decoder_lines(triton.log_text())]
 
 

@@ -44,7 +44,7 @@ def batch_tensors(images: list[np.ndarray], batch: int, device) -> list:
     """``batch`` images (``images`` cycled) as ``[3, H, W]`` float tensors in [0, 1] on ``device``."""
     import torch
 
-    return [torch.from_numpy(np.ascontiguousarray(images[i % len(images)])).to(device).permute(2, 0, 1).float() / 255
+    return [torch.from_numpy(np.array(images[i % len(images)], copy=True)).to(device).permute(2, 0, 1).float() / 255
             for i in range(batch)]
 
 

@@ -177,7 +177,8 @@ def accuracy_goals(acc_rows: list[dict], precisions, trained: bool) -> list[Goal
     for precision in precisions:
         mine = [m for m in models if m == f"ensemble_{precision}" or m.startswith(f"ensemble_{precision}_")]
         if not mine:
-            goals.append(Goal(f"accuracy, {precision}", "- (not checked in this run)", "", NOT_MEASURED))
+            goals.append(Goal(f"accuracy, {precision}", "- (not checked in this run)", "",
+                              NOT_MEASURED if precision in GATED else INFO))
         for model in mine:
             rows = _select(acc_rows, model=model)
             if precision == "fp32":

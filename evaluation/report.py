@@ -70,6 +70,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     align = ["---" if i == 0 or not isinstance(rows[0][i], (int, float)) else "---:" for i in range(len(header))] \
         if rows else ["---"] * len(header)
     out = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    if not rows:
+        out.append("| " + " | ".join(["none"] + [""] * (len(header) - 1)) + " |")
     for r in rows:
         out.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in r) + " |")
     return out
@@ -128,6 +130,7 @@ def summary_markdown(env: str, goals_table: str, rec, kinds: dict[str, str]) -> 
               "what it is batched with (README, \"Why an image's detections don't depend on its batch\").", "",
               "## Image decoders named in the server logs", ""]
     lines += [f"- {d}" for d in rec.decoders] or ["- none named"]
+    lines += ["", "## Server logs (in the work folder)", ""] + [f"- {g}" for g in rec.server_logs]
     lines += ["", "## Left out and failed", ""]
     lines += [f"- left out: {n}" for n in rec.notes] + [f"- **failed**: {f}" for f in rec.failures]
     if not rec.notes and not rec.failures:
