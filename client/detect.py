@@ -54,13 +54,14 @@ def _expect(what: str, expected, got) -> None:
 def check_model(client, model: str = names.ENSEMBLE, raw: bool | None = None) -> dict:
     """Check an ensemble's metadata and config; return its config as a dict (parameters included).
 
-    ``raw`` (default: ``model == fasterrcnn_raw``) expects the ``image_raw`` UINT8 input of
-    ``fasterrcnn_raw`` instead of the ``image`` BYTES input of ``fasterrcnn``.
+    ``raw`` (default: ``model == fasterrcnn_raw``) expects the ``image_raw`` UINT8 ``[-1, -1, -1, 3]``
+    input of ``fasterrcnn_raw`` instead of the ``image`` UINT8 ``[-1, -1]`` input (encoded bytes)
+    of ``fasterrcnn``.
     """
     from tritonclient.utils import InferenceServerException
 
     raw = model == names.ENSEMBLE_RAW if raw is None else raw
-    image, dtype = (names.IMAGE_RAW, "UINT8") if raw else (names.IMAGE_BYTES, "BYTES")
+    image, shape = (names.IMAGE_RAW, ["-1", "-1", "-1", "3"]) if raw else (names.IMAGE_BYTES, ["-1", "-1"])
     try:
         if not client.is_model_ready(model):
             raise ClientError(f"model {model!r} is not ready on the server")
@@ -70,9 +71,8 @@ def check_model(client, model: str = names.ENSEMBLE, raw: bool | None = None) ->
         raise ClientError(f"model {model!r}: {e.message()}") from None
     inputs = {i["name"]: i for i in meta["inputs"]}
     _expect(f"{model} inputs", [image], sorted(inputs))
-    _expect(f"{model} input {image!r} datatype", dtype, inputs[image]["datatype"])
-    if raw:
-        _expect(f"{model} input {image!r} shape", ["-1", "-1", "-1", "3"], [str(s) for s in inputs[image]["shape"]])
+    _expect(f"{model} input {image!r} datatype", "UINT8", inputs[image]["datatype"])
+    _expect(f"{model} input {image!r} shape", shape, [str(s) for s in inputs[image]["shape"]])
     outputs = {o["name"]: o for o in meta["outputs"]}
     expected = dict(zip(OUTPUTS, ("FP32", "FP32", "INT32", "INT32")))
     _expect(f"{model} outputs", sorted(expected), sorted(outputs))
@@ -92,15 +92,16 @@ def class_names(config: dict) -> list[str]:
 
 
 def _request(data):
-    """Encoded bytes -> an ``image`` input; a decoded HWC uint8 array -> an ``image_raw`` input."""
+    """Encoded bytes -> an ``image`` input (``[1, N]`` uint8: the file's N bytes); a decoded HWC
+    uint8 array -> an ``image_raw`` input (``[1, H, W, 3]``)."""
     import tritonclient.grpc as grpcclient
 
     if isinstance(data, np.ndarray):
-        inp = grpcclient.InferInput(names.IMAGE_RAW, [1, *data.shape], "UINT8")
-        inp.set_data_from_numpy(np.ascontiguousarray(data[None], dtype=np.uint8))
+        name, array = names.IMAGE_RAW, np.ascontiguousarray(data, dtype=np.uint8)
     else:
-        inp = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
-        inp.set_data_from_numpy(np.array([[data]], dtype=np.object_))
+        name, array = names.IMAGE_BYTES, np.frombuffer(bytes(data), dtype=np.uint8)
+    inp = grpcclient.InferInput(name, [1, *array.shape], "UINT8")
+    inp.set_data_from_numpy(array[None])
     return [inp], [grpcclient.InferRequestedOutput(n) for n in OUTPUTS]
 
 
@@ -193,8 +194,7 @@ def detect_iter(url: str, images: list[Path], concurrency: int = 1, draw_dir: Pa
 
     A record is ``{"image", "detections", "latency_ms"}`` (+ ``"annotated"`` with ``draw_dir``),
     or ``{"image", "error", "detections": []}`` for an image that failed.  ``raw``: decode here and
-    send uint8 pixels to ``fasterrcnn_raw`` (for servers whose python backend can't read string
-    tensors, see README).  Raises :class:`ClientError` (before any record) when the server or its
+    send uint8 pixels to ``fasterrcnn_raw`` (the server then does no decoding).  Raises :class:`ClientError` (before any record) when the server or its
     model can't be used.
     """
     client = connect(url)

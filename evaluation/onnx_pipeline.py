@@ -23,10 +23,11 @@ class OnnxPipeline:
         self.settings = settings
         self.steps = get_backend("cpu")
 
-    def __call__(self, images: list[np.ndarray]) -> list[Detections]:
-        """Decoded ``[H, W, 3]`` uint8 images, served as one batch -> their detections."""
+    def __call__(self, images: list[np.ndarray], canvas: tuple[int, int] | None = None) -> list[Detections]:
+        """Decoded ``[H, W, 3]`` uint8 images, served as one batch on ``canvas`` (default: the
+        smallest of the settings' canvases that holds them all, as preprocess picks) -> their detections."""
         s, steps = self.settings, self.steps
-        x, sizes, originals = steps.preprocess_batch(images, s)
+        x, sizes, originals = steps.preprocess_batch(images, s, canvas)
         proposals, *features = self.rpn.run(None, {names.IMAGES: x, names.IMAGE_SIZES: sizes})
         batch = steps.roi_step(proposals, features, sizes, s)
         scores, boxes = self.header.run([names.CLASS_SCORES, names.CLASS_BOXES],

@@ -6,7 +6,6 @@ both from its arguments or from the Docker environment is ``python -m fasterrcnn
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import tempfile
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from python_backend.settings import DetectorSettings, check_buckets, default_buckets, validate_canvas
+from python_backend.settings import DetectorSettings, check_canvases, format_canvases
 
 from . import loading
 from .repository import RepositoryOptions, write_repository
@@ -29,15 +28,15 @@ COCO_DIGEST = "torchvision-" + loading.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.n
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """Which detector to export, and the canvas its networks run on.
+    """Which detector to export, and the canvases its rpn runs on.
 
     ``weights``: ``"coco"`` (torchvision's COCO weights, through torchvision's download cache),
     ``"random"`` (seeded random weights with ``num_classes`` classes, offline) or the path of a
     ``fasterrcnn_resnet50_fpn`` state_dict (its class count comes from the file).
     ``min_size``/``max_size``: torchvision's resize, None for the model's own (800/1333).
-    ``canvas``: (height, width) of the fixed network input, multiples of 32.
-    ``rpn_buckets`` (torch target only): smaller canvases the rpn is traced at as well,
-    ``"auto"`` (:func:`python_backend.settings.default_buckets`), ``"none"`` or ((h, w), ...).
+    ``canvases``: ``"auto"`` (:func:`python_backend.settings.default_canvases` of the model's
+    resize: every image fits one) or ((height, width), ...), multiples of 32.  Each request is
+    padded onto the smallest that holds it.
     """
 
     weights: str = "random"
@@ -46,17 +45,18 @@ class ModelOptions:
     class_names: str | None = None
     min_size: int | None = None
     max_size: int | None = None
-    canvas: tuple[int, int] = (800, 1344)
-    rpn_buckets: str | tuple[tuple[int, int], ...] = "auto"
+    canvases: str | tuple[tuple[int, int], ...] = "auto"
 
     def __post_init__(self) -> None:
         if not self.weights:
             raise ValueError("weights must be 'coco', 'random' or a checkpoint path, got ''")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background included), got {self.num_classes}")
-        validate_canvas(*self.canvas)
-        if isinstance(self.rpn_buckets, str) and self.rpn_buckets not in ("auto", "none"):
-            raise ValueError(f"rpn_buckets must be 'auto', 'none' or ((height, width), ...), got {self.rpn_buckets!r}")
+        if isinstance(self.canvases, str):
+            if self.canvases != "auto":
+                raise ValueError(f"canvases must be 'auto' or ((height, width), ...), got {self.canvases!r}")
+        else:
+            object.__setattr__(self, "canvases", check_canvases(self.canvases))
 
     @property
     def is_random(self) -> bool:
@@ -89,16 +89,7 @@ def load_model(options: ModelOptions):
     model = options.load()
     num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
     class_names = loading.read_class_names(options.class_names, num_classes)
-    return model, loading.settings_from_model(model, options.canvas, class_names)
-
-
-def resolve_buckets(spec, settings: DetectorSettings) -> tuple[tuple[int, int], ...]:
-    """``"auto"`` -> the default buckets of this canvas and resize; ``"none"`` -> (); a list is checked."""
-    if spec == "auto":
-        return default_buckets(settings)
-    if spec == "none":
-        return ()
-    return check_buckets(spec, settings.canvas)
+    return model, loading.settings_from_model(model, options.canvases, class_names)
 
 
 def export(model: ModelOptions, repo: RepositoryOptions, out: str | Path, **kw) -> Path:
@@ -137,26 +128,22 @@ def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, rep
     """
     t0 = time.monotonic()
     out = Path(out)
-    if repo.target == "torch":
-        repo = dataclasses.replace(repo, torch_rpn_buckets=resolve_buckets(model.rpn_buckets, settings))
+    canvases = format_canvases(settings.canvases)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         if repo.target == "torch":
             from .torch_export import export_torch
 
-            log.info("[2/3] tracing rpn and header (TorchScript, %s, on %s) on a %dx%d canvas",
-                     repo.torch_precision, repo.device, *settings.canvas)
-            if repo.torch_rpn_buckets:
-                log.info("      and the rpn at the canvas buckets %s",
-                         ", ".join(f"{h}x{w}" for h, w in repo.torch_rpn_buckets))
+            log.info("[2/3] tracing the header and the rpn at each canvas %s (TorchScript, %s, on %s)",
+                     canvases, repo.torch_precision, repo.device)
             traces = export_torch(detector, settings, work / "torch", device=repo.device,
-                                  precision=repo.torch_precision, buckets=repo.torch_rpn_buckets)
+                                  precision=repo.torch_precision)
             log.info("[3/3] writing the model repository to %s (target torch, device %s)", out, repo.device)
             write_repository(out, settings, {}, repo, torch_models=traces)
         else:
             from .onnx_export import export_all
 
-            log.info("[2/3] exporting rpn and header to ONNX on a %dx%d canvas", *settings.canvas)
+            log.info("[2/3] exporting rpn and header to ONNX (the rpn for the canvases %s)", canvases)
             onnx_paths = export_all(detector, settings, work / "onnx")
             plans = None
             targets = None

@@ -141,9 +141,12 @@ def read_class_names(path: str | os.PathLike | None, num_classes: int) -> tuple[
     return ("__background__",) + tuple(f"class_{i}" for i in range(1, num_classes))
 
 
-def settings_from_model(model: FasterRCNN, canvas: Sequence[int] = (800, 1344),
+def settings_from_model(model: FasterRCNN, canvases: str | Sequence[Sequence[int]] = "auto",
                         class_names: Sequence[str] = ()) -> DetectorSettings:
-    """Read every setting the serving pipeline needs from the model object."""
+    """Read every setting the serving pipeline needs from the model object.
+
+    ``canvases``: the (height, width) pairs the rpn runs on, or ``"auto"``
+    (:func:`python_backend.settings.default_canvases` of the model's resize sizes)."""
     t = model.transform
     rpn = model.rpn
     heads = model.roi_heads
@@ -154,8 +157,7 @@ def settings_from_model(model: FasterRCNN, canvas: Sequence[int] = (800, 1344),
     num_classes = int(heads.box_predictor.cls_score.out_features)
     return DetectorSettings(
         num_classes=num_classes,
-        canvas_height=int(canvas[0]),
-        canvas_width=int(canvas[1]),
+        canvases=canvases if isinstance(canvases, str) else tuple((int(h), int(w)) for h, w in canvases),
         min_size=int(min_size),
         max_size=int(t.max_size),
         image_mean=tuple(float(v) for v in t.image_mean),
@@ -165,6 +167,7 @@ def settings_from_model(model: FasterRCNN, canvas: Sequence[int] = (800, 1344),
         rpn_nms_thresh=float(rpn.nms_thresh),
         rpn_score_thresh=float(rpn.score_thresh),
         rpn_min_size=float(rpn.min_size),
+        rpn_anchors_per_cell=int(rpn.anchor_generator.num_anchors_per_location()[0]),
         box_score_thresh=float(heads.score_thresh),
         box_nms_thresh=float(heads.nms_thresh),
         box_detections_per_img=int(heads.detections_per_img),

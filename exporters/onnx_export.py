@@ -9,8 +9,9 @@ import onnx
 import torch
 
 from python_backend import names
-from python_backend.settings import DetectorSettings
+from python_backend.settings import FPN_STRIDES, DetectorSettings, format_canvases
 
+from .specs import CANVASES_KEY
 from .split import HeaderNetwork, RpnNetwork
 from .trt_check import check_tensorrt_ready
 
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 BATCH = "batch"
+HEIGHT, WIDTH = "height", "width"  # of the rpn's images: the canvas
 NUM_ROIS = "num_rois"
 
 
@@ -45,15 +47,28 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_rpn(model, settings: DetectorSettings, batch: int = 2) -> onnx.ModelProto:
-    """``images [B,3,H,W], image_sizes [B,2] -> proposals [B,K,6], P2..P5 [B,H/s,W/s,C]``; B dynamic."""
+    """``images [B,3,H,W], image_sizes [B,2] -> proposals [B,K,6], P2..P5 [B,H/s,W/s,C]``.
+
+    B, H and W are dynamic: one network serves every canvas (:class:`~exporters.split.RpnNetwork`
+    has no canvas of its own; K is the same constant on each).  It is traced on the smallest of the
+    settings' canvases, and the canvases go into the model's metadata (:data:`exporters.specs.CANVASES_KEY`)."""
     net = RpnNetwork(model, settings).eval()
-    h, w = settings.canvas
+    h, w = settings.canvases[0]
     images = torch.zeros(batch, 3, h, w)
     sizes = torch.tensor([[h, w]] * batch, dtype=torch.float32)
     outputs = (names.PROPOSALS, *names.FEATURES)
-    axes = {n: {0: BATCH} for n in (names.IMAGES, names.IMAGE_SIZES, *outputs)}
-    onnx_model = _export(net, (images, sizes), (names.IMAGES, names.IMAGE_SIZES), outputs, axes)
-    return simplify(onnx_model)
+    axes = {names.IMAGES: {0: BATCH, 2: HEIGHT, 3: WIDTH}, names.IMAGE_SIZES: {0: BATCH}, names.PROPOSALS: {0: BATCH}}
+    for name, stride in zip(names.FEATURES, FPN_STRIDES):
+        axes[name] = {0: BATCH, 1: f"{HEIGHT}_{stride}", 2: f"{WIDTH}_{stride}"}  # height / stride
+    onnx_model = simplify(_export(net, (images, sizes), (names.IMAGES, names.IMAGE_SIZES), outputs, axes))
+    onnx.helper.set_model_props(onnx_model, {CANVASES_KEY: format_canvases(settings.canvases)})
+    return onnx_model
+
+
+def rpn_dynamic_axes(settings: DetectorSettings, batch: int = 2) -> dict[str, int]:
+    """The rpn's declared dynamic axes, each with a size to check it at (the smallest canvas)."""
+    h, w = settings.canvases[0]
+    return {BATCH: batch, HEIGHT: h, WIDTH: w}
 
 
 def export_header(model, settings: DetectorSettings, rois: int = 8) -> onnx.ModelProto:
@@ -73,10 +88,11 @@ def export_all(model, settings: DetectorSettings, out_dir: Path) -> dict[str, Pa
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
+    dynamic = {names.RPN: rpn_dynamic_axes(settings), names.HEADER: {NUM_ROIS: 8}}
     for name, fn in ((names.RPN, export_rpn), (names.HEADER, export_header)):
         log.info("exporting %s to ONNX (opset %d)", name, OPSET)
         m = fn(model, settings)
-        check_tensorrt_ready(m)
+        check_tensorrt_ready(m, dynamic[name])
         path = out_dir / f"{name}.onnx"
         onnx.save(m, str(path))
         paths[name] = path

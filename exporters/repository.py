@@ -5,9 +5,10 @@ Targets (how the two dense networks are served; every other step is the same for
                including the nvidia-pytriton wheel's, which has no other backend)
   onnxruntime  ``platform: onnxruntime_onnx`` (NVIDIA's Triton image)
   tensorrt     ``platform: tensorrt_plan`` with ``model.plan`` engines (NVIDIA's Triton image)
-  torch        python-backend models running TorchScript traces (``model.pt``, from
-               exporters.torch_export) with torch on the instance's device, fp32 or fp16:
-               the GPU path where TensorRT is absent
+  torch        python-backend models running TorchScript traces (from exporters.torch_export:
+               the rpn's ``model_<h>x<w>.pt``, one per canvas, and the header's ``model.pt``)
+               with torch on the instance's device, fp32 or fp16: the GPU path where TensorRT
+               is absent
 
 Configs are built as ``ModelConfig`` protos and written with ``text_format``, so what is
 written is what the tests parse back.
@@ -23,9 +24,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from python_backend import names
-from python_backend.settings import DetectorSettings, bucket_file, check_buckets, format_buckets
+from python_backend.settings import DetectorSettings, canvas_file, format_canvases
 
-from .specs import FP32, INT32, STRING, UINT8, max_rois, tensor_specs
+from .specs import FP32, INT32, UINT8, max_rois, tensor_specs
 from .specs import io_spec as _io
 from .tensorrt.gpus import PLAN_FILE, PlanTarget, set_cc_model_filenames
 from .tensorrt.profiles import optimization_profiles, shapes_string
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 TARGETS = ("python", "onnxruntime", "tensorrt", "torch")
 DEVICES = ("cpu", "gpu")
 TRITON_MODELS_DIR = Path(__file__).resolve().parent.parent / "python_backend" / "triton_models"
-TORCH_FILE = "model.pt"  # the torch target's TorchScript file in rpn/1 and header/1
+TORCH_FILE = "model.pt"  # the torch target's header TorchScript file (the rpn has one per canvas: canvas_file)
 _TORCH_ADAPTER = "torch_runner.py"
 
 TRT_PRECISIONS = ("fp32", "fp16")
@@ -76,9 +77,6 @@ class RepositoryOptions:
     torch_channels_last: bool = True
     torch_cuda_graphs: bool = True
     torch_optimize_for_inference: bool = True
-    # torch target, rpn only: smaller canvases (height, width) the rpn is also traced at; each batch
-    # runs on the smallest that holds it (python_backend.torch_runtime.CanvasBuckets)
-    torch_rpn_buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -106,8 +104,8 @@ class RepositoryOptions:
                              f"{self.target!r} every step runs on the CPU")
 
 
-def bucket_key(height: int, width: int) -> str:
-    """Key of the rpn trace at one canvas bucket in the torch target's traces."""
+def canvas_key(height: int, width: int) -> str:
+    """Key of the rpn trace at one canvas in the torch target's traces."""
     return f"{names.RPN}_{height}x{width}"
 
 
@@ -161,21 +159,21 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     params["device"] = options.device
     if name in (names.RPN, names.HEADER):
         if options.target == "torch":
-            params["torch_file"] = TORCH_FILE
             params["precision"] = options.torch_precision
-            if name == names.RPN:
+            if name == names.HEADER:
+                params["torch_file"] = TORCH_FILE
+            else:  # one trace per canvas (settings.canvases), each named by canvas_file
+                params["torch_per_canvas"] = "true"
                 # channels last speeds up fp16 convolutions (NHWC tensor-core kernels) but slows fp32
                 # ones (H100: 2.97 vs 3.73 ms/image fp16, 15.0 vs 13.0 fp32 at batch 8; docs/benchmarks.md)
                 params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16").lower()
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
                                                        and options.torch_precision == "fp16").lower()
-                buckets = check_buckets(options.torch_rpn_buckets, settings.canvas)
-                params["canvas_buckets"] = format_buckets(buckets)
-                # the caching allocator's cap for this process (torch_runner.py): every bucket's CUDA
-                # graphs keep their own outputs (H100, fp16: 8.4 GiB peak reserved on the canvas alone,
-                # 19.4 GiB with the two default buckets)
-                params["gpu_memory_fraction"] = "0.5" if buckets else "0.3"
+                # the caching allocator's cap for this process (torch_runner.py): every canvas's CUDA
+                # graphs keep their own outputs (H100, fp16: 8.4 GiB peak reserved on one 800x1344
+                # canvas, 19.4 GiB with two smaller ones beside it; docs/benchmarks.md)
+                params["gpu_memory_fraction"] = "0.5" if len(settings.canvases) > 1 else "0.3"
         else:
             params["onnx_file"] = "model.onnx"
     if gpu:
@@ -199,6 +197,14 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
     cfg = _base(name, specs, max_batch, platform=platform)
     _batching(cfg, options)
     _instances(cfg, options.instances, True, options)
+    if options.target == "tensorrt":
+        # Triton's TensorRT backend makes an execution context only for the profiles an instance
+        # group lists, and for profile 0 alone when it lists none (InitOptimizationProfiles in
+        # triton-inference-server/tensorrt_backend src/instance_state.cc): list every profile,
+        # one per canvas for the rpn (exporters.tensorrt.profiles)
+        count = len(optimization_profiles(settings, options.max_batch_size)[name])
+        for group in cfg.instance_group:
+            group.profile.extend(str(i) for i in range(count))
     if options.ort_tensorrt:
         _ort_tensorrt_accelerator(cfg, name, settings, options)
     return cfg
@@ -209,17 +215,18 @@ def _ort_tensorrt_accelerator(cfg: mc.ModelConfig, name: str, settings: Detector
     """``optimization { execution_accelerators { gpu_execution_accelerator { name: "tensorrt" ... } } }``.
 
     Keys are the Triton onnxruntime backend's (its README maps them to the TensorRT EP options).
-    The profile shapes are the tensorrt target's, so both targets accept the same batches; without
-    them the EP rebuilds its engine whenever a larger batch arrives.
+    The profile shapes are the tensorrt target's (one profile per canvas for the rpn), so both
+    targets accept the same batches; without them the EP rebuilds its engine whenever a larger
+    batch arrives.
     """
-    profile = optimization_profiles(settings, options.max_batch_size)[name]
+    profiles = optimization_profiles(settings, options.max_batch_size)[name]
     acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
     params = {
         "precision_mode": options.trt_precision.upper(),
         "max_workspace_size_bytes": str(options.trt_workspace_bytes),
-        "trt_profile_min_shapes": shapes_string(profile, 0),
-        "trt_profile_opt_shapes": shapes_string(profile, 1),
-        "trt_profile_max_shapes": shapes_string(profile, 2),
+        "trt_profile_min_shapes": shapes_string(profiles, 0),
+        "trt_profile_opt_shapes": shapes_string(profiles, 1),
+        "trt_profile_max_shapes": shapes_string(profiles, 2),
     }
     if options.ort_trt_cache_dir:
         params.update({"trt_engine_cache_enable": "1", "trt_engine_cache_path": options.ort_trt_cache_dir,
@@ -241,7 +248,7 @@ def ensemble_config(raw: bool, settings: DetectorSettings, options: RepositoryOp
     step tensor names, so each map is ``{name: name}``."""
     d = settings.box_detections_per_img
     pre = names.PREPROCESS_RAW if raw else names.PREPROCESS
-    image = _io(names.IMAGE_RAW, UINT8, [-1, -1, 3]) if raw else _io(names.IMAGE_BYTES, STRING, [1])
+    image = _io(names.IMAGE_RAW, UINT8, [-1, -1, 3]) if raw else _io(names.IMAGE_BYTES, UINT8, [-1])
     outputs = [_io(names.DETECTION_BOXES, FP32, [d, 4]), _io(names.DETECTION_SCORES, FP32, [d]),
                _io(names.DETECTION_LABELS, INT32, [d]), _io(names.NUM_DETECTIONS, INT32, [1])]
     ens = _base(names.ENSEMBLE_RAW if raw else names.ENSEMBLE, ([image], outputs), options.max_batch_size,
@@ -256,7 +263,7 @@ def ensemble_config(raw: bool, settings: DetectorSettings, options: RepositoryOp
           same(names.CLASS_SCORES, names.CLASS_BOXES, names.NUM_ROIS, names.IMAGE_SIZES, names.ORIGINAL_SIZES),
           same(names.DETECTION_BOXES, names.DETECTION_SCORES, names.DETECTION_LABELS, names.NUM_DETECTIONS))
     _params(ens, {"class_names": settings.to_parameters()["class_names"],
-                  "canvas": f"{settings.canvas_height}x{settings.canvas_width}"})
+                  "canvases": format_canvases(settings.canvases)})
     return ens
 
 
@@ -286,8 +293,8 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
     ``model.plan``), or {"rpn": {file name: path}, ...} with one plan per compute capability
     (:func:`exporters.tensorrt.build.build_plans_per_gpu`) and their ``plan_targets``, which map
     each compute capability to its file in the config (``cc_model_filenames``).
-    ``torch_models``: TorchScript traces for the torch target ({"rpn": path, "header": path} and
-    ``"rpn_<h>x<w>"`` for each of ``options.torch_rpn_buckets``, from
+    ``torch_models``: TorchScript traces for the torch target ({"header": path} and
+    ``"rpn_<h>x<w>"`` (:func:`canvas_key`) for each of ``settings.canvases``, from
     :func:`exporters.torch_export.export_torch`).
     """
     out = Path(out)
@@ -300,14 +307,12 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         raise OSError(f"cannot write the model repository to {out}: {e.strerror or e}") from None
     if options.target == "tensorrt" and not plans:
         raise ValueError("the tensorrt target needs engines: build them with exporters.tensorrt.build.build_plans first")
-    if options.target == "torch" and not (torch_models and all(n in torch_models for n in (names.RPN, names.HEADER))):
-        raise ValueError("the torch target needs TorchScript traces of rpn and header: "
-                         "make them with exporters.torch_export.export_torch first")
     if options.target == "torch":
-        missing = [f"{h}x{w}" for h, w in options.torch_rpn_buckets if bucket_key(h, w) not in torch_models]
+        missing = [k for k in (names.HEADER, *(canvas_key(h, w) for h, w in settings.canvases))
+                   if k not in (torch_models or {})]
         if missing:
-            raise ValueError(f"the torch target needs an rpn trace for each canvas bucket; missing {missing} "
-                             "(export_torch(..., buckets=...))")
+            raise ValueError(f"the torch target needs TorchScript traces of the header and of the rpn at every "
+                             f"canvas; missing {missing}: make them with exporters.torch_export.export_torch")
     for name, cfg in all_configs(settings, options).items():
         folder = out / name
         if folder.exists():
@@ -322,11 +327,11 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
             adapter = _TORCH_ADAPTER if torch_step else _ADAPTERS[name]
             shutil.copy(TRITON_MODELS_DIR / adapter, version / "model.py")
         if name in (names.RPN, names.HEADER):
-            if torch_step:
+            if torch_step and name == names.HEADER:
                 shutil.copy(torch_models[name], version / TORCH_FILE)
-                if name == names.RPN:
-                    for h, w in options.torch_rpn_buckets:
-                        shutil.copy(torch_models[bucket_key(h, w)], version / bucket_file(h, w))
+            elif torch_step:
+                for h, w in settings.canvases:
+                    shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w))
             elif cfg.platform == "tensorrt_plan":
                 files = plans[name] if isinstance(plans[name], dict) else {PLAN_FILE: plans[name]}
                 for filename, path in files.items():

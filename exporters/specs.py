@@ -10,9 +10,12 @@ from __future__ import annotations
 from tritonclient.grpc import model_config_pb2 as mc
 
 from python_backend import names
-from python_backend.settings import FPN_STRIDES, DetectorSettings
+from python_backend.settings import DetectorSettings
 
-FP32, INT32, UINT8, STRING = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8, mc.TYPE_STRING
+FP32, INT32, UINT8 = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8
+# metadata of the rpn ONNX (``metadata_props``): the canvases it was exported for, "800x800,800x1088,..."
+# (its height and width are dynamic, so the canvases can't be read from its input shapes)
+CANVASES_KEY = "canvases"
 
 
 def max_rois(settings: DetectorSettings, max_batch_size: int) -> int:
@@ -26,23 +29,28 @@ def io_spec(name: str, dtype: int, dims, **kw) -> dict:
 
 
 def tensor_specs(settings: DetectorSettings) -> dict[str, tuple[list[dict], list[dict]]]:
-    """``{step: (inputs, outputs)}`` of every step, without the batch axis, as the ONNX carries them."""
-    h, w = settings.canvas
+    """``{step: (inputs, outputs)}`` of every step, without the batch axis, as the ONNX carries them.
+
+    Height and width (-1) are the canvas's, one of ``settings.canvases`` per batch: the images
+    ``[3, H, W]`` and the FPN maps ``[H/s, W/s, C]`` (channels last)."""
     c = settings.num_classes
     s = settings.roi_output_size
     ch = settings.fpn_channels
     _io = io_spec
-    feats = [_io(n, FP32, [h // st, w // st, ch]) for n, st in zip(names.FEATURES, FPN_STRIDES)]  # channels last
-    rpn_in = [_io(names.IMAGES, FP32, [3, h, w]), _io(names.IMAGE_SIZES, FP32, [2])]
+    feats = [_io(n, FP32, [-1, -1, ch]) for n in names.FEATURES]
+    rpn_in = [_io(names.IMAGES, FP32, [3, -1, -1]), _io(names.IMAGE_SIZES, FP32, [2])]
     rpn_out = [_io(names.PROPOSALS, FP32, [settings.num_proposals, 6])] + feats
     header_in = [_io(names.ROI_FEATURES, FP32, [s, s, ch]), _io(names.ROIS, FP32, [4])]
     header_out = [_io(names.CLASS_SCORES, FP32, [c]), _io(names.CLASS_BOXES, FP32, [c, 4])]
     return {
         names.RPN: (rpn_in, rpn_out),
         names.HEADER: (header_in, header_out),
-        names.PREPROCESS: ([_io(names.IMAGE_BYTES, STRING, [1])],
+        # allow_ragged_batch: Triton's dynamic batcher joins only requests of equal shapes unless an
+        # input allows ragged batches; the python backend hands preprocess each request's own
+        # tensors, so images of any size (and encodings of any length) may share an execute
+        names.PREPROCESS: ([_io(names.IMAGE_BYTES, UINT8, [-1], allow_ragged_batch=True)],
                            [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
-        names.PREPROCESS_RAW: ([_io(names.IMAGE_RAW, UINT8, [-1, -1, 3])],
+        names.PREPROCESS_RAW: ([_io(names.IMAGE_RAW, UINT8, [-1, -1, 3], allow_ragged_batch=True)],
                                [rpn_in[0], rpn_in[1], _io(names.ORIGINAL_SIZES, FP32, [2])]),
         names.ROI: ([rpn_out[0], *feats, _io(names.IMAGE_SIZES, FP32, [2])],
                     [_io(names.ROIS, FP32, [4]), _io(names.ROI_FEATURES, FP32, [s, s, ch]),

@@ -18,7 +18,6 @@ Precisions (outputs are float32 in both, so the rest of the ensemble does not ch
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from python_backend import names
-from python_backend.settings import DetectorSettings, check_buckets
+from python_backend.settings import DetectorSettings
 
-from .repository import bucket_key
+from .repository import canvas_key
 from .split import HeaderNetwork, RpnNetwork
 
 log = logging.getLogger(__name__)
@@ -106,12 +105,14 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def example_inputs(settings: DetectorSettings, device: torch.device, batch: int = 2, rois: int = 8):
-    """Inputs the traces are recorded with: rpn ``(images, image_sizes)``, header ``(roi_features, rois)``.
+def example_inputs(settings: DetectorSettings, device: torch.device, canvas: tuple[int, int], batch: int = 2,
+                   rois: int = 8):
+    """Inputs the traces are recorded with: rpn ``(images, image_sizes)`` on ``canvas`` (height,
+    width), header ``(roi_features, rois)``.
 
     Image sizes differ per image so that no per-image value is folded into the trace as a constant.
     """
-    h, w = settings.canvas
+    h, w = canvas
     images = torch.zeros(batch, 3, h, w, device=device)
     sizes = torch.tensor([[h, w]] + [[h - 32 * i, w - 64 * i] for i in range(1, batch)], dtype=torch.float32,
                          device=device).clamp(min=32)
@@ -156,24 +157,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str = "gpu",
-                 precision: str = "fp32", buckets=()) -> dict[str, Path]:
-    """Write ``rpn.pt`` and ``header.pt`` (TorchScript) into ``out_dir``; returns {"rpn": path, "header": path}.
+                 precision: str = "fp32") -> dict[str, Path]:
+    """Trace the rpn at every canvas of ``settings.canvases`` and the header, into ``out_dir``;
+    returns {"header": path, :func:`~exporters.repository.canvas_key` (h, w): path, ...}.
 
-    ``buckets``: smaller canvases (height, width) to trace the rpn at as well
-    (:func:`python_backend.settings.default_buckets`); each is returned under
-    :func:`bucket_key` and served by ``python_backend.torch_runtime.CanvasBuckets``.
+    One trace per canvas: a trace records the map sizes of its example as constants (the
+    arithmetic on them would otherwise be host reads that break CUDA-graph capture;
+    exporters/split.py ``_size``), so each canvas gets its own, served by
+    ``python_backend.torch_runtime.CanvasNetworks``.
     """
     _check_precision(precision)
-    buckets = check_buckets(buckets, settings.canvas)
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rpn_in, header_in = example_inputs(settings, dev)
-    jobs = [(names.RPN, rpn_module(model, settings, precision), rpn_in),
-            (names.HEADER, header_module(model, precision), header_in)]
-    for h, w in buckets:
-        at = dataclasses.replace(settings, canvas_height=h, canvas_width=w)
-        jobs.append((bucket_key(h, w), rpn_module(model, at, precision), example_inputs(at, dev)[0]))
+    rpn = rpn_module(model, settings, precision)
+    jobs = [(names.HEADER, header_module(model, precision), example_inputs(settings, dev, settings.canvases[0])[1])]
+    jobs += [(canvas_key(h, w), rpn, example_inputs(settings, dev, (h, w))[0]) for h, w in settings.canvases]
     paths = {}
     for name, module, inputs in jobs:
         log.info("tracing %s (%s) on %s", name, precision, dev)

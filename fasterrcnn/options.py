@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from exporters.export import ModelOptions
 from exporters.repository import DEVICES, ENGINE_PRECISIONS, TRT_PRECISIONS, RepositoryOptions
-from python_backend.settings import parse_buckets, validate_canvas
+from python_backend.settings import parse_canvases
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "model_repository"
@@ -32,24 +32,11 @@ class OptionsError(ValueError):
 # Parsers: each takes the text of a flag or a variable and raises ValueError naming what it wants
 # ----------------------------------------------------------------------------------------------
 
-def parse_canvas(text: str) -> tuple[int, int]:
-    """``"800x1344"`` (height x width) -> (800, 1344)."""
-    try:
-        h, w = (int(v) for v in str(text).lower().split("x"))
-    except ValueError:
-        raise ValueError(f"canvas must be HEIGHTxWIDTH such as 800x1344, got {text!r}") from None
-    validate_canvas(h, w)
-    return h, w
-
-
-def parse_rpn_buckets(text: str) -> str | tuple[tuple[int, int], ...]:
-    """``"auto"``, ``"none"`` or ``"HxW,HxW"`` (checked against the canvas once the model is loaded)."""
-    if str(text).strip().lower() in ("auto", "none"):
-        return str(text).strip().lower()
-    buckets = parse_buckets(text)
-    for h, w in buckets:
-        validate_canvas(h, w)
-    return buckets
+def parse_canvases_option(text: str) -> str | tuple[tuple[int, int], ...]:
+    """``"auto"`` or ``"800x800,800x1344,..."`` (height x width each) -> "auto" or ((800, 800), ...)."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    return parse_canvases(text)
 
 
 def parse_gpus(text: str) -> tuple[int, ...] | None:
@@ -111,9 +98,12 @@ class Options:
     max_size: int | None = _opt(None, "model", parse=parse_optional_int, env="MAX_SIZE",
                                 help="torchvision's resize max_size (default: the model's, 1333)")
     # -- repository: what is written and how Triton runs it -------------------------------------
-    canvas: tuple[int, int] = _opt("800x1344", "repository", parse=parse_canvas, env="CANVAS", metavar="HxW",
-                                   help="fixed network input HEIGHTxWIDTH, multiples of 32; 800x1344 fits every "
-                                        "landscape image at torchvision's 800/1333 resize, 1344x1344 portrait too")
+    canvases: str | tuple[tuple[int, int], ...] = _opt(
+        "auto", "repository", parse=parse_canvases_option, env="CANVASES", metavar="auto|HxW[,HxW...]",
+        help="the canvases the rpn runs on (HEIGHTxWIDTH, multiples of 32); each request is padded onto the "
+             "smallest that holds it; auto: the full landscape and portrait canvases of the resize (every image "
+             "fits one) and those of square, 4:3 and 3:4 images (800x800,800x1088,1088x800,800x1344,1344x800 "
+             "at torchvision's 800/1333)")
     target: str = _opt("python", "repository", env="TARGET", choices=TARGETS, docker_default="tensorrt",
                        help="how rpn and header are served: python (ONNX Runtime in the python backend, any "
                             "tritonserver), onnxruntime, onnxruntime-trt (ONNX Runtime's TensorRT provider), "
@@ -145,10 +135,6 @@ class Options:
     optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
                                         help="torch target, --device gpu, fp16: freeze the rpn and let "
                                              "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
-    rpn_buckets: str | tuple[tuple[int, int], ...] = _opt(
-        "auto", "repository", parse=parse_rpn_buckets, metavar="auto|none|HxW,...",
-        help="torch target: smaller canvases to trace the rpn at as well, each batch running on the smallest "
-             "that holds it; auto: square, 4:3 and 3:4 images' padded sizes below the canvas")
     repository: Path = _opt(DEFAULT_REPOSITORY, "repository", parse=Path, metavar="DIR",
                             help="the model repository to write (export) or serve")
     # -- server ----------------------------------------------------------------------------------
@@ -190,7 +176,7 @@ class Options:
     def model_options(self) -> ModelOptions:
         return ModelOptions(weights=str(self.weights), num_classes=self.num_classes, seed=self.seed,
                             class_names=self.class_names, min_size=self.min_size, max_size=self.max_size,
-                            canvas=self.canvas, rpn_buckets=self.rpn_buckets if self.target == "torch" else "none")
+                            canvases=self.canvases)
 
     def repository_options(self, **overrides) -> RepositoryOptions:
         """The repository's options; ``overrides`` are RepositoryOptions fields (ort_trt_cache_dir, say)."""
@@ -224,6 +210,8 @@ class Options:
         """From the Docker image's variables: every field with a variable, the image's own defaults
         (``docker_default``: COCO weights, the tensorrt target, GPU steps) where one is unset."""
         env = os.environ if env is None else env
+        if not env.get("CANVASES") and env.get("CANVAS"):  # the single canvas of older deployments
+            env = {**env, "CANVASES": env["CANVAS"]}
         values = {}
         for f in dataclasses.fields(cls):
             meta = f.metadata

@@ -39,6 +39,7 @@ from exporters import loading
 from exporters.export import export_loaded, load_model, serving_devices
 from exporters.tensorrt.cache import COMPLETE_MARKER, engine_cache_key, why_rebuild
 from exporters.tensorrt.gpus import CudaError, GpuInfo, plan_targets
+from python_backend.settings import format_canvases
 
 from .options import HelpFormatter, Options, OptionsError
 
@@ -237,7 +238,8 @@ def main(argv=None, prog: str | None = None) -> int:
     try:
         options = Options.from_env()
         say(f"MODEL={options.weights} TARGET={options.target} PRECISION={options.precision} "
-            f"CANVAS={options.canvas[0]}x{options.canvas[1]} MAX_BATCH_SIZE={options.max_batch_size} "
+            f"CANVASES={options.canvases if isinstance(options.canvases, str) else format_canvases(options.canvases)} "
+            f"MAX_BATCH_SIZE={options.max_batch_size} "
             f"GPUS={'all' if options.gpus is None else ','.join(map(str, options.gpus))}")
         prepared = prepare(options, args.cache_dir, serving_gpus(options, os.environ.get("GPU_NAME")),
                            rebuild=options.rebuild, lease_fd=args.lease_fd, printer=say)

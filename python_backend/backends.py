@@ -28,8 +28,9 @@ Two levels:
     image_sizes [B, 2], original_sizes [B, 2], score_thresh, min_size, nms_thresh,
     detections_per_img)`` -> boxes ``[B, D, 4]``, scores ``[B, D]``, labels ``[B, D]`` int32,
     num ``[B, 1]`` int32.
-  - ``preprocess_batch(images, settings)``: decoded ``[H, W, 3]`` uint8 images -> ``images
-    [B, 3, H, W]``, ``image_sizes [B, 2]``, ``original_sizes [B, 2]`` float32.
+  - ``preprocess_batch(images, settings, canvas=None)``: decoded ``[H, W, 3]`` uint8 images ->
+    ``images [B, 3, H, W]`` on ``canvas`` (H, W) (None: the smallest of the settings' canvases
+    that holds every image), ``image_sizes [B, 2]``, ``original_sizes [B, 2]`` float32.
 
   Every operator checks shapes and dtypes first (:mod:`python_backend.reference.contract`) and
   raises ValueError (shape) or TypeError (dtype) naming the bad input and what was expected.
@@ -53,7 +54,7 @@ OPERATORS = ("nms", "batched_nms", "filter_proposals", "multilevel_roi_align", "
 class Backend:
     """The steps and operators of one implementation.
 
-    ``preprocess_batch(images, settings)``: see ``ops.preprocess_batch`` above.
+    ``preprocess_batch(images, settings, canvas=None)``: see ``ops.preprocess_batch`` above.
     ``roi_step(proposals, features, image_sizes, settings)`` -> :class:`python_backend.steps.RoiBatch`.
     ``postprocess_batch(class_scores, class_boxes, counts, image_sizes, original_sizes, settings)``
     -> boxes ``[B, D, 4]``, scores ``[B, D]``, labels ``[B, D]`` int32, num ``[B, 1]`` int32.

@@ -14,7 +14,10 @@ POSTPROCESS = "postprocess"
 STEPS = (PREPROCESS, RPN, ROI, HEADER, POSTPROCESS)
 
 # --- ensemble inputs / outputs (what users send and receive) ------------------------
-IMAGE_BYTES = "image"  # TYPE_STRING, one encoded JPEG/PNG per batch item
+# [1, N] uint8 (dims [-1]): the N encoded bytes (JPEG, PNG, ...) of one image per request, as
+# Triton's DALI examples take encoded images (dali_backend docs/examples/resnet50_trt,
+# ensemble_dali_resnet50/config.pbtxt)
+IMAGE_BYTES = "image"
 DETECTION_BOXES = "boxes"  # [100, 4] float32, x1 y1 x2 y2 in original pixels
 DETECTION_SCORES = "scores"  # [100] float32
 DETECTION_LABELS = "labels"  # [100] int32, torchvision label ids (0 = background, never emitted)
@@ -27,7 +30,7 @@ IMAGE_RAW = "image_raw"  # [-1, -1, 3] uint8
 PREPROCESS_RAW = "preprocess_raw"
 
 # --- preprocess outputs / rpn inputs -------------------------------------------------
-IMAGES = "images"  # [B, 3, H, W] float32, normalized, zero-padded onto the canvas
+IMAGES = "images"  # [B, 3, H, W] float32, normalized, zero-padded onto one of the canvases (H, W)
 IMAGE_SIZES = "image_sizes"  # [B, 2] float32: resized (height, width) of each image
 ORIGINAL_SIZES = "original_sizes"  # [B, 2] float32: decoded (height, width)
 

@@ -23,8 +23,9 @@ class DetectorSettings:
     """Settings of one exported Faster R-CNN. Sizes are (height, width) in pixels."""
 
     num_classes: int  # including background (torchvision label 0)
-    canvas_height: int = 800
-    canvas_width: int = 1344
+    # (height, width) pairs the rpn runs on, multiples of 32, sorted by area; "auto" (or empty):
+    # :func:`default_canvases` of min_size / max_size
+    canvases: tuple[tuple[int, int], ...] | str = "auto"
     min_size: int = 800
     max_size: int = 1333
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -34,6 +35,8 @@ class DetectorSettings:
     rpn_nms_thresh: float = 0.7
     rpn_score_thresh: float = 0.0
     rpn_min_size: float = 1e-3
+    # AnchorGenerator.num_anchors_per_location(): torchvision's default is 3 aspect ratios x 1 size
+    rpn_anchors_per_cell: int = 3
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
     box_detections_per_img: int = 100
@@ -47,11 +50,15 @@ class DetectorSettings:
     level_eps: float = 1e-6
     box_coder_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     max_input_pixels: int = 50_000_000  # decompression-bomb guard for encoded inputs
-    min_input_side: int = 2
+    # torchvision resizes any image whose resized sides are both >= 1 (a 1x16 image: 83x1333)
+    min_input_side: int = 1
     class_names: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        validate_canvas(self.canvas_height, self.canvas_width)
+        canvases = self.canvases
+        if canvases in ("auto", (), None):
+            canvases = default_canvases(self.min_size, self.max_size)
+        object.__setattr__(self, "canvases", check_canvases(canvases))
         if self.num_classes < 2:
             raise ValueError(f"num_classes must count background plus at least one class, got {self.num_classes}")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -61,8 +68,15 @@ class DetectorSettings:
             )
 
     @property
-    def canvas(self) -> tuple[int, int]:
-        return (self.canvas_height, self.canvas_width)
+    def largest_canvas(self) -> tuple[int, int]:
+        """The canvas of the largest area (the last of the sorted ``canvases``): what memory is
+        sized for at load (warm-ups, the roi step's buffers)."""
+        return self.canvases[-1]
+
+    def canvas_for(self, height: int, width: int) -> tuple[int, int] | None:
+        """The smallest canvas (by area, then the sorted order) holding ``height x width`` padded
+        pixels, or None when none does."""
+        return next(((h, w) for h, w in self.canvases if height <= h and width <= w), None)
 
     @property
     def bbox_xform_clip(self) -> float:
@@ -73,8 +87,7 @@ class DetectorSettings:
         """Flat string map for ``config.pbtxt`` ``parameters``."""
         out = {}
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = json.dumps(list(value) if isinstance(value, tuple) else value)
+            out[f.name] = json.dumps(_lists(getattr(self, f.name)))
         return out
 
     @classmethod
@@ -87,10 +100,7 @@ class DetectorSettings:
                 continue
             if isinstance(raw, Mapping):
                 raw = raw["string_value"]
-            value = json.loads(raw)
-            if isinstance(value, list):
-                value = tuple(value)
-            kwargs[key] = value
+            kwargs[key] = _tuples(json.loads(raw))
         missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"model config parameters lack {missing}")
@@ -101,11 +111,14 @@ class DetectorSettings:
         return resized_size(height, width, self.min_size, self.max_size)
 
     def rpn_level_topk(self) -> tuple[int, ...]:
-        """Proposals kept per RPN level on the canvas (P2..P6), as the rpn network emits them."""
+        """Proposals the rpn network emits per level (P2..P6): torchvision's pre-NMS top-n, or all
+        the level's anchors where a canvas has fewer, for the canvas with the most.  One constant
+        for every canvas (TensorRT's TopK takes a constant K, and every canvas's outputs have one
+        shape); on a smaller canvas the level's surplus rows are padding (level -1)."""
         ks = []
         for s in RPN_STRIDES:
-            h, w = level_grid(self.canvas_height, s), level_grid(self.canvas_width, s)
-            ks.append(min(self.rpn_pre_nms_top_n, h * w * 3))
+            anchors = max(level_grid(h, s) * level_grid(w, s) * self.rpn_anchors_per_cell for h, w in self.canvases)
+            ks.append(min(self.rpn_pre_nms_top_n, anchors))
         return tuple(ks)
 
     @property
@@ -115,10 +128,26 @@ class DetectorSettings:
 
 def validate_canvas(height: int, width: int) -> None:
     for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v < 64 or v % SIZE_DIVISIBLE:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 64 or v % SIZE_DIVISIBLE:
             raise ValueError(
                 f"canvas {name} must be a multiple of {SIZE_DIVISIBLE} and at least 64, got {v!r}"
             )
+
+
+def check_canvases(canvases) -> tuple[tuple[int, int], ...]:
+    """``canvases`` as distinct (height, width) pairs sorted by area, then height; raises
+    ValueError for an empty list or a canvas that is not a multiple of 32 of at least 64."""
+    out = set()
+    for c in canvases:
+        try:
+            h, w = c
+        except (TypeError, ValueError):
+            raise ValueError(f"a canvas must be a (height, width) pair, got {c!r}") from None
+        validate_canvas(h, w)
+        out.add((h, w))
+    if not out:
+        raise ValueError("expected at least one canvas, got none")
+    return tuple(sorted(out, key=lambda c: (c[0] * c[1], c)))
 
 
 def level_grid(padded: int, stride: int) -> int:
@@ -152,54 +181,57 @@ def coco_class_names() -> tuple[str, ...]:
 
 
 
-# --- canvas buckets: smaller canvases the torch target's rpn is also traced at --------------------
+# --- the default canvases ------------------------------------------------------------------
 
-BUCKET_ASPECTS = ((1, 1), (4, 3), (3, 4))  # (width, height) of the images the default buckets are for
-
-
-def default_buckets(settings: DetectorSettings) -> tuple[tuple[int, int], ...]:
-    """The padded resized size of a square, a 4:3 landscape and a 3:4 portrait image, each kept
-    where it fits the canvas and is smaller than it; smallest first."""
-    ch, cw = settings.canvas
-    out = set()
-    for aw, ah in BUCKET_ASPECTS:
-        h, w = settings.resized_size(ah * 1000, aw * 1000)
-        bucket = (padded_extent(h), padded_extent(w))
-        if bucket[0] <= ch and bucket[1] <= cw and bucket != (ch, cw):
-            out.add(bucket)
-    return tuple(sorted(out, key=lambda b: (b[0] * b[1], b)))
+# (width, height) of the images whose padded resized size is a canvas of its own, besides the
+# full landscape and portrait ones: square photos and the 4:3 / 3:4 of most cameras
+CANVAS_ASPECTS = ((1, 1), (4, 3), (3, 4))
 
 
-def check_buckets(buckets, canvas: tuple[int, int]) -> tuple[tuple[int, int], ...]:
-    """``buckets`` as sorted (height, width) pairs; raises ValueError for one that is not a valid
-    canvas, is not smaller than ``canvas`` or does not fit in it."""
-    out = set()
-    for b in buckets:
-        h, w = (int(v) for v in b)
-        validate_canvas(h, w)
-        if h > canvas[0] or w > canvas[1] or (h, w) == tuple(canvas):
-            raise ValueError(f"canvas bucket {h}x{w} must fit in the {canvas[0]}x{canvas[1]} canvas and be smaller")
-        out.add((h, w))
-    return tuple(sorted(out, key=lambda b: (b[0] * b[1], b)))
+def default_canvases(min_size: int, max_size: int) -> tuple[tuple[int, int], ...]:
+    """The canvases of ``canvases="auto"``, sorted by area.
+
+    The full landscape canvas (padded min_size x padded max_size) and the portrait one (its
+    transpose) hold every image torchvision takes: its resize leaves the short side at most
+    min_size and the long side at most max_size.  The padded resized sizes of a square, a 4:3
+    and a 3:4 image are canvases too, so those common shapes pay for no padding beyond
+    torchvision's own.  For 800/1333: 800x800, 800x1088, 1088x800, 800x1344, 1344x800.
+    """
+    short, long = padded_extent(min_size), padded_extent(max_size)
+    out = {(short, long), (long, short)}
+    for aw, ah in CANVAS_ASPECTS:
+        h, w = resized_size(ah * 1000, aw * 1000, min_size, max_size)
+        out.add((padded_extent(h), padded_extent(w)))
+    return check_canvases(out)
 
 
-def format_buckets(buckets) -> str:
-    """``((800, 1088), ...)`` -> ``"800x1088,..."`` (the rpn config's ``canvas_buckets`` parameter)."""
-    return ",".join(f"{h}x{w}" for h, w in buckets)
+def format_canvases(canvases) -> str:
+    """``((800, 1088), (1344, 800))`` -> ``"800x1088,1344x800"`` (height x width, as ``--canvases`` takes them)."""
+    return ",".join(f"{h}x{w}" for h, w in canvases)
 
 
-def parse_buckets(text: str) -> tuple[tuple[int, int], ...]:
-    """Inverse of :func:`format_buckets`; ``""`` is no bucket."""
+def parse_canvases(text: str) -> tuple[tuple[int, int], ...]:
+    """Inverse of :func:`format_canvases` (checked and sorted by :func:`check_canvases`)."""
     out = []
-    for item in filter(None, (t.strip() for t in str(text).split(","))):
+    for item in (t.strip() for t in str(text).split(",")):
         try:
             h, w = (int(v) for v in item.lower().split("x"))
         except ValueError:
-            raise ValueError(f"canvas bucket {item!r} is not HEIGHTxWIDTH") from None
+            raise ValueError(f"canvas {item!r} is not HEIGHTxWIDTH such as 800x1344") from None
         out.append((h, w))
-    return tuple(out)
+    return check_canvases(out)
 
 
-def bucket_file(height: int, width: int) -> str:
-    """The rpn trace of one bucket, next to ``model.pt`` in the rpn's version folder."""
+def canvas_file(height: int, width: int) -> str:
+    """The torch target's rpn trace at one canvas, in the rpn's version folder."""
     return f"model_{height}x{width}.pt"
+
+
+def _lists(value):
+    """Tuples (nested too) as lists, for JSON."""
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuples(value):
+    """JSON lists (nested too) as tuples."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value

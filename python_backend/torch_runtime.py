@@ -8,9 +8,8 @@ turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
 
 * ``channels_last``: weights and the 4-D input in channels-last memory format.  cuDNN's fp16
   convolutions on Hopper are NHWC kernels; with NCHW tensors every convolution pays a layout
-  transform (ENVIRONMENT.md: the dense part at batch 8 takes 2.95 ms/image channels last against
-  4.4 ms/image as traced).  The results are the same computation (different cuDNN algorithms,
-  so not bit-identical).
+  transform (docs/benchmarks.md has the dense part's times in both layouts).  The results are the
+  same computation (different cuDNN algorithms, so not bit-identical).
 * ``optimize_for_inference`` (GPU only): ``torch.jit.freeze`` then ``torch.jit.optimize_for_inference``:
   cuDNN's fused convolution + bias + ReLU (+ residual add) instead of one element-wise kernel
   each (H100: 2.20 against 3.14 ms/image for the fp16 rpn at batch 8; served, 261 against 217
@@ -20,11 +19,11 @@ turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
 * ``cuda_graphs``: one CUDA graph per batch size, captured at warm-up and replayed; it removes
   the CPU cost of launching a few hundred kernels per call, which is most of a batch-1 call's
   time when several processes share the GPU.  Only for inputs whose batch is bounded and whose
-  other dimensions are fixed (the rpn: images on a fixed canvas).  The header's batch is a RoI
-  count that changes every call, so it runs without graphs.
+  other dimensions are fixed (the rpn: one trace per canvas, each on its own canvas).  The
+  header's batch is a RoI count that changes every call, so it runs without graphs.
 
-:class:`CanvasBuckets` runs the rpn on the smallest of a few canvases ("buckets") that holds a
-batch, so that a batch of 4:3 photos does not pay for the padding of a canvas sized for wider images.
+:class:`CanvasNetworks` holds the rpn's trace of each canvas and runs each batch on its own
+canvas's (a trace has fixed map sizes; exporters/torch_export.py).
 """
 from __future__ import annotations
 
@@ -33,8 +32,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
-from python_backend.settings import FPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings, check_buckets, level_grid
 
 log = logging.getLogger(__name__)
 
@@ -190,79 +187,48 @@ class TorchNetwork:
         self._graphs[batch] = (graph, static_in, static_out)
 
 
-class CanvasBuckets:
-    """The rpn, run on the smallest canvas ("bucket") that holds every image of a batch.
+class CanvasNetworks:
+    """The rpn, one trace per canvas: each batch runs on the trace of its own canvas.
 
-    The fixed canvas is sized for the widest images a deployment takes (800x1344 by default), but
-    a batch of 480x640 photos resizes to 800x1066 and pads to 800x1088: on the full canvas, 19% of
-    the rpn's work would be padding.  The exporter also traces the rpn at a few smaller canvases
-    (:func:`python_backend.settings.default_buckets`).  Each call crops the canvas batch to the
-    smallest bucket that holds every image's padded extent, runs that bucket's trace and pads its
-    outputs back to the canvas's shapes: proposal rows of level -1 (dropped by the roi step, after
-    every real row, so the order of the real ones is kept) and zero map cells past the bucket (the
-    roi step reads no cell past an image's extent).  The rpn masks everything outside each image's
-    extent (exporters/split.py), so an image's outputs are the same on any canvas that holds it.
+    Preprocess pads each request onto the smallest of the settings' canvases that holds it, and
+    Triton's dynamic batcher joins only requests of equal shapes, so a batch's images
+    ``[B, 3, H, W]`` are on one canvas; (H, W) selects that canvas's trace exactly, and its outputs
+    have that canvas's shapes (nothing is cropped or padded here).
 
     Args:
-        full: the network on the full canvas (``model.pt``).
-        buckets: {(height, width): the network traced on that canvas}.
-        settings: the detector's settings (canvas, proposals per image).
+        networks: {(height, width): the rpn traced on that canvas}.
     """
 
-    def __init__(self, full: TorchNetwork, buckets: dict[tuple[int, int], TorchNetwork],
-                 settings: DetectorSettings):
-        self.full = full
-        self.device = full.device
-        self.canvas = settings.canvas
-        self.num_proposals = settings.num_proposals
-        self.grids = [(level_grid(self.canvas[0], s), level_grid(self.canvas[1], s)) for s in FPN_STRIDES]
-        order = check_buckets(buckets, self.canvas)  # smallest first
-        self.buckets = [(b, buckets[b]) for b in order]
+    def __init__(self, networks: dict[tuple[int, int], TorchNetwork]):
+        if not networks:
+            raise ValueError("expected a network for at least one canvas, got none")
+        self.networks = dict(networks)
+        self.device = next(iter(self.networks.values())).device
         self.calls: dict[tuple[int, int], int] = {}  # canvas -> calls run on it
 
     @classmethod
-    def load(cls, full_path: str, bucket_paths: dict[tuple[int, int], str], device: torch.device, max_batch: int,
-             options: RuntimeOptions, settings: DetectorSettings) -> "CanvasBuckets":
-        """The rpn's traces (``model.pt`` and one per bucket) as :class:`TorchNetwork` objects on ``device``."""
-        h, w = settings.canvas
-        full = TorchNetwork(str(full_path), device, [[3, h, w], [2]], max_batch, options)
-        nets = {(bh, bw): TorchNetwork(str(path), device, [[3, bh, bw], [2]], max_batch, options)
-                for (bh, bw), path in bucket_paths.items()}
-        return cls(full, nets, settings)
-
-    def select(self, image_sizes: torch.Tensor) -> tuple[tuple[int, int], TorchNetwork]:
-        """(canvas, network) for a batch of resized ``image_sizes [B, 2]`` (h, w): the smallest
-        bucket holding every image's padded extent, else the full canvas.  Reads the sizes on the host."""
-        extent = torch.ceil(image_sizes.amax(dim=0) / SIZE_DIVISIBLE) * SIZE_DIVISIBLE
-        eh, ew = (int(v) for v in extent.tolist())
-        for (h, w), net in self.buckets:
-            if eh <= h and ew <= w:
-                return (h, w), net
-        return self.canvas, self.full
+    def load(cls, paths: dict[tuple[int, int], str], device: torch.device, max_batch: int,
+             options: RuntimeOptions) -> "CanvasNetworks":
+        """The rpn's traces ({(height, width): path}) as :class:`TorchNetwork` objects on ``device``."""
+        return cls({(h, w): TorchNetwork(str(path), device, [[3, h, w], [2]], max_batch, options)
+                    for (h, w), path in paths.items()})
 
     def __call__(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        images, image_sizes = args
-        (h, w), net = self.select(image_sizes)
-        self.calls[(h, w)] = self.calls.get((h, w), 0) + 1
-        if net is self.full:
-            return self.full(args)
-        # the bucket's outputs are copied once, straight into canvas-sized tensors (no temporary
-        # of the bucket's size: each call allocates what a full-canvas call allocates)
-        (proposals, *maps), _ = net.run([images[:, :, :h, :w], image_sizes])
-        batch, rows = int(proposals.shape[0]), int(proposals.shape[1])
-        out = proposals.new_zeros((batch, self.num_proposals, proposals.shape[2]))
-        out[:, :rows] = proposals
-        out[:, rows:, 5] = -1.0  # level -1: not a proposal
-        padded = []
-        for m, (gh, gw) in zip(maps, self.grids):  # channels last [B, h, w, C]
-            full = m.new_zeros((batch, gh, gw, m.shape[3]))
-            full[:, :m.shape[1], :m.shape[2]] = m
-            padded.append(full)
-        return (out, *padded)
+        canvas = tuple(int(d) for d in args[0].shape[-2:])
+        net = self.networks.get(canvas)
+        if net is None:
+            raise ValueError(f"images on a {canvas[0]}x{canvas[1]} canvas (height x width); this rpn is traced for "
+                             f"{', '.join(f'{h}x{w}' for h, w in self.networks)}")
+        self.calls[canvas] = self.calls.get(canvas, 0) + 1
+        return net(args)
 
     def warm_up(self) -> None:
-        """Each network's warm-up, the full canvas first; on a GPU with CUDA graphs, every
-        bucket's graphs go into the full canvas's pool (the largest), which they reuse."""
-        self.full.warm_up()
-        for _, net in self.buckets:
-            net.warm_up(pool=self.full._pool)
+        """Each canvas's warm-up, the largest (by area) first; on a GPU with CUDA graphs, every
+        canvas's graphs go into one pool, which the largest canvas's capture sized: each capture's
+        temporaries reuse the blocks an earlier capture freed (its outputs stay its own)."""
+        order = sorted(self.networks, key=lambda c: c[0] * c[1], reverse=True)
+        pool = None
+        for canvas in order:
+            net = self.networks[canvas]
+            net.warm_up(pool=pool)
+            pool = net._pool if pool is None else pool

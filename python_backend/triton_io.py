@@ -4,8 +4,8 @@ The python backend of Triton 24.10 was built against numpy 1: under numpy 2 its 
 (``as_numpy()``, ``Tensor(name, ndarray)``) reads or sends garbage, and under numpy 1 its
 DLPack import of a numpy capsule fails ("PyCapsule_GetPointer called with incorrect name").
 So host arrays use the numpy path under numpy 1 and DLPack under numpy 2; GPU (CuPy) arrays
-always use DLPack, which keeps them on the GPU.  String tensors, which DLPack can't carry,
-always go through ``as_numpy()``.
+always use DLPack, which keeps them on the GPU.  No input is a string tensor (which DLPack can't
+carry, and which this stub garbles under numpy 2): encoded images come as uint8 bytes.
 """
 from __future__ import annotations
 
@@ -56,19 +56,26 @@ def output(pb_utils, name: str, array):
     return pb_utils.Tensor.from_dlpack(name, array)
 
 
-def bytes_items(tensor) -> list[bytes]:
-    """A TYPE_STRING input as a list of bytes objects, one per batch item.
+def encoded_image(array: np.ndarray) -> bytes:
+    """The encoded bytes of one image from an ``image`` input: ``[1, N]`` uint8 (the N bytes of a
+    JPEG/PNG/...; Triton's DALI examples send encoded images this way).  A batch of several
+    encoded images can't be one rectangular tensor, so a request carries exactly one.  Raises
+    ``BadImageError`` naming the shape or dtype it got."""
+    from .reference.image import BadImageError
 
-    Under numpy 2 this Triton build's stub hands every string input over garbled before any model
-    code runs (on a GPU host: the right length, every byte the same), so there the
-    ``*_raw`` entry points (uint8, read through DLPack) are the ones to use."""
-    arr = tensor.as_numpy()
-    return [bytes(x) for x in arr.reshape(-1)]
+    if array.dtype != np.uint8 or array.ndim != 2:
+        raise BadImageError(f"expected the encoded image as uint8 [1, N], got {array.dtype} "
+                            f"{list(array.shape)}")
+    if array.shape[0] != 1:
+        raise BadImageError(f"expected one encoded image per request ([1, N] uint8), got {array.shape[0]} "
+                            "rows: send each image as its own request")
+    return array[0].tobytes()
 
 
 def request_images(pb_utils, request, raw: bool, settings) -> list[np.ndarray]:
-    """The decoded ``[H, W, 3]`` uint8 images of one request: ``image_raw`` as sent (``raw``) or
-    ``image`` bytes decoded.  Raises ``BadImageError`` naming what is wrong with an image."""
+    """The decoded ``[H, W, 3]`` uint8 images of one request: ``image_raw`` as sent (``raw``) or the
+    ``image`` bytes decoded.  Both are uint8 tensors, read like every other input (numpy 1 and
+    numpy 2 alike).  Raises ``BadImageError`` naming what is wrong with an image."""
     from . import names
     from .reference.image import check_image_array, decode_image
 
@@ -77,8 +84,8 @@ def request_images(pb_utils, request, raw: bool, settings) -> list[np.ndarray]:
         for im in images:
             check_image_array(im, settings.max_input_pixels, settings.min_input_side)
         return images
-    items = bytes_items(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES))
-    return [decode_image(b, settings.max_input_pixels, settings.min_input_side) for b in items]
+    data = encoded_image(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES)))
+    return [decode_image(data, settings.max_input_pixels, settings.min_input_side)]
 
 
 def model_parameters(args: dict) -> dict[str, str]:

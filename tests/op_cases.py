@@ -29,11 +29,11 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 # Small sizes keep the suite fast; the arithmetic is the same at 800 / 1333.
 MIN_SIZE, MAX_SIZE = 256, 320
-CANVAS = (800, 1344)  # the default canvas: realistic batches of 4390 proposals
+CANVAS = (800, 1344)  # the default landscape canvas: realistic batches of 4390 proposals
 LEVEL_TOPK = (1000, 1000, 1000, 1000, 390)  # 4390 proposals on 5 levels
 TV_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COCO_SETTINGS = DetectorSettings(num_classes=91)
-SMALL_SETTINGS = DetectorSettings(num_classes=5, canvas_height=320, canvas_width=320, min_size=MIN_SIZE,
+SMALL_SETTINGS = DetectorSettings(num_classes=5, min_size=MIN_SIZE,  # canvases 256x256, 256x320, 320x256
                                   max_size=MAX_SIZE, image_mean=MEAN, image_std=STD)
 
 

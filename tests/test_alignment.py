@@ -12,7 +12,6 @@ import skimage.data
 from evaluation.onnx_pipeline import OnnxPipeline
 from evaluation.parity import assert_parity, torchvision_detect
 from evaluation.payloads import encode, textured_image
-from python_backend.reference.image import BadImageError, preprocess_batch
 
 PHOTOS = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket")}
 SYNTHETIC = {  # (height, width)
@@ -21,6 +20,10 @@ SYNTHETIC = {  # (height, width)
     "square": (300, 300),
     "tiny": (12, 20),
     "wide": (90, 500),
+    "1:16": (40, 640),
+    "16:1": (640, 40),
+    "one row": (1, 10),
+    "one column": (10, 1),
 }
 
 
@@ -33,8 +36,8 @@ IMAGES = {**{k: _rgb(v) for k, v in PHOTOS.items()},
 
 
 @pytest.fixture(scope="module")
-def square(square_export):
-    settings, paths = square_export
+def pipeline(small_export):
+    settings, paths = small_export
     return OnnxPipeline(paths["rpn"], paths["header"], settings)
 
 
@@ -44,60 +47,56 @@ def reference(small_model):
 
 
 @pytest.mark.parametrize("name", list(IMAGES))
-def test_alone_matches_torchvision(square, reference, name):
-    (ours,) = square([IMAGES[name]])
+def test_alone_matches_torchvision(pipeline, reference, name):
+    """Each image on the canvas preprocess picks for it (portrait, landscape or square)."""
+    (ours,) = pipeline([IMAGES[name]])
     assert_parity(reference[name], ours, f"{name} alone")
 
 
-def test_batched_with_mixed_sizes_matches_torchvision(square, reference):
-    """Differently sized companions in one batch must not change any image's detections."""
+def test_batched_with_mixed_sizes_matches_torchvision(pipeline, reference):
+    """Differently sized companions in one batch must not change any image's detections: landscape,
+    portrait and square images on one 320x320 canvas (the rpn takes any; served batches are on one
+    of the settings' canvases each)."""
     order = ["tiny", "astronaut", "portrait", "coffee", "wide", "square"]
-    results = square([IMAGES[n] for n in order])
+    results = pipeline([IMAGES[n] for n in order], canvas=(320, 320))
     for name, ours in zip(order, results):
         assert_parity(reference[name], ours, f"{name} in a batch of {len(order)}")
 
 
-def test_batch_results_do_not_depend_on_companions(square):
-    a = square([IMAGES["chelsea"], IMAGES["tiny"]])[0]
-    b = square([IMAGES["rocket"], IMAGES["chelsea"], IMAGES["landscape"]])[1]
+def test_batch_results_do_not_depend_on_companions(pipeline):
+    a = pipeline([IMAGES["chelsea"], IMAGES["tiny"]])[0]
+    b = pipeline([IMAGES["rocket"], IMAGES["chelsea"], IMAGES["landscape"]])[1]
     np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
-def test_encoded_png_and_jpeg_inputs(square, small_model):
+def test_encoded_png_and_jpeg_inputs(pipeline, small_model):
     """The bytes path decodes like Pillow; JPEG is compared on its own decoded pixels."""
     from PIL import Image
     import io
 
     jpeg = encode(IMAGES["coffee"], "JPEG")
     decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
-    ours = square.from_bytes([jpeg, encode(IMAGES["portrait"], "PNG")])
-    assert_parity(torchvision_detect(small_model, decoded), ours[0], "coffee.jpg")
-    assert_parity(torchvision_detect(small_model, IMAGES["portrait"]), ours[1], "portrait.png")
+    (coffee,) = pipeline.from_bytes([jpeg])
+    (portrait,) = pipeline.from_bytes([encode(IMAGES["portrait"], "PNG")])
+    assert_parity(torchvision_detect(small_model, decoded), coffee, "coffee.jpg")
+    assert_parity(torchvision_detect(small_model, IMAGES["portrait"]), portrait, "portrait.png")
 
 
-def test_landscape_canvas_exactly_filled(landscape_export, small_model):
-    """An image whose resized size is exactly the canvas, and a wide one, on a landscape canvas."""
-    settings, paths = landscape_export
-    pipe = OnnxPipeline(paths["rpn"], paths["header"], settings)
-    exact = textured_image(256, 320, seed=11)
-    assert settings.resized_size(256, 320) == settings.canvas
-    wide = textured_image(150, 300, seed=12)
-    results = pipe([exact, wide])
+@pytest.mark.parametrize("shapes", [((256, 320), (150, 300)), ((320, 256), (300, 150))], ids=["landscape", "portrait"])
+def test_canvas_exactly_filled(pipeline, small_model, shapes):
+    """An image whose resized size is exactly its canvas, beside a thinner one of the same orientation."""
+    (exact, thin) = (textured_image(h, w, seed=11 + i) for i, (h, w) in enumerate(shapes))
+    assert pipeline.settings.resized_size(*shapes[0]) == shapes[0] in pipeline.settings.canvases
+    results = pipeline([exact, thin])
     assert_parity(torchvision_detect(small_model, exact), results[0], "exactly the canvas")
-    assert_parity(torchvision_detect(small_model, wide), results[1], "wide on landscape canvas")
-
-
-def test_portrait_on_landscape_canvas_is_a_clear_error(landscape_export):
-    settings, _ = landscape_export
-    with pytest.raises(BadImageError, match=r"does not fit the 320x256 canvas"):
-        preprocess_batch([textured_image(400, 240, seed=3)], settings)
+    assert_parity(torchvision_detect(small_model, thin), results[1], "thin beside it")
 
 
 @pytest.mark.coco
 def test_coco_weights_match_torchvision(tmp_path):
-    """torchvision's COCO weights at the default 800x1344 canvas, when they are in torch's cache."""
+    """torchvision's COCO weights with the default canvases, when they are in torch's cache."""
     from exporters.loading import coco_model, coco_weights_cached, settings_from_model
     from exporters.onnx_export import export_all
 

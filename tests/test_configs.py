@@ -11,9 +11,14 @@ from python_backend import names
 ONNX_TYPES = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.INT32: mc.TYPE_INT32}
 
 
+def _onnx_dims(value) -> list[int]:
+    """An ONNX input's or output's dims as a Triton config writes them: -1 where dynamic."""
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+
 @pytest.fixture(scope="module")
-def repo(square_export, tmp_path_factory):
-    settings, paths = square_export
+def repo(small_export, tmp_path_factory):
+    settings, paths = small_export
     out = tmp_path_factory.mktemp("repo")
     write_repository(out, settings, paths, RepositoryOptions(target="python", max_batch_size=4))
     return out, settings, paths
@@ -43,10 +48,38 @@ def test_network_configs_match_onnx_io(repo, model):
     for proto_list, values in ((cfg.input, graph.input), (cfg.output, graph.output)):
         assert [t.name for t in proto_list] == [v.name for v in values]
         for t, v in zip(proto_list, values):
-            dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
-            assert list(t.dims) == dims[1:], f"{model}.{t.name}: config dims {list(t.dims)} vs ONNX {dims}"
+            dims = _onnx_dims(v)
+            assert dims[0] == -1 and list(t.dims) == dims[1:], f"{model}.{t.name}: config dims {list(t.dims)} vs ONNX {dims}"
             assert t.data_type == ONNX_TYPES[v.type.tensor_type.elem_type]
     assert cfg.max_batch_size >= 4
+
+
+def test_canvas_dims_are_dynamic_where_the_canvas_is(repo):
+    """Images and FPN maps have the canvas's height and width (-1: one of the settings' canvases per
+    batch) at every step that carries them; the proposals per image are one constant."""
+    out, settings, _ = repo
+    cfgs = _configs(out)
+    dims = lambda model, kind: {t.name: list(t.dims) for t in getattr(cfgs[model], kind)}  # noqa: E731
+    maps = {name: [-1, -1, settings.fpn_channels] for name in names.FEATURES}
+    assert dims(names.RPN, "input")[names.IMAGES] == [3, -1, -1]
+    assert dims(names.RPN, "output") == {names.PROPOSALS: [settings.num_proposals, 6], **maps}
+    for pre in (names.PREPROCESS, names.PREPROCESS_RAW):
+        assert dims(pre, "output")[names.IMAGES] == [3, -1, -1]
+    assert {n: d for n, d in dims(names.ROI, "input").items() if n in maps} == maps
+    params = {k: v.string_value for k, v in cfgs[names.ENSEMBLE].parameters.items()}
+    assert params["canvases"] == "256x256,256x320,320x256"
+
+
+def test_encoded_image_input_is_uint8_bytes(repo):
+    """``fasterrcnn`` and its preprocess take the encoded file as UINT8 [-1] (one image per request),
+    not TYPE_STRING, which the python backend's stub garbles under numpy 2."""
+    out, _, _ = repo
+    cfgs = _configs(out)
+    for model in (names.ENSEMBLE, names.PREPROCESS):
+        (image,) = cfgs[model].input
+        assert (image.name, image.data_type, list(image.dims)) == (names.IMAGE_BYTES, mc.TYPE_UINT8, [-1]), model
+    (raw,) = cfgs[names.ENSEMBLE_RAW].input
+    assert (raw.name, raw.data_type, list(raw.dims)) == (names.IMAGE_RAW, mc.TYPE_UINT8, [-1, -1, 3])
 
 
 def test_header_batch_holds_every_roi_of_a_full_batch(repo):
@@ -90,8 +123,8 @@ def test_step_parameters_carry_the_model_settings(repo):
         assert DetectorSettings.from_parameters(params) == settings
 
 
-def test_repository_errors_are_clear(square_export, tmp_path):
-    settings, paths = square_export
+def test_repository_errors_are_clear(small_export, tmp_path):
+    settings, paths = small_export
     with pytest.raises(ValueError, match="target must be one of"):
         RepositoryOptions(target="tflite")
     with pytest.raises(ValueError, match="needs engines"):
@@ -104,10 +137,10 @@ def test_repository_errors_are_clear(square_export, tmp_path):
 
 @pytest.mark.parametrize("device, instances, postprocess, want", [
     ("cpu", 1, 0, 1), ("cpu", 2, 0, 2), ("cpu", 1, 3, 3), ("gpu", 1, 0, 2), ("gpu", 3, 0, 3), ("gpu", 1, 1, 1)])
-def test_postprocess_instances(square_export, tmp_path, device, instances, postprocess, want):
+def test_postprocess_instances(small_export, tmp_path, device, instances, postprocess, want):
     """postprocess (no batcher) gets its own instance count (0: 2 on the GPU, else ``instances``);
     every other step keeps ``instances``."""
-    settings, paths = square_export
+    settings, paths = small_export
     write_repository(tmp_path, settings, paths, RepositoryOptions(device=device, instances=instances,
                                                                   postprocess_instances=postprocess))
     counts = {name: [g.count for g in cfg.instance_group] for name, cfg in _configs(tmp_path).items()
@@ -129,10 +162,10 @@ GPU_STEPS = (names.PREPROCESS, names.PREPROCESS_RAW, names.RPN, names.ROI, names
 
 
 @pytest.mark.parametrize("gpus", [(0, 1), (1, 3)])
-def test_gpu_instances_are_placed_on_the_chosen_gpus(square_export, tmp_path, gpus):
+def test_gpu_instances_are_placed_on_the_chosen_gpus(small_export, tmp_path, gpus):
     """With gpus, every step's KIND_GPU group lists them, with ``count`` instances on each GPU
     (Triton's rule for a group with a gpus list); the ensembles have no instances."""
-    settings, paths = square_export
+    settings, paths = small_export
     write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu", instances=2, gpus=gpus))
     cfgs = _configs(tmp_path)
     for name in GPU_STEPS:
@@ -143,20 +176,20 @@ def test_gpu_instances_are_placed_on_the_chosen_gpus(square_export, tmp_path, gp
     assert not cfgs[names.ENSEMBLE].instance_group and not cfgs[names.ENSEMBLE_RAW].instance_group
 
 
-def test_without_gpus_triton_places_instances_on_every_gpu(square_export, tmp_path):
-    settings, paths = square_export
+def test_without_gpus_triton_places_instances_on_every_gpu(small_export, tmp_path):
+    settings, paths = small_export
     write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu"))
     for name in GPU_STEPS:
         (group,) = _configs(tmp_path)[name].instance_group
         assert group.kind == mc.ModelInstanceGroup.KIND_GPU and not group.gpus, name
 
 
-def test_network_gpus_for_the_platform_targets(square_export):
+def test_network_gpus_for_the_platform_targets(small_export):
     """tensorrt and onnxruntime networks are KIND_GPU whatever --device says, so they take the gpus
     list too; with --device cpu the python steps stay KIND_CPU without one."""
     from exporters.repository import all_configs
 
-    settings, _ = square_export
+    settings, _ = small_export
     cfgs = all_configs(settings, RepositoryOptions(target="tensorrt", device="cpu", gpus=(0, 1)))
     for name in (names.RPN, names.HEADER):
         (group,) = cfgs[name].instance_group

@@ -14,7 +14,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from op_cases import ATOL, MAX_SIZE, MEAN, MIN_SIZE, SMALL_SETTINGS, STD, backend, host, reference  # noqa: F401
 from python_backend.reference.image import (
-    BadImageError, check_image_array, decode_image, resize_bilinear, transform_image,
+    BadImageError, batch_canvas, batch_sizes, check_image_array, decode_image, resize_bilinear, transform_image,
 )
 from python_backend.settings import DetectorSettings, padded_extent, resized_size
 
@@ -27,6 +27,8 @@ IMAGE_SIZES = [
     (100, 150),  # upscale
     (1000, 333),  # tall: bounded by max_size
     (256, 320),  # already the target size
+    (1, 16),  # one row: torchvision takes it (20 x 320)
+    (16, 1),  # one column
 ]
 
 
@@ -63,16 +65,23 @@ def test_resize_bilinear_matches_interpolate(in_size, out_size):
     np.testing.assert_allclose(out, expected.numpy(), rtol=0, atol=1e-6 * max(1.0, np.abs(x).max()))
 
 
-def test_preprocess_batch_matches_batched_transform(backend):
-    """Landscape, tiny and tall images in one batch against GeneralizedRCNNTransform; on the GPU
-    also bit for bit the NumPy reference (same float32 operations, same order)."""
+@pytest.mark.parametrize("shapes, canvas", [
+    ([(480, 640), (5, 7), (300, 400)], (256, 320)),  # landscape: they pad to 256x320 together
+    ([(640, 480), (1000, 333)], (320, 256)),  # portrait
+    ([(300, 300)], (256, 256)),  # square
+])
+def test_preprocess_batch_matches_batched_transform(backend, shapes, canvas):
+    """Images in one batch against GeneralizedRCNNTransform, on the smallest canvas that holds
+    them all; on the GPU also bit for bit the NumPy reference (same float32 operations, same order)."""
     settings = SMALL_SETTINGS
     rng = np.random.default_rng(3)
-    images = [rng.integers(0, 256, size=s + (3,), dtype=np.uint8) for s in [(480, 640), (5, 7), (1000, 333)]]
+    images = [rng.integers(0, 256, size=s + (3,), dtype=np.uint8) for s in shapes]
     transform = GeneralizedRCNNTransform(MIN_SIZE, MAX_SIZE, list(MEAN), list(STD)).eval()
     expected, _ = transform([torch_image(im) for im in images])
     batch, sizes, originals = host(backend, *backend.preprocess_batch(images, settings))
-    assert batch.shape == (3, 3, *settings.canvas) and batch.dtype == sizes.dtype == originals.dtype == np.float32
+    assert batch.shape == (len(images), 3, *canvas) and batch.dtype == sizes.dtype == originals.dtype == np.float32
+    # here each batch's canvas is the padded size torchvision's batch_images gives it
+    assert tuple(expected.tensors.shape[-2:]) == canvas
     np.testing.assert_array_equal(sizes, np.array(expected.image_sizes, dtype=np.float32))
     np.testing.assert_array_equal(originals, [im.shape[:2] for im in images])
     for b, (h, w) in enumerate(expected.image_sizes):
@@ -85,20 +94,59 @@ def test_preprocess_batch_matches_batched_transform(backend):
 
 
 @pytest.mark.parametrize("image, message", [
-    (np.zeros((480, 640, 3), np.uint8), "does not fit the 256x256 canvas"),  # resizes to 240 x 320
+    # resizes to 240 x 320, height x width as --canvases takes them
+    (np.zeros((480, 640, 3), np.uint8), "image of 480x640 pixels (height x width) resizes to 240x320 and pads to "
+                                        "256x320: none of the canvases 256x256 holds it; export with --canvases auto "
+                                        "(every image fits one of those) or add a canvas of at least 256x320"),
     (np.zeros((48, 64, 3), np.float32), "expected a uint8 image, got dtype float32"),
-    (np.zeros((48, 64), np.uint8), r"expected an HWC image with 3 channels, got shape \[48, 64\]"),
-    (np.zeros((48, 64, 4), np.uint8), r"3 channels, got shape \[48, 64, 4\]"),
-    (np.zeros((1, 64, 3), np.uint8), "smaller than the minimum side of 2"),
+    (np.zeros((48, 64), np.uint8), "expected an HWC image with 3 channels, got shape [48, 64]"),
+    (np.zeros((48, 64, 4), np.uint8), "3 channels, got shape [48, 64, 4]"),
+    (np.zeros((0, 64, 3), np.uint8), "smaller than the minimum side of 1"),
+    # torchvision's resize would leave it no row (F.interpolate: "output sizes should be greater than 0")
+    (np.zeros((1, 321, 3), np.uint8), "image of 1x321 pixels (height x width) resizes to 0x320: its long side is "
+                                      "more than max_size=320 times its short side"),
     ([[0, 0, 0]], "expected an HWC uint8 image array, got list"),
 ])
 def test_preprocess_batch_rejects(backend, image, message):
     """Every image of the batch is checked before any work; a bad one fails the call with
     BadImageError (a ValueError) naming what was wrong."""
-    small = DetectorSettings(num_classes=5, canvas_height=256, canvas_width=256, min_size=MIN_SIZE, max_size=MAX_SIZE)
+    small = DetectorSettings(num_classes=5, canvases=((256, 256),), min_size=MIN_SIZE, max_size=MAX_SIZE)
     good = np.zeros((48, 48, 3), np.uint8)  # resizes to 256 x 256: fits
-    with pytest.raises(BadImageError, match=message):
+    with pytest.raises(BadImageError) as err:
         backend.preprocess_batch([good, image], small)
+    assert message in str(err.value)
+
+
+def test_torchvision_rejects_what_leaves_no_row():
+    """The image preprocess rejects is one torchvision's own transform fails on."""
+    transform = GeneralizedRCNNTransform(MIN_SIZE, MAX_SIZE, list(MEAN), list(STD)).eval()
+    transform([torch.rand(3, 1, 320)])  # 1 x 320: resizes to 1 x 320
+    with pytest.raises(RuntimeError, match="sizes should be greater than 0"):
+        transform([torch.rand(3, 1, 321)])
+
+
+def test_the_images_of_a_batch_share_one_canvas(backend):
+    """A landscape and a portrait image pad to 320x320 together, which no canvas holds: the error
+    says each fits alone; a canvas given outright must hold every image."""
+    rng = np.random.default_rng(4)
+    wide, tall = (rng.integers(0, 256, size=s + (3,), dtype=np.uint8) for s in ((240, 400), (400, 240)))
+    with pytest.raises(BadImageError, match=r"the 2 images of this request pad to 320x320 together and none of the "
+                                            r"canvases 256x256,256x320,320x256 holds it; each fits a canvas alone"):
+        backend.preprocess_batch([wide, tall], SMALL_SETTINGS)
+    batch = host(backend, *backend.preprocess_batch([wide], SMALL_SETTINGS, (320, 320)))[0]
+    assert batch.shape == (1, 3, 320, 320) and not batch[:, :, 192:].any() and batch[:, :, :192].any()
+    with pytest.raises(BadImageError, match=r"image of 400x240 pixels \(height x width\) resizes to 320x192 and "
+                                            r"pads to 320x192: the 256x320 canvas does not hold it"):
+        backend.preprocess_batch([wide, tall], SMALL_SETTINGS, (256, 320))
+
+
+def test_batch_canvas_of_the_image_sizes():
+    """The canvas choice from shapes alone (no pixels): square, landscape and portrait images."""
+    coco = DetectorSettings(num_classes=91)
+    images = [np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (h, w, 3)) for h, w in ((600, 600), (600, 900), (900, 600))]
+    sizes, originals = batch_sizes(images, coco)
+    assert [batch_canvas(s[None], o[None], coco) for s, o in zip(sizes, originals)] == [
+        (800, 800), (800, 1344), (1344, 800)]
 
 
 def encode(image: np.ndarray, fmt: str, **kwargs) -> bytes:

@@ -1,7 +1,7 @@
 """A bad request batched beside good ones, sent straight to each step model of a real tritonserver.
 
-One small repository (the 320x320 canvas of tests/conftest.py) holds every step: preprocess, rpn
-and header through ONNX Runtime (onnx_runner.py), rpn and header again through torch
+One small repository (the default canvases of the small resize in tests/conftest.py: 256x256,
+256x320, 320x256) holds every step: preprocess, rpn and header through ONNX Runtime (onnx_runner.py), rpn and header again through torch
 (torch_runner.py, as ``rpn_torch`` / ``header_torch``), roi and postprocess.  The dynamic batcher
 waits long enough that requests sent together share one ``execute`` (checked in the statistics).
 In each batch the bad request must get an error naming what was wrong, and every good one the
@@ -41,8 +41,8 @@ TORCH = "_torch"  # suffix of the torch runner's copies of rpn and header
 
 
 @pytest.fixture(scope="module")
-def server(small_model, square_export, tmp_path_factory):
-    settings, paths = square_export
+def server(small_model, small_export, tmp_path_factory):
+    settings, paths = small_export
     repo = tmp_path_factory.mktemp("isolation_repo")
     write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=QUEUE_DELAY_US))
     traces = torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("traces"), device="cpu")
@@ -108,19 +108,25 @@ def _error(result) -> str:
 
 # --- inputs: a few images through the NumPy preprocess and the eager rpn ----------------------------
 
-IMAGES = [textured_image(240, 400, seed=3), textured_image(300, 300, seed=4), textured_image(400, 240, seed=5)]
+# landscape images (all on the 256x320 canvas, so the rpn's and roi's batcher may join them), and a
+# portrait one for preprocess, which pads each request onto its own canvas
+IMAGES = [textured_image(240, 400, seed=3), textured_image(200, 300, seed=4), textured_image(230, 320, seed=5)]
+PORTRAIT = textured_image(400, 240, seed=6)
+CANVAS = (256, 320)
 
 
 @pytest.fixture(scope="module")
-def rpn_inputs(square_export):
-    """Preprocessed (images, image_sizes) of each of IMAGES."""
-    settings, _ = square_export
-    return [NUMPY.preprocess_batch([im], settings)[:2] for im in IMAGES]
+def rpn_inputs(small_export):
+    """Preprocessed (images, image_sizes) of each of IMAGES, on the landscape canvas."""
+    settings, _ = small_export
+    out = [NUMPY.preprocess_batch([im], settings)[:2] for im in IMAGES]
+    assert all(x.shape[-2:] == CANVAS for x, _ in out)
+    return out
 
 
 @pytest.fixture(scope="module")
-def rpn_eager(small_model, square_export):
-    settings, _ = square_export
+def rpn_eager(small_model, small_export):
+    settings, _ = small_export
     net = RpnNetwork(small_model, settings).eval()
 
     def run(images, sizes):
@@ -136,16 +142,26 @@ def _cat(*arrays):
 
 # --- the steps ----------------------------------------------------------------------------------
 
-def test_preprocess(client, square_export):
-    settings, _ = square_export
-    request = lambda *items: {names.IMAGE_BYTES: np.array([[b] for b in items], dtype=np.object_)}  # noqa: E731
-    results = _together(client, names.PREPROCESS, [request(encode(IMAGES[0])), request(b"GIF89a broken"),
-                                                    request(encode(IMAGES[1]), encode(IMAGES[2]))], batch=4)
+def _bytes(data: bytes) -> dict:
+    """An encoded-image request: the N bytes as ``[1, N]`` uint8."""
+    return {names.IMAGE_BYTES: np.frombuffer(data, np.uint8)[None]}
+
+
+def test_preprocess(client, small_export):
+    """Encodings of different lengths (and images on different canvases) share one execute
+    (allow_ragged_batch); each good request gets its own canvas."""
+    settings, _ = small_export
+    requests = [_bytes(encode(IMAGES[0])), _bytes(b"GIF89a broken"), _bytes(encode(PORTRAIT)),
+                _bytes(encode(IMAGES[1]))]
+    results = _together(client, names.PREPROCESS, requests, batch=4)
     assert "bad input image: not a decodable image" in _error(results[1])
     outs = (names.IMAGES, names.IMAGE_SIZES, names.ORIGINAL_SIZES)
-    for result, own in ((results[0], IMAGES[:1]), (results[2], IMAGES[1:])):
-        for got, want in zip(_values(result, *outs), NUMPY.preprocess_batch(own, settings)):
-            np.testing.assert_array_equal(got, want)
+    for result, own, canvas in ((results[0], IMAGES[0], CANVAS), (results[2], PORTRAIT, (320, 256)),
+                                (results[3], IMAGES[1], CANVAS)):
+        got = _values(result, *outs)
+        assert got[0].shape == (1, 3, *canvas)
+        for g, want in zip(got, NUMPY.preprocess_batch([own], settings)):
+            np.testing.assert_array_equal(g, want)
 
 
 def _assert_rpn_outputs(got, want, what):
@@ -167,14 +183,18 @@ def _assert_rpn_outputs(got, want, what):
 def test_rpn(client, rpn_inputs, rpn_eager, model):
     (x0, s0), (x1, s1), (x2, s2) = rpn_inputs
     good = [{names.IMAGES: x0, names.IMAGE_SIZES: s0}, {names.IMAGES: _cat(x1, x2), names.IMAGE_SIZES: _cat(s1, s2)}]
-    bad = {names.IMAGES: x0, names.IMAGE_SIZES: np.array([[400, 200]], np.float32)}  # taller than the canvas
+    bad = {names.IMAGES: x0, names.IMAGE_SIZES: np.array([[300, 200]], np.float32)}  # taller than the canvas
     results = _together(client, model, [good[0], bad, good[1]], batch=4)
-    assert _error(results[1]).startswith("image_sizes[0] = (400, 200): expected a resized (height, width) "
-                                         "within the 320x320 canvas")
+    assert _error(results[1]).startswith("image_sizes[0] = (300, 200): expected a resized (height, width) "
+                                         "within the 256x320 canvas")
     outs = (names.PROPOSALS, *names.FEATURES)
     for result, inputs in ((results[0], good[0]), (results[2], good[1])):
         want = rpn_eager(inputs[names.IMAGES], inputs[names.IMAGE_SIZES])
         _assert_rpn_outputs(_values(result, *outs), want, model)
+    # images on a size that is none of the canvases: no TensorRT profile or trace serves it
+    odd = {names.IMAGES: np.zeros((1, 3, 288, 288), np.float32), names.IMAGE_SIZES: np.array([[288, 288]], np.float32)}
+    assert _error(_infer(client, model, odd)) == ("images: a 288x288 canvas (height x width); expected one of the "
+                                                 "canvases 256x256,256x320,320x256")
 
 
 def _roi_request(rpn_out, sizes):
@@ -188,11 +208,15 @@ def roi_requests(rpn_inputs, rpn_eager):
     return [_roi_request(rpn_eager(x0, s0), s0), _roi_request(rpn_eager(_cat(x1, x2), _cat(s1, s2)), _cat(s1, s2))]
 
 
-def test_roi(client, square_export, roi_requests):
-    settings, _ = square_export
+def test_roi(client, small_export, roi_requests):
+    settings, _ = small_export
     bad = dict(roi_requests[0], **{names.IMAGE_SIZES: np.array([[0, 200]], np.float32)})
     results = _together(client, names.ROI, [roi_requests[0], bad, roi_requests[1]], batch=4)
     assert _error(results[1]).startswith("image_sizes[0] = (0, 200): expected a resized (height, width)")
+    p3 = names.FEATURES[1]
+    wrong = dict(roi_requests[0], **{p3: np.ascontiguousarray(roi_requests[0][p3][:, :16])})  # P3 of 128 rows
+    assert _error(_infer(client, names.ROI, wrong)) == (f"{p3}: expected a 32x40 map (the 256x320 canvas / 8), "
+                                                       "got 16x40")
     for result, r in ((results[0], roi_requests[0]), (results[2], roi_requests[1])):
         want = NUMPY.roi_step(r[names.PROPOSALS], [r[n] for n in names.FEATURES], r[names.IMAGE_SIZES], settings)
         rois, feats, counts = _values(result, names.ROIS, names.ROI_FEATURES, names.NUM_ROIS)
@@ -203,9 +227,9 @@ def test_roi(client, square_export, roi_requests):
 
 
 @pytest.fixture(scope="module")
-def header_requests(square_export, roi_requests):
+def header_requests(small_export, roi_requests):
     """A few of the RoIs of each roi request (with their features), as header requests."""
-    settings, _ = square_export
+    settings, _ = small_export
     out = []
     for r, n in zip(roi_requests, (40, 25)):
         b = NUMPY.roi_step(r[names.PROPOSALS], [r[f] for f in names.FEATURES], r[names.IMAGE_SIZES], settings)
@@ -238,11 +262,11 @@ def test_header(client, header_requests, header_eager, model):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=model)
 
 
-def test_postprocess(client, square_export, header_requests, header_eager):
-    settings, _ = square_export
+def test_postprocess(client, small_export, header_requests, header_eager):
+    settings, _ = small_export
     requests = []
-    for r, sizes, originals in zip(header_requests, ([[240, 400]], [[300, 300], [320, 192]]),
-                                   ([[240, 400]], [[300, 300], [400, 240]])):
+    for r, sizes, originals in zip(header_requests, ([[192, 320]], [[213, 320], [230, 320]]),
+                                   ([[240, 400]], [[200, 300], [230, 320]])):
         scores, boxes = header_eager(r)
         n = scores.shape[0]
         counts = [n] if len(sizes) == 1 else [n - 10, 10]

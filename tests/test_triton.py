@@ -1,6 +1,12 @@
-"""End to end against a real tritonserver (the nvidia-pytriton wheel's) started by a fixture."""
+"""End to end against a real tritonserver (the nvidia-pytriton wheel's) started by a fixture.
+
+The repository is the small test model's with its default canvases (256x256, 256x320, 320x256:
+the "auto" logic that gives the five canvases at 800/1333), so images of every orientation and
+shape are served, each request on the smallest canvas that holds it.
+"""
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
@@ -27,8 +33,8 @@ def _ports():
 
 
 @pytest.fixture(scope="module")
-def server(square_export, tmp_path_factory):
-    settings, paths = square_export
+def server(small_export, tmp_path_factory):
+    settings, paths = small_export
     repo = tmp_path_factory.mktemp("triton_repo")
     # a long queue delay so concurrent requests are batched
     write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=200_000))
@@ -46,13 +52,36 @@ def client(server):
     return detect.connect(server.grpc_url)
 
 
+# a 24-megapixel portrait photo (6000 x 4000) as JPEG: as PNG, 24 megapixels of texture would be tens of MB
+LARGE_JPEG = encode(np.repeat(np.repeat(textured_image(600, 400, seed=9), 10, axis=0), 10, axis=1), "JPEG",
+                    quality=90)
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    """The pixels the server decodes (Pillow), which torchvision's reference runs on."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 IMAGES = {
-    "astronaut": skimage.data.astronaut(),
-    "coffee": skimage.data.coffee(),
+    "astronaut": skimage.data.astronaut(),  # square
+    "coffee": skimage.data.coffee(),  # landscape
     "portrait": textured_image(400, 240, seed=1),
     "tiny": textured_image(12, 20, seed=2),
     "landscape": textured_image(240, 400, seed=3),
+    "square": textured_image(300, 300, seed=4),
+    "1:16": textured_image(40, 640, seed=5),
+    "16:1": textured_image(640, 40, seed=6),
+    "20x20": textured_image(20, 20, seed=7),
+    "one row": textured_image(1, 16, seed=7),  # 1xN: resizes to 20 x 320
+    "large": _decoded(LARGE_JPEG),
 }
+
+
+def _payload(name: str) -> bytes:
+    """The request's bytes: PNG (lossless, so torchvision sees the same pixels), the large one its JPEG."""
+    return LARGE_JPEG if name == "large" else encode(IMAGES[name])
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +99,10 @@ def test_model_metadata_is_what_the_client_expects(client):
     assert len(detect.class_names(config)) == 91
 
 
-@pytest.mark.parametrize("name", ["astronaut", "portrait", "tiny"])
+@pytest.mark.parametrize("name", list(IMAGES))
 def test_single_request_matches_torchvision(client, reference, name):
-    res = detect.infer_many(client, [encode(IMAGES[name])])[0]
+    """Square, landscape, portrait, 1:16, 16:1, tiny, one row and 24 megapixels, each alone."""
+    res = detect.infer_many(client, [_payload(name)])[0]
     assert not isinstance(res, Exception), res
     assert_parity(reference[name], _detections(res), f"gRPC {name}")
     assert res.as_numpy(names.DETECTION_BOXES).shape == (1, 100, 4)
@@ -83,28 +113,60 @@ def _batch_counts(client, model):
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
 
 
-def test_concurrent_mixed_sizes_match_torchvision_and_batch(client, reference):
-    before = _batch_counts(client, names.RPN)
-    order = ["astronaut", "coffee", "portrait", "tiny", "landscape", "coffee", "tiny", "astronaut"]
-    results = detect.infer_many(client, [encode(IMAGES[n], "PNG") for n in order], concurrency=len(order))
+def _grown(client, model, before):
+    after = _batch_counts(client, model)
+    return {b: after.get(b, 0) - before.get(b, 0) for b in after if after.get(b, 0) > before.get(b, 0)}
+
+
+def test_concurrent_mixed_shapes_match_torchvision(client, reference):
+    """Every orientation and shape at once: each request on its own canvas, each image torchvision's
+    detections (the rpn's batcher joins only requests on one canvas)."""
+    order = ["astronaut", "portrait", "1:16", "tiny", "landscape", "16:1", "large", "square", "20x20", "one row",
+             "coffee", "portrait"]
+    results = detect.infer_many(client, [_payload(n) for n in order], concurrency=len(order))
     for name, res in zip(order, results):
         assert not isinstance(res, Exception), res
         assert_parity(reference[name], _detections(res), f"concurrent {name}")
-    after = _batch_counts(client, names.RPN)
-    grown = {b: after.get(b, 0) - before.get(b, 0) for b in after}
-    assert any(b > 1 and n > 0 for b, n in grown.items()), f"rpn never ran a batch larger than 1: {grown}"
     header = _batch_counts(client, names.HEADER)
     assert max(header) > 1000 // 2, f"header batches (RoIs) too small: {header}"
 
 
-def test_one_request_with_several_images(client, reference):
-    inp = tritonclient.InferInput(names.IMAGE_BYTES, [2, 1], "BYTES")
-    inp.set_data_from_numpy(np.array([[encode(IMAGES["tiny"])], [encode(IMAGES["coffee"])]], dtype=np.object_))
-    res = client.infer(names.ENSEMBLE, [inp])
+@pytest.mark.parametrize("orientation", ["landscape", "portrait"])
+def test_same_orientation_traffic_batches(client, reference, orientation):
+    """Concurrent requests on one canvas: the rpn runs batches larger than 1 (Triton's statistics)."""
+    order = ["coffee", "landscape", "tiny", "1:16"] if orientation == "landscape" else ["portrait", "16:1"] * 2
+    before = _batch_counts(client, names.RPN)
+    results = detect.infer_many(client, [_payload(n) for n in order], concurrency=len(order))
+    for name, res in zip(order, results):
+        assert not isinstance(res, Exception), res
+        assert_parity(reference[name], _detections(res), f"{orientation} traffic {name}")
+    grown = _grown(client, names.RPN, before)
+    assert any(b > 1 for b in grown), f"rpn never ran a batch larger than 1: {grown}"
+
+
+def test_one_request_carries_one_encoded_image(client):
+    """Encoded images of several lengths can't be one rectangular tensor: [2, N] is refused with
+    that reason, and the server keeps serving."""
+    data = np.frombuffer(_payload("tiny"), np.uint8)
+    inp = tritonclient.InferInput(names.IMAGE_BYTES, [2, data.size], "UINT8")
+    inp.set_data_from_numpy(np.stack([data, data]))
+    with pytest.raises(InferenceServerException, match=r"one encoded image per request \(\[1, N\] uint8\), got 2 "
+                                                       r"rows: send each image as its own request"):
+        client.infer(names.ENSEMBLE, [inp])
+    assert client.is_server_ready()
+
+
+def test_one_raw_request_with_several_images(client, reference, small_model):
+    """Decoded images of one size are one tensor: a request of two gets both images' detections."""
+    second = textured_image(400, 240, seed=21)
+    pair = np.stack([IMAGES["portrait"], second])
+    inp = tritonclient.InferInput(names.IMAGE_RAW, list(pair.shape), "UINT8")
+    inp.set_data_from_numpy(pair)
+    res = client.infer(names.ENSEMBLE_RAW, [inp])
     boxes, scores = res.as_numpy(names.DETECTION_BOXES), res.as_numpy(names.DETECTION_SCORES)
     labels, num = res.as_numpy(names.DETECTION_LABELS), res.as_numpy(names.NUM_DETECTIONS)
-    for i, name in enumerate(("tiny", "coffee")):
-        assert_parity(reference[name], from_packed(boxes[i], scores[i], labels[i], num[i]), f"batched request {name}")
+    for i, ref in enumerate((reference["portrait"], torchvision_detect(small_model, second))):
+        assert_parity(ref, from_packed(boxes[i], scores[i], labels[i], num[i]), f"raw request of two, image {i}")
 
 
 def test_raw_uint8_entry_point(client, reference):
@@ -133,7 +195,8 @@ def _bad_payloads():
         "corrupt jpeg": (bytes(corrupt), "bad input image"),
         "random bytes": (np.random.default_rng(0).bytes(5000), "not a decodable image"),
         "empty": (b"", "empty input"),
-        "1x1 image": (encode(np.zeros((1, 1, 3), np.uint8)), "smaller than the minimum side"),
+        # torchvision's resize leaves it no row (and fails on it too)
+        "line of 1x400": (encode(np.zeros((1, 400, 3), np.uint8)), "resizes to 0x320"),
         "decompression bomb": (_png_header(20000, 20000), "exceeds the limit"),
     }
 
@@ -148,8 +211,8 @@ def test_bad_image_gets_its_own_clear_error(client, case):
 
 def test_bad_requests_beside_good_ones_in_one_batch(client, server, reference):
     bad = _bad_payloads()
-    payloads = [encode(IMAGES["tiny"]), bad["truncated jpeg"][0], encode(IMAGES["portrait"]), bad["empty"][0],
-                bad["random bytes"][0], encode(IMAGES["tiny"])]
+    payloads = [_payload("tiny"), bad["truncated jpeg"][0], _payload("portrait"), bad["empty"][0],
+                bad["random bytes"][0], _payload("tiny")]
     results = detect.infer_many(client, payloads, concurrency=len(payloads))
     for i in (0, 2, 5):
         assert not isinstance(results[i], Exception), results[i]
@@ -161,20 +224,20 @@ def test_bad_requests_beside_good_ones_in_one_batch(client, server, reference):
 
 
 def test_wrong_dtype_and_shape_are_rejected(client):
-    inp = tritonclient.InferInput(names.IMAGE_BYTES, [1, 1], "FP32")
-    inp.set_data_from_numpy(np.zeros((1, 1), np.float32))
-    with pytest.raises(InferenceServerException, match="(?i)data-type|datatype|expected.*BYTES"):
+    inp = tritonclient.InferInput(names.IMAGE_BYTES, [1, 4], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 4), np.float32))
+    with pytest.raises(InferenceServerException, match="(?i)data-type|datatype|expected.*UINT8"):
         client.infer(names.ENSEMBLE, [inp])
-    inp = tritonclient.InferInput(names.IMAGE_BYTES, [1, 2], "BYTES")
-    inp.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=np.object_))
+    inp = tritonclient.InferInput(names.IMAGE_BYTES, [1, 2, 2], "UINT8")
+    inp.set_data_from_numpy(np.zeros((1, 2, 2), np.uint8))
     with pytest.raises(InferenceServerException, match="(?i)shape"):
         client.infer(names.ENSEMBLE, [inp])
     raw = tritonclient.InferInput(names.IMAGE_RAW, [1, 8, 8, 4], "UINT8")
     raw.set_data_from_numpy(np.zeros((1, 8, 8, 4), np.uint8))
     with pytest.raises(InferenceServerException, match="(?i)shape"):
         client.infer(names.ENSEMBLE_RAW, [raw])
-    too_many = tritonclient.InferInput(names.IMAGE_BYTES, [MAX_BATCH + 1, 1], "BYTES")
-    too_many.set_data_from_numpy(np.array([[b"x"]] * (MAX_BATCH + 1), dtype=np.object_))
+    too_many = tritonclient.InferInput(names.IMAGE_BYTES, [MAX_BATCH + 1, 4], "UINT8")
+    too_many.set_data_from_numpy(np.zeros((MAX_BATCH + 1, 4), np.uint8))
     with pytest.raises(InferenceServerException, match="(?i)batch"):
         client.infer(names.ENSEMBLE, [too_many])
     assert client.is_server_ready()
@@ -183,7 +246,7 @@ def test_wrong_dtype_and_shape_are_rejected(client):
 def test_client_cli_json_and_draw(server, tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    (folder / "a.png").write_bytes(encode(IMAGES["tiny"]))
+    (folder / "a.png").write_bytes(_payload("tiny"))
     (folder / "b.jpg").write_bytes(encode(IMAGES["coffee"], "JPEG"))
     code = detect.main([str(folder), "--url", server.grpc_url, "--concurrency", "2", "--draw", str(tmp_path / "out"),
                         "--json"])

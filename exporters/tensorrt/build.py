@@ -18,7 +18,7 @@ from python_backend.settings import DetectorSettings
 from .cache import plan_deserializes, read_timing_cache, timing_cache_file, write_timing_cache
 from .gpus import GpuInfo, PlanTarget, cuda_device_count, use_device
 from .precision import LayerInfo, select_fp32_layers
-from .profiles import Profile, check_profile, optimization_profiles
+from .profiles import Profile, check_profiles, optimization_profiles
 from .progress import BuildProgress, progress_monitor
 
 log = logging.getLogger(__name__)
@@ -229,12 +229,12 @@ def _timing_cache(trt, config, path: str | Path | None, printer: Callable[[str],
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
 
-def build_engine(onnx_path: str | Path, plan_path: str | Path, profile: Profile, precision: str = "fp32",
+def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequence[Profile], precision: str = "fp32",
                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, timing_cache_path: str | Path | None = None,
                  verbose: bool = False, printer: Callable[[str], None] = print,
                  device_index: int | None = None) -> Path:
-    """Parse ``onnx_path``, build one engine with ``profile`` on CUDA device ``device_index``
-    (None: the current device) and write it to ``plan_path``.
+    """Parse ``onnx_path``, build one engine with ``profiles`` (optimization profiles 0, 1, ... in
+    that order) on CUDA device ``device_index`` (None: the current device) and write it to ``plan_path``.
 
     precision: ``fp32`` (TF32 off: the ONNX Runtime reference's numbers), ``tf32`` (TensorRT's
     default), ``fp16`` (FP16 with :func:`fp32_layer_names` pinned to fp32 and
@@ -256,14 +256,16 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profile: Profile,
             raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path}:\n  "
                                    + "\n  ".join(parser_errors(parser)))
         inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-        if inputs != set(profile):
-            raise EngineBuildError(f"profile inputs {sorted(profile)} do not match the network inputs {sorted(inputs)}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-        opt_profile = builder.create_optimization_profile()
-        for name, (lo, opt, hi) in profile.items():
-            opt_profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(opt_profile)
+        for profile in profiles:
+            if inputs != set(profile):
+                raise EngineBuildError(f"profile inputs {sorted(profile)} do not match the network inputs "
+                                       f"{sorted(inputs)}")
+            opt_profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in profile.items():
+                opt_profile.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(opt_profile)
         if precision == "fp32":
             config.clear_flag(trt.BuilderFlag.TF32)
         elif precision == "fp16":
@@ -309,10 +311,10 @@ def build_plans(onnx_paths: Mapping[str, Path], out_dir: str | Path, settings: D
 
     out_dir = Path(out_dir)
     plans = {}
-    for name, profile in profiles.items():
-        check_profile(profile, onnx.load(str(onnx_paths[name]), load_external_data=False))
-        plans[name] = build_engine(onnx_paths[name], out_dir / f"{name}.plan", profile, precision, workspace_bytes,
-                                   timing_cache_path, verbose, printer, device_index)
+    for name, model_profiles in profiles.items():
+        check_profiles(model_profiles, onnx.load(str(onnx_paths[name]), load_external_data=False))
+        plans[name] = build_engine(onnx_paths[name], out_dir / f"{name}.plan", model_profiles, precision,
+                                   workspace_bytes, timing_cache_path, verbose, printer, device_index)
     return plans
 
 

@@ -17,9 +17,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from python_backend import names
-from python_backend.settings import DetectorSettings
+from python_backend.settings import DetectorSettings, parse_canvases
 
 from ..repository import RepositoryOptions
+from ..specs import CANVASES_KEY
 from .build import DEFAULT_WORKSPACE_BYTES, PRECISIONS, EngineBuildError, TensorRTUnavailable, build_plans
 from .profiles import Shape, onnx_input_dims
 from .run import run_engine
@@ -125,21 +126,24 @@ def proposal_mismatches(engine: np.ndarray, reference: np.ndarray, atol, rtol: f
 # ----------------------------------------------------------------------------------------------
 
 def settings_from_onnx(rpn_model, header_model, rpn_post_nms_top_n: int) -> DetectorSettings:
-    """The settings the profiles need, read from the exported ONNX (canvas, RoI size, classes).
+    """The settings the profiles need, read from the exported ONNX (canvases, RoI size, classes).
     Only the profile fields are meaningful; use the exporter's settings where you have them."""
-    rpn_dims = onnx_input_dims(rpn_model)[names.IMAGES]
+    meta = {p.key: p.value for p in rpn_model.metadata_props}
+    if CANVASES_KEY not in meta:
+        raise ValueError(f"the rpn ONNX has no {CANVASES_KEY!r} metadata: export it again with exporters.onnx_export")
     roi_dims = onnx_input_dims(header_model)[names.ROI_FEATURES]
     scores = next(o for o in header_model.graph.output if o.name == names.CLASS_SCORES)
     num_classes = scores.type.tensor_type.shape.dim[1].dim_value
-    return DetectorSettings(num_classes=int(num_classes), canvas_height=int(rpn_dims[2]), canvas_width=int(rpn_dims[3]),
+    return DetectorSettings(num_classes=int(num_classes), canvases=parse_canvases(meta[CANVASES_KEY]),
                             roi_output_size=int(roi_dims[2]), rpn_post_nms_top_n=int(rpn_post_nms_top_n))
 
 
-def random_inputs(settings: DetectorSettings, batch: int = 2, rois: int = 300, seed: int = 0) -> dict[str, dict]:
-    """Plausible inputs for the numeric check: normalized noise images at full canvas size and
-    RoIs inside the canvas."""
+def random_inputs(settings: DetectorSettings, batch: int = 2, rois: int = 300, seed: int = 0,
+                  canvas: tuple[int, int] | None = None) -> dict[str, dict]:
+    """Plausible inputs for the numeric check: normalized noise images filling ``canvas`` (default:
+    the largest of the settings' canvases) and RoIs inside it."""
     rng = np.random.default_rng(seed)
-    h, w = settings.canvas
+    h, w = canvas or settings.largest_canvas
     s = settings.roi_output_size
     margin, min_side, max_side = 32, 8, 256  # RoI corners inside the canvas, sides in pixels
     xy = rng.uniform(0, [w - margin, h - margin], size=(rois, 2))
@@ -186,9 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             int(args.workspace_gib * 2**30), args.timing_cache, args.header_opt_rois, args.verbose,
                             device_index=args.device)
         if args.check:
-            for name, inputs in random_inputs(settings).items():
+            # the header once, the rpn on every canvas (one optimization profile each)
+            checks = [(names.HEADER, random_inputs(settings)[names.HEADER], "")]
+            checks += [(names.RPN, random_inputs(settings, canvas=c)[names.RPN], f" ({c[0]}x{c[1]})")
+                       for c in settings.canvases]
+            for name, inputs, where in checks:
                 for out, d in compare_with_onnxruntime(plans[name], paths[name], inputs, args.device).items():
-                    print(f"{name}/{out}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}")
+                    print(f"{name}{where}/{out}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}")
     except (TensorRTUnavailable, EngineBuildError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Optimization profiles of the rpn and header engines (pure: no TensorRT import)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from python_backend import names
 from python_backend.settings import DetectorSettings
@@ -13,16 +13,21 @@ Profile = dict[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max)
 
 
 def optimization_profiles(settings: DetectorSettings, max_batch_size: int,
-                          header_opt_rois: int | None = None) -> dict[str, Profile]:
-    """``{model: {input: (min, opt, max)}}`` for the rpn and header engines.
+                          header_opt_rois: int | None = None) -> dict[str, list[Profile]]:
+    """``{model: [profile, ...]}`` for the rpn and header engines, each profile ``{input: (min, opt, max)}``.
 
-    rpn: the batch B of images runs 1..``max_batch_size`` on the fixed canvas.
-    header: the RoI count R runs 1..``max_batch_size * rpn_post_nms_top_n``, the same limit as
-    the header's Triton ``max_batch_size`` (:func:`exporters.specs.max_rois`), because the
+    rpn: one profile per canvas, in ``settings.canvases`` order: height and width fixed at the
+    canvas (min = opt = max), the batch B of images 1..``max_batch_size``.  Triton's TensorRT
+    backend runs each batch with the profile whose ranges hold its shapes (the closest to opt
+    among those: ``GetMostOptimizedProfile`` in triton-inference-server/tensorrt_backend
+    src/instance_state.cc); one canvas per profile means every batch has exactly one, tuned for
+    that canvas.
+    header: one profile, the RoI count R 1..``max_batch_size * rpn_post_nms_top_n``, the same limit
+    as the header's Triton ``max_batch_size`` (:func:`exporters.specs.max_rois`), because the
     header's dynamic batcher hands several images' RoIs over in one call.
 
-    Why opt = max for both: TensorRT runs every shape in [min, max] correctly and only tunes
-    its tactics for opt.  The shapes where speed matters are the ones under load, where Triton's
+    Why opt = max batch: TensorRT runs every shape in [min, max] correctly and only tunes its
+    tactics for opt.  The shapes where speed matters are the ones under load, where Triton's
     dynamic batcher fills batches (rpn: max_batch_size images; header: their RoIs).  At low load
     a lone image is latency bound by the rpn, and the header's GEMMs (M = R) keep near-optimal
     tactics over a wide range of M.  ``header_opt_rois`` overrides the header's opt (for example
@@ -44,9 +49,21 @@ def optimization_profiles(settings: DetectorSettings, max_batch_size: int,
     inputs = {model: {t["name"]: t["dims"] for t in tensor_specs(settings)[model][0]}
               for model in (names.RPN, names.HEADER)}
     return {
-        names.RPN: {n: batch_axis(1, b, b, d) for n, d in inputs[names.RPN].items()},
-        names.HEADER: {n: batch_axis(1, r_opt, r_max, d) for n, d in inputs[names.HEADER].items()},
+        names.RPN: [{n: batch_axis(1, b, b, _at_canvas(d, canvas)) for n, d in inputs[names.RPN].items()}
+                    for canvas in settings.canvases],
+        names.HEADER: [{n: batch_axis(1, r_opt, r_max, d) for n, d in inputs[names.HEADER].items()}],
     }
+
+
+def _at_canvas(dims: Sequence[int], canvas: tuple[int, int]) -> list[int]:
+    """Per-item dims with their dynamic height and width (the -1s, in that order) set to ``canvas``."""
+    free = [axis for axis, d in enumerate(dims) if d == -1]
+    if free and len(free) != 2:
+        raise ValueError(f"expected dims with a dynamic height and width or none, got {list(dims)}")
+    out = [int(d) for d in dims]
+    for axis, size in zip(free, canvas):
+        out[axis] = int(size)
+    return out
 
 
 def onnx_input_dims(onnx_model) -> dict[str, list[int | str]]:
@@ -79,7 +96,28 @@ def check_profile(profile: Profile, onnx_model) -> None:
                 raise ValueError(f"profile of {name!r} axis {axis}: expected 1 <= min <= opt <= max, got {a}, {b}, {c}")
 
 
-def shapes_string(profile: Profile, which: int) -> str:
-    """``"images:1x3x800x1344,image_sizes:1x2"`` for min (0), opt (1) or max (2): the format of
-    ONNX Runtime's TensorRT EP ``trt_profile_*_shapes`` options."""
-    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items())
+def check_profiles(profiles: Sequence[Profile], onnx_model) -> None:
+    """:func:`check_profile` for each of an engine's profiles (at least one)."""
+    if not profiles:
+        raise ValueError("expected at least one optimization profile, got none")
+    for profile in profiles:
+        check_profile(profile, onnx_model)
+
+
+def profile_for(profiles: Sequence[Profile], shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """Index of the first profile whose [min, max] holds every input's shape in ``shapes``
+    ({input: shape}), or None: the profile an engine runs such a batch with."""
+    for index, profile in enumerate(profiles):
+        if all(len(shapes[n]) == len(lo) and all(a <= s <= c for a, s, c in zip(lo, shapes[n], hi))
+               for n, (lo, _, hi) in profile.items()):
+            return index
+    return None
+
+
+def shapes_string(profiles: Sequence[Profile], which: int) -> str:
+    """``"images:1x3x800x800,image_sizes:1x2,images:1x3x800x1088,..."`` for min (0), opt (1) or
+    max (2): the format of ONNX Runtime's TensorRT EP ``trt_profile_*_shapes`` options, which
+    reads an input named again as the next profile's (tensorrt_execution_provider.cc in
+    microsoft/onnxruntime, onnxruntime/core/providers/tensorrt)."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}"
+                    for profile in profiles for name, shapes in profile.items())

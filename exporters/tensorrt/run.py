@@ -8,6 +8,7 @@ import numpy as np
 
 from .build import EngineBuildError, TensorRTUnavailable, require_tensorrt
 from .gpus import use_device
+from .profiles import profile_for
 
 
 class _TorchDevice:
@@ -86,8 +87,8 @@ def _device_arrays(device_index: int):
 
 
 def run_engine(plan_path: str | Path, inputs: Mapping[str, np.ndarray], device_index: int = 0) -> dict[str, np.ndarray]:
-    """Run a serialized engine once on host ``inputs`` on CUDA device ``device_index``; returns
-    every output on the host."""
+    """Run a serialized engine once on host ``inputs`` on CUDA device ``device_index``, with the first
+    optimization profile that holds their shapes; returns every output on the host."""
     trt = require_tensorrt()
     dev = _device_arrays(device_index)
     # torch and CuPy make the device's primary context current for their own calls; TensorRT's
@@ -103,13 +104,21 @@ def run_engine(plan_path: str | Path, inputs: Mapping[str, np.ndarray], device_i
         input_names = [n for n in io_names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         if set(input_names) != set(inputs):
             raise ValueError(f"engine {plan_path} takes inputs {sorted(input_names)}, got {sorted(inputs)}")
+        profiles = [{n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, i)) for n in input_names}
+                    for i in range(engine.num_optimization_profiles)]
+        index = profile_for(profiles, {n: np.shape(inputs[n]) for n in input_names})
+        if index is None:
+            raise ValueError(f"input shapes {({n: np.shape(inputs[n]) for n in input_names})} are outside every "
+                             f"profile of the engine (min, opt, max): {profiles}")
+        if not context.set_optimization_profile_async(index, dev.handle()):
+            raise EngineBuildError(f"cannot select optimization profile {index} of {plan_path}")
         buffers = {}
         for name in input_names:
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
             host = np.asarray(inputs[name], dtype=dtype)
             if not context.set_input_shape(name, host.shape):
-                raise ValueError(f"input {name!r} shape {host.shape} is outside the engine's profile "
-                                 f"{engine.get_tensor_profile_shape(name, 0)}")
+                raise ValueError(f"input {name!r} shape {host.shape} is outside the engine's profile {index} "
+                                 f"{profiles[index][name]}")
             buffers[name] = dev.to_device(host)
             context.set_tensor_address(name, dev.ptr(buffers[name]))
         outputs = [n for n in io_names if n not in input_names]

@@ -14,7 +14,7 @@ import functools
 import cupy as cp
 import numpy as np
 
-from ..reference.image import _linear_taps, batch_sizes
+from ..reference.image import _linear_taps, batch_canvas, batch_sizes
 from ..settings import DetectorSettings
 from ._modules import EXACT, blocks, kernel, THREADS
 
@@ -36,16 +36,18 @@ def _mean_std(device: int, mean: tuple[float, ...], std: tuple[float, ...]) -> c
         return cp.asarray(np.asarray(tuple(mean) + tuple(std), dtype=np.float32))
 
 
-def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
+def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings,
+                     canvas: tuple[int, int] | None = None):
     """Decoded ``[H, W, 3]`` uint8 images -> canvas batch on the device.
 
-    Returns CuPy ``images [B, 3, H, W]`` float32 zero-padded onto the canvas, ``image_sizes [B, 2]``
-    (resized h, w) and ``original_sizes [B, 2]`` float32.  Raises
+    ``canvas``: as in the NumPy path (None: the smallest of the settings' canvases that holds
+    every image).  Returns CuPy ``images [B, 3, H, W]`` float32 zero-padded onto it,
+    ``image_sizes [B, 2]`` (resized h, w) and ``original_sizes [B, 2]`` float32.  Raises
     :class:`~python_backend.reference.image.BadImageError` as the NumPy path does (every image is
     checked before any work is queued).
     """
     sizes, originals = batch_sizes(images, settings)
-    ch, cw = settings.canvas
+    ch, cw = batch_canvas(sizes, originals, settings, canvas)
     device = cp.cuda.Device().id
     mean_std = _mean_std(device, tuple(settings.image_mean), tuple(settings.image_std))
     resize = kernel("image", "resize_normalize_pad", EXACT)

@@ -10,7 +10,7 @@ from . import ops
 
 def warm_up_roi_step(settings: DetectorSettings, max_batch: int) -> None:
     """One roi step (:func:`python_backend.steps.roi_step` on the CuPy ops) on a full batch of
-    ``max_batch`` canvas-sized images, at load.
+    ``max_batch`` images on the largest canvas (by area), at load.
 
     It compiles and loads every kernel before the first request, and leaves CuPy's memory pool
     holding the blocks of the largest batch.  Every buffer of the step is sized by the batch
@@ -24,7 +24,9 @@ def warm_up_roi_step(settings: DetectorSettings, max_batch: int) -> None:
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive, got {max_batch}")
-    h, w = settings.canvas
+    # the feature maps of the largest canvas: a batch on any other canvas reads smaller inputs
+    # (the RoI buffers do not depend on the canvas)
+    h, w = settings.largest_canvas
     proposals = cp.zeros((max_batch, settings.num_proposals, 6), dtype=cp.float32)
     proposals[..., 5] = -1
     features = [cp.zeros((max_batch, level_grid(h, s), level_grid(w, s), settings.fpn_channels), dtype=cp.float32)

@@ -5,7 +5,7 @@ import io
 
 import numpy as np
 
-from ..settings import DetectorSettings, padded_extent
+from ..settings import DetectorSettings, format_canvases, padded_extent
 
 
 class BadImageError(ValueError):
@@ -99,16 +99,19 @@ def transform_image(image: np.ndarray, settings: DetectorSettings) -> np.ndarray
     return resize_bilinear(x, out_h, out_w)
 
 
-def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
-    """Decoded images -> canvas batch.
+def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings,
+                     canvas: tuple[int, int] | None = None):
+    """Decoded images -> one canvas batch.
 
-    Returns ``images [B, 3, H, W]`` float32 zero-padded onto the canvas, ``image_sizes [B, 2]``
-    (resized h, w) and ``original_sizes [B, 2]`` float32.  Raises :class:`BadImageError` for an
-    image that is not ``[H, W, 3]`` uint8 within the settings' size limits, or that does not fit
-    the canvas once resized (every image is checked before any work).
+    ``canvas``: the (height, width) to pad onto; None: :func:`batch_canvas`, the smallest of the
+    settings' canvases that holds every image.  Returns ``images [B, 3, H, W]`` float32
+    zero-padded onto it, ``image_sizes [B, 2]`` (resized h, w) and ``original_sizes [B, 2]``
+    float32.  Raises :class:`BadImageError` for an image that is not ``[H, W, 3]`` uint8 within
+    the settings' size limits, or that the canvas does not hold once resized (every image is
+    checked before any work).
     """
     sizes, originals = batch_sizes(images, settings)
-    ch, cw = settings.canvas
+    ch, cw = batch_canvas(sizes, originals, settings, canvas)
     batch = np.zeros((len(images), 3, ch, cw), dtype=np.float32)
     for i, image in enumerate(images):
         h, w = (int(v) for v in sizes[i])
@@ -117,23 +120,58 @@ def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings):
 
 
 def batch_sizes(images, settings: DetectorSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Check every image of a batch (:func:`check_image_array`, :func:`check_fits_canvas`) and
-    return ``image_sizes [B, 2]`` (resized h, w) and ``original_sizes [B, 2]``, float32."""
+    """Check every image of a batch (:func:`check_image_array`, and that torchvision's resize
+    leaves it at least one row and column) and return ``image_sizes [B, 2]`` (resized h, w) and
+    ``original_sizes [B, 2]``, float32."""
     sizes = np.zeros((len(images), 2), dtype=np.float32)
     originals = np.zeros((len(images), 2), dtype=np.float32)
     for i, image in enumerate(images):
         check_image_array(image, settings.max_input_pixels, settings.min_input_side)
-        h, w = settings.resized_size(*image.shape[:2])
-        check_fits_canvas(image.shape[0], image.shape[1], h, w, settings)
+        oh, ow = image.shape[:2]
+        h, w = settings.resized_size(oh, ow)
+        if min(h, w) < 1:
+            # torchvision's F.interpolate raises "Input and output sizes should be greater than 0"
+            raise BadImageError(
+                f"image of {oh}x{ow} pixels (height x width) resizes to {h}x{w}: its long side is more than "
+                f"max_size={settings.max_size} times its short side, which torchvision's resize can't take either"
+            )
         sizes[i] = (h, w)
-        originals[i] = image.shape[:2]
+        originals[i] = (oh, ow)
     return sizes, originals
 
 
-def check_fits_canvas(orig_h: int, orig_w: int, h: int, w: int, settings: DetectorSettings) -> None:
-    ch, cw = settings.canvas
-    if padded_extent(h) > ch or padded_extent(w) > cw:
+def batch_canvas(sizes: np.ndarray, originals: np.ndarray, settings: DetectorSettings,
+                 canvas: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The canvas a batch of resized ``sizes [B, 2]`` (``originals [B, 2]`` before the resize) is
+    padded onto: ``canvas`` if given, else the smallest of ``settings.canvases`` (by area, then
+    their order) that holds every image's padded extent (torchvision's batch_images: each side
+    rounded up to 32).
+
+    Raises :class:`BadImageError` naming the image (or the batch), its sizes as height x width
+    (the order ``--canvases`` takes) and the canvases."""
+    sizes = np.asarray(sizes).reshape(-1, 2).astype(int)
+    originals = np.asarray(originals).reshape(-1, 2).astype(int)
+    if not len(sizes):
+        raise BadImageError("expected at least one image, got none")
+    extents = [(padded_extent(h), padded_extent(w)) for h, w in sizes]
+    need = (max(e[0] for e in extents), max(e[1] for e in extents))
+    if canvas is None:
+        chosen = settings.canvas_for(*need)
+        if chosen is not None:
+            return chosen
+        problem = f"none of the canvases {format_canvases(settings.canvases)} holds it"
+        lone = [i for i, e in enumerate(extents) if settings.canvas_for(*e) is None]
+    else:
+        ch, cw = (int(v) for v in canvas)
+        if need[0] <= ch and need[1] <= cw:
+            return ch, cw
+        problem = f"the {ch}x{cw} canvas does not hold it"
+        lone = [i for i, (eh, ew) in enumerate(extents) if eh > ch or ew > cw]
+    if lone:
+        (oh, ow), (h, w), (eh, ew) = originals[lone[0]], sizes[lone[0]], extents[lone[0]]
         raise BadImageError(
-            f"image of {orig_w}x{orig_h} resizes to {w}x{h}, which does not fit the {cw}x{ch} canvas "
-            f"(width x height); export with a larger --canvas, e.g. {max(cw, padded_extent(w))}x{max(ch, padded_extent(h))}"
+            f"image of {oh}x{ow} pixels (height x width) resizes to {h}x{w} and pads to {eh}x{ew}: {problem}; "
+            f"export with --canvases auto (every image fits one of those) or add a canvas of at least {eh}x{ew}"
         )
+    raise BadImageError(f"the {len(sizes)} images of this request pad to {need[0]}x{need[1]} together and {problem}; "
+                        "each fits a canvas alone: send one image per request")

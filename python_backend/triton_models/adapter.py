@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from python_backend import backends, names
-from python_backend.settings import DetectorSettings
+from python_backend.settings import FPN_STRIDES, DetectorSettings, format_canvases
 from python_backend.triton_io import model_parameters, output, to_device_array, to_numpy
 
 # Triton config data types -> array dtype names (NumPy's, which CuPy and torch share after "torch.")
@@ -82,6 +82,32 @@ def split(outputs: Sequence, counts: Sequence[int]) -> list[tuple]:
     """Batch outputs (each with the batch axis first) -> one tuple of slices per request."""
     bounds = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     return [tuple(o[a:b] for o in outputs) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def request_canvas(inputs: dict, settings: DetectorSettings) -> tuple[int, int] | None:
+    """The canvas (height, width) of a batch, read from its shapes: the rpn's ``images [B, 3, H, W]``
+    or the roi step's FPN maps (P2..P5, each ``[B, H/s, W/s, C]``); None when ``inputs`` has neither.
+
+    Raises :class:`BadRequest` unless it is one of the settings' canvases (the networks are served
+    for those: a TensorRT profile or a TorchScript trace each) and the maps agree with it."""
+    if names.IMAGES in inputs:
+        canvas, what = tuple(int(d) for d in inputs[names.IMAGES].shape[-2:]), names.IMAGES
+    elif names.FEATURES[0] in inputs:
+        p2 = inputs[names.FEATURES[0]].shape
+        canvas, what = (int(p2[1]) * FPN_STRIDES[0], int(p2[2]) * FPN_STRIDES[0]), names.FEATURES[0]
+    else:
+        return None
+    if canvas not in settings.canvases:
+        raise BadRequest(f"{what}: a {canvas[0]}x{canvas[1]} canvas (height x width); expected one of the "
+                         f"canvases {format_canvases(settings.canvases)}")
+    for name, stride in zip(names.FEATURES, FPN_STRIDES):
+        if name in inputs:
+            got = tuple(int(d) for d in inputs[name].shape[1:3])
+            want = (canvas[0] // stride, canvas[1] // stride)
+            if got != want:
+                raise BadRequest(f"{name}: expected a {want[0]}x{want[1]} map (the {canvas[0]}x{canvas[1]} canvas "
+                                 f"/ {stride}), got {got[0]}x{got[1]}")
+    return canvas
 
 
 def check_image_sizes(sizes: np.ndarray, canvas: tuple[int, int]) -> None:
@@ -265,10 +291,12 @@ class StepAdapter:
         return self.arrays.to_host(array)
 
     def check_values(self, inputs: dict) -> None:
-        """Checks of the inputs' values, on a joined batch: ``image_sizes`` within the canvas,
-        ``rois`` ordered finite boxes (whichever of the two ``inputs`` holds)."""
+        """Checks of the inputs, on a joined batch: the canvas of the images or maps
+        (:func:`request_canvas`), ``image_sizes`` within it, ``rois`` ordered finite boxes
+        (whichever of these ``inputs`` holds)."""
+        canvas = request_canvas(inputs, self.settings)
         if names.IMAGE_SIZES in inputs:
-            check_image_sizes(self.to_host(inputs[names.IMAGE_SIZES]), self.settings.canvas)
+            check_image_sizes(self.to_host(inputs[names.IMAGE_SIZES]), canvas or self.settings.largest_canvas)
         if names.ROIS in inputs:
             check_boxes(names.ROIS, self.to_host(inputs[names.ROIS]))
 

@@ -1,15 +1,18 @@
-"""Triton model: decode (or take decoded) images, resize, normalize, pad onto the canvas.
+"""Triton model: decode (or take decoded) images, resize, normalize, pad onto a canvas.
 
-Serves ``preprocess`` (encoded bytes) and ``preprocess_raw`` (uint8 HWC), by the model's name.
-Each request's images are decoded and checked on their own (a bad image fails only its own
-request); the good requests' images then go through the step backend's ``preprocess_batch`` as
-one batch: NumPy on a CPU instance, CuPy on the instance's GPU (images are decoded on the CPU by
-Pillow either way; the outputs stay on the GPU).
+Serves ``preprocess`` (encoded bytes, ``[1, N]`` uint8: one image per request) and
+``preprocess_raw`` (uint8 HWC), by the model's name.  Each request's images are decoded and
+checked on their own, and the request gets the smallest of the settings' canvases that holds
+them all (a bad image, or one no canvas holds, fails only its own request).  The good requests
+then go through the step backend's ``preprocess_batch``, one call per canvas: NumPy on a CPU
+instance, CuPy on the instance's GPU (images are decoded on the CPU by Pillow either way; the
+outputs stay on the GPU).  Requests on different canvases get ``images`` of different shapes,
+and the rpn's dynamic batcher joins only equal shapes, so downstream every batch is on one canvas.
 """
 import triton_python_backend_utils as pb_utils
 
 from python_backend import names
-from python_backend.reference.image import BadImageError, check_fits_canvas
+from python_backend.reference.image import BadImageError, batch_canvas, batch_sizes
 from python_backend.triton_io import request_images
 from python_backend.triton_models.adapter import BadRequest, StepAdapter, split
 
@@ -23,17 +26,22 @@ class TritonPythonModel:
         return self.adapter.execute(requests, self._run, read=self._images)
 
     def _images(self, request):
-        """The request's decoded images, each checked to fit the canvas."""
+        """(the request's decoded images, the canvas that holds them)."""
         settings = self.adapter.settings
         try:
             images = request_images(pb_utils, request, self.raw, settings)
-            for image in images:
-                check_fits_canvas(*image.shape[:2], *settings.resized_size(*image.shape[:2]), settings)
+            canvas = batch_canvas(*batch_sizes(images, settings), settings)
         except BadImageError as e:
             raise BadRequest(f"bad input image: {e}") from None
-        return images
+        return images, canvas
 
     def _run(self, items):
-        images = [image for item in items for image in item]
-        outputs = self.adapter.backend.preprocess_batch(images, self.adapter.settings)
-        return split(outputs, [len(item) for item in items])
+        """One ``preprocess_batch`` per canvas; each request's outputs in request order."""
+        results = [None] * len(items)
+        for canvas in dict.fromkeys(canvas for _, canvas in items):
+            group = [i for i, (_, c) in enumerate(items) if c == canvas]
+            images = [image for i in group for image in items[i][0]]
+            outputs = self.adapter.backend.preprocess_batch(images, self.adapter.settings, canvas)
+            for i, own in zip(group, split(outputs, [len(items[i][0]) for i in group])):
+                results[i] = own
+        return results

@@ -6,8 +6,9 @@ A request with no RoI at all gets one zero-area filler row so that the header is
 asked for an empty batch; ``num_rois`` tells postprocess to ignore it.
 
 The requests of one ``execute`` run as one ``roi_step`` of the step backend: NumPy on a CPU
-instance, CuPy on the instance's GPU (warmed up at load for the largest batch; arrays stay on
-the GPU).
+instance, CuPy on the instance's GPU (warmed up at load for the largest batch on the largest
+canvas; arrays stay on the GPU).  The maps are on one canvas per batch (Triton's dynamic batcher
+joins only requests of equal shapes), any of the settings' canvases.
 """
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -27,9 +28,9 @@ class TritonPythonModel:
     def _run(self, items):
         a = self.adapter
         sizes = a.join(items, names.IMAGE_SIZES)
-        a.check_values({names.IMAGE_SIZES: sizes})
-        batch = a.backend.roi_step(a.join(items, names.PROPOSALS), [a.join(items, f) for f in names.FEATURES],
-                                   sizes, a.settings)
+        features = [a.join(items, f) for f in names.FEATURES]
+        a.check_values({names.IMAGE_SIZES: sizes, **dict(zip(names.FEATURES, features))})
+        batch = a.backend.roi_step(a.join(items, names.PROPOSALS), features, sizes, a.settings)
         return split_rois(batch, a.to_host(batch.counts), rows(items, names.IMAGE_SIZES), a.backend.xp)
 
 

@@ -5,16 +5,16 @@ for KIND_GPU, made current by the adapter; the CPU for KIND_CPU); inputs and out
 DLPack, so GPU tensors stay on the GPU.  The requests of one ``execute`` run as one call, split
 back per request along the batch axis (images for rpn, RoIs for header).  Memory format and
 CUDA graphs: :mod:`python_backend.torch_runtime` (model parameters ``channels_last``, ``cuda_graphs``).
-With the parameter ``canvas_buckets`` (rpn only), the rpn's traces at smaller canvases
-(``model_<h>x<w>.pt``) run each batch on the smallest canvas that holds it (``CanvasBuckets``).
+With the parameter ``torch_per_canvas`` (the rpn), the folder holds one trace per canvas of the
+settings (``model_<h>x<w>.pt``), and each batch runs on its own canvas's (``CanvasNetworks``).
 """
 import os
 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from python_backend.settings import bucket_file, parse_buckets
-from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions, TorchNetwork
+from python_backend.settings import canvas_file
+from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions, TorchNetwork
 from python_backend.triton_models.adapter import StepAdapter, rows, split
 
 
@@ -23,16 +23,15 @@ class TritonPythonModel:
         self.adapter = a = StepAdapter(args, pb_utils, arrays="torch")
         device = a.arrays.device
         if device.type == "cuda":  # (TF32 off and the memory cap: the adapter's torch arrays)
-            # fixed canvas and few batch sizes: autotuned convolutions pay off after one call per shape
+            # a few canvases and batch sizes: autotuned convolutions pay off after one call per shape
             torch.backends.cudnn.benchmark = True
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = RuntimeOptions.from_parameters(a.params)
-        path = os.path.join(folder, a.params.get("torch_file", "model.pt"))
-        buckets = parse_buckets(a.params.get("canvas_buckets", ""))
-        if buckets:  # the rpn, with its traces at smaller canvases
-            self.net = CanvasBuckets.load(path, {b: os.path.join(folder, bucket_file(*b)) for b in buckets}, device,
-                                          a.max_batch, options, a.settings)
+        if a.params.get("torch_per_canvas") == "true":  # the rpn: a trace per canvas
+            paths = {c: os.path.join(folder, canvas_file(*c)) for c in a.settings.canvases}
+            self.net = CanvasNetworks.load(paths, device, a.max_batch, options)
         else:
+            path = os.path.join(folder, a.params.get("torch_file", "model.pt"))
             self.net = TorchNetwork(path, device, [list(s.shape[1:]) for s in a.inputs], a.max_batch, options)
         self.calls = 0
         if device.type == "cuda":
