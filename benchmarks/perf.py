@@ -156,6 +156,8 @@ def run_stages(args, rec: Record, save) -> None:
             rec.eager_rows = eager_rows(weights, payloads.perf_payloads("raw", photos), args.precisions,
                                         args.eager_batches, "cuda" if args.device == "gpu" else "cpu",
                                         repeat=args.eager_repeat)
+            log.info("torchvision eager alone: %s", [(r["precision"], r["batch"], r["cudnn_benchmark"],
+                                                      r["images_per_s"]) for r in rec.eager_rows])
         except Exception as e:  # noqa: BLE001 - the served measurements still run
             rec.fail(f"torchvision eager alone: {e}")
     else:

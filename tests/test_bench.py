@@ -105,3 +105,19 @@ def test_without_perf_analyzer_only_accuracy_runs(stand_ins, tmp_path):
 def test_run_names():
     t = bench.Target({"model": "baseline", "precision": "fp32", "variant": "i2b16d0"}, {})
     assert t.run_name("raw") == "baseline_fp32_i2b16d0" and t.run_name("jpeg12mp") == "baseline_fp32_i2b16d0_jpeg12mp"
+
+
+def test_perf_script_arguments(capsys):
+    from benchmarks.perf import parse_args
+
+    args = parse_args(["--device", "cpu", "--precisions", "fp32,tf32", "--inputs", "raw,jpeg12mp",
+                       "--baseline-variants", "i2b16d2000"])
+    assert args.precisions == ["fp32", "tf32"] and args.inputs == ["raw", "jpeg12mp"]
+    assert args.eager_batches == [] and args.concurrency == [1, 4, 8, 16, 32, 64]  # no eager timing on the CPU
+    assert [v.key for v in args.baseline_variants] == ["i2b16d2000"]
+    assert parse_args([]).eager_batches == [8, 16] and parse_args(["--eager-batches="]).eager_batches == []
+    with pytest.raises(SystemExit):
+        parse_args(["--inputs", "raw,png"])
+    assert "--inputs: 'png' is not one of raw, jpeg, jpeg12mp" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--baseline-variants", "two"])
