@@ -194,8 +194,8 @@ def detect_iter(url: str, images: list[Path], concurrency: int = 1, draw_dir: Pa
 
     A record is ``{"image", "detections", "latency_ms"}`` (+ ``"annotated"`` with ``draw_dir``),
     or ``{"image", "error", "detections": []}`` for an image that failed.  ``raw``: decode here and
-    send uint8 pixels to ``fasterrcnn_raw`` (the server then does no decoding).  Raises :class:`ClientError` (before any record) when the server or its
-    model can't be used.
+    send uint8 pixels to ``fasterrcnn_raw`` (the server then does no decoding).  Raises
+    :class:`ClientError` (before any record) when the server or its model can't be used.
     """
     client = connect(url)
     labels = class_names(check_model(client, names.ENSEMBLE_RAW if raw else names.ENSEMBLE, raw=raw))

@@ -14,7 +14,8 @@
 #   SEED             random weights' seed, for MODEL=random                                        [0]
 #   CLASS_NAMES      file with one class name a line, background first                             [COCO's or class_<i>]
 #   MIN_SIZE, MAX_SIZE  torchvision transform sizes                                                [the model's: 800, 1333]
-#   CANVAS           HxW canvas the rpn runs on, multiples of 32                                   [800x1344]
+#   CANVASES         auto | HxW[,HxW...]: the canvases the rpn runs on, multiples of 32 (CANVAS,    [auto]
+#                    one HxW, is read where CANVASES is unset)
 #   MAX_BATCH_SIZE   images per batch                                                              [8]
 #   INSTANCES        instances per model, on each GPU in use                                       [1]
 #   POSTPROCESS_INSTANCES  instances of postprocess (0: at least 2)                                [0]

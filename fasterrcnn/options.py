@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "model_repository"
 # Deployment targets: the repository's targets, plus ONNX Runtime with its TensorRT execution provider
 TARGETS = ("python", "onnxruntime", "onnxruntime-trt", "tensorrt", "torch")
+# Older names of variables, read when the current one is unset: CANVAS held the one canvas of
+# deployments before the canvas set (the same HEIGHTxWIDTH text is a set of one)
+ENV_ALIASES = {"CANVASES": "CANVAS"}
 
 
 class OptionsError(ValueError):
@@ -210,22 +213,23 @@ class Options:
         """From the Docker image's variables: every field with a variable, the image's own defaults
         (``docker_default``: COCO weights, the tensorrt target, GPU steps) where one is unset."""
         env = os.environ if env is None else env
-        if not env.get("CANVASES") and env.get("CANVAS"):  # the single canvas of older deployments
-            env = {**env, "CANVASES": env["CANVAS"]}
         values = {}
         for f in dataclasses.fields(cls):
             meta = f.metadata
             if meta["docker_default"] is not dataclasses.MISSING:
                 values[f.name] = meta["docker_default"]
-            text = env.get(meta["env"]) if meta["env"] else None
+            name = meta["env"]
+            if name in ENV_ALIASES and not env.get(name) and env.get(ENV_ALIASES[name]):
+                name = ENV_ALIASES[name]
+            text = env.get(name) if name else None
             if not text:  # unset or empty: the default
                 continue
             if meta["choices"] and text not in meta["choices"]:
-                raise OptionsError(f"{meta['env']} must be one of {', '.join(meta['choices'])}, got {text!r}")
+                raise OptionsError(f"{name} must be one of {', '.join(meta['choices'])}, got {text!r}")
             try:
                 values[f.name] = meta["parse"](text)
             except ValueError as e:
-                raise OptionsError(f"{meta['env']}: {e}") from None
+                raise OptionsError(f"{name}: {e}") from None
         return cls(**values)
 
 

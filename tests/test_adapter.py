@@ -28,7 +28,7 @@ from python_backend.triton_models.adapter import StepAdapter, rows, split
 MODELS = Path(adapter_module.__file__).parent
 NUMPY = backends.get_backend("cpu")  # the reference steps
 # small enough that the NumPy steps take milliseconds
-SETTINGS = DetectorSettings(num_classes=3, canvas_height=64, canvas_width=64, min_size=48, max_size=64,
+SETTINGS = DetectorSettings(num_classes=3, canvases=((64, 64),), min_size=48, max_size=64,
                             rpn_pre_nms_top_n=20, rpn_post_nms_top_n=10, fpn_channels=8, box_detections_per_img=5)
 
 
@@ -201,16 +201,22 @@ def _outputs(response, *output_names):
 def test_preprocess_isolates_bad_images(monkeypatch):
     model = _step_model(names.PREPROCESS, monkeypatch)
     images = [textured_image(40, 60, seed=0), textured_image(70, 50, seed=1), textured_image(64, 64, seed=2)]
-    bytes_request = lambda *items: fake.Request(**{names.IMAGE_BYTES: np.array([[b] for b in items], object)})  # noqa: E731
-    requests = [bytes_request(encode(images[0])), bytes_request(b"\x00not an image"),
-                bytes_request(encode(images[1]), encode(images[2])), bytes_request(b"")]
+    bytes_request = lambda data: fake.Request(**{names.IMAGE_BYTES: np.frombuffer(data, np.uint8)[None]})  # noqa: E731
+    two = np.stack([np.frombuffer(encode(images[2]), np.uint8)] * 2)
+    requests = [bytes_request(encode(images[0])), bytes_request(b"\x00not an image"), bytes_request(encode(images[1])),
+                bytes_request(b""), fake.Request(**{names.IMAGE_BYTES: two}),
+                bytes_request(encode(textured_image(2, 300, seed=3)))]  # 2x300: the resize leaves it no row
     responses = model.execute(requests)
     outs = (names.IMAGES, names.IMAGE_SIZES, names.ORIGINAL_SIZES)
-    for response, own in ((responses[0], images[:1]), (responses[2], images[1:])):
+    for response, own in ((responses[0], images[:1]), (responses[2], images[1:2])):
         for got, want in zip(_outputs(response, *outs), NUMPY.preprocess_batch(own, SETTINGS)):
             np.testing.assert_array_equal(got, want)
     assert "bad input image: not a decodable image" in responses[1].error().message()
     assert "bad input image: empty input" in responses[3].error().message()
+    assert responses[4].error().message() == ("bad input image: expected one encoded image per request ([1, N] uint8), "
+                                              "got 2 rows: send each image as its own request")
+    assert responses[5].error().message().startswith("bad input image: image of 2x300 pixels (height x width) "
+                                                     "resizes to 0x64")
 
 
 def _roi_request(rng, sizes, live: bool = True):
@@ -219,7 +225,7 @@ def _roi_request(rng, sizes, live: bool = True):
     wh = rng.uniform(2, 30, (b, SETTINGS.num_proposals, 2))
     levels = rng.integers(0, 5, (b, SETTINGS.num_proposals, 1)) if live else -np.ones((b, SETTINGS.num_proposals, 1))
     proposals = np.concatenate([xy, xy + wh, rng.uniform(0, 1, (b, SETTINGS.num_proposals, 1)), levels], axis=2)
-    h, w = SETTINGS.canvas
+    h, w = SETTINGS.largest_canvas
     features = {n: rng.standard_normal((b, level_grid(h, s), level_grid(w, s), SETTINGS.fpn_channels))
                 for n, s in zip(names.FEATURES, FPN_STRIDES)}
     return fake.Request(**{names.PROPOSALS: proposals.astype(np.float32),

@@ -21,7 +21,7 @@ from fasterrcnn.options import HelpFormatter, Options, OptionsError
 from python_backend import names
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--canvas", "256x320", "--min-size", "224", "--max-size", "320"]
+SMALL = ["--min-size", "224", "--max-size", "320"]  # default canvases of this resize: 224x224, 224x320, 320x224
 DIST = "fasterrcnn-triton"
 
 
@@ -85,8 +85,8 @@ def test_unwritable_output(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--canvas", "800x1000"], "multiple of 32"), (["--canvas", "32x64"], "at least 64"),
-    (["--canvas", "big"], "HEIGHTxWIDTH"), (["--gpus", "0,0"], "distinct GPU ids"),
+    (["--canvases", "800x1000"], "multiple of 32"), (["--canvases", "800x800,32x64"], "at least 64"),
+    (["--canvases", "big"], "HEIGHTxWIDTH"), (["--gpus", "0,0"], "distinct GPU ids"),
     (["--gpus", "first"], "'all' or GPU ids"),
     (["--precision", "fp16"], "precision 'fp16' does not apply to target 'python': choose one of fp32"),
     (["--target", "torch", "--precision", "tf32"], "choose one of fp32, fp16"),
@@ -103,10 +103,12 @@ def test_bad_options_are_usage_errors(args, message, capsys):
 # --- one options object, from flags and from Docker's variables -------------------------------
 
 def test_environment_and_flags_build_the_same_options():
-    env = {"MODEL": "random", "NUM_CLASSES": "5", "CANVAS": "320x320", "TARGET": "tensorrt", "PRECISION": "tf32",
+    env = {"MODEL": "random", "NUM_CLASSES": "5", "CANVASES": "320x320,256x320", "TARGET": "tensorrt",
+           "PRECISION": "tf32",
            "MAX_BATCH_SIZE": "2", "INSTANCES": "3", "GPUS": "0,1", "WORKSPACE_GIB": "2", "CUDA_POOL_BYTES": "1024",
            "REBUILD": "1", "UNRELATED": "x"}
-    flags = ["serve", "--weights", "random", "--num-classes", "5", "--canvas", "320x320", "--target", "tensorrt",
+    flags = ["serve", "--weights", "random", "--num-classes", "5", "--canvases", "256x320,320x320", "--target",
+             "tensorrt",
              "--precision", "tf32", "--max-batch-size", "2", "--instances", "3", "--gpus", "0,1", "--workspace-gib",
              "2", "--cuda-pool-bytes", "1024", "--rebuild", "--device", "gpu"]
     from_env = Options.from_env(env)
@@ -114,17 +116,27 @@ def test_environment_and_flags_build_the_same_options():
     repo = from_env.repository_options()
     assert (repo.target, repo.trt_precision, repo.gpus, repo.instances) == ("tensorrt", "tf32", (0, 1), 3)
     assert repo.trt_workspace_bytes == 2 << 30
+    assert from_env.model_options().canvases == ((256, 320), (320, 320))
+
+
+def test_canvas_of_older_deployments_is_a_set_of_one():
+    """CANVAS (the variable before the canvas set) still reads, as one canvas, where CANVASES is unset."""
+    assert Options.from_env({"CANVAS": "800x1344"}).canvases == ((800, 1344),)
+    assert Options.from_env({"CANVAS": "800x1344", "CANVASES": "auto"}).canvases == "auto"
+    with pytest.raises(OptionsError, match="CANVAS: canvas 'big' is not HEIGHTxWIDTH"):
+        Options.from_env({"CANVAS": "big"})
 
 
 def test_docker_defaults_differ_where_the_image_needs_them():
     image, cli = Options.from_env({}), Options.from_args(build_parser().parse_args(["export"]))
     assert (image.weights, image.target, image.device, image.precision) == ("coco", "tensorrt", "gpu", "fp16")
     assert (cli.weights, cli.target, cli.device, cli.precision) == ("random", "python", "cpu", "fp32")
-    assert image.canvas == cli.canvas == (800, 1344) and image.gpus is cli.gpus is None
+    assert image.canvases == cli.canvases == "auto" and image.gpus is cli.gpus is None
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"CANVAS": "big"}, "CANVAS: canvas must be HEIGHTxWIDTH"), ({"TARGET": "tflite"}, "TARGET must be one of"),
+    ({"CANVASES": "800x800,big"}, "CANVASES: canvas 'big' is not HEIGHTxWIDTH"),
+    ({"TARGET": "tflite"}, "TARGET must be one of"),
     ({"GPUS": "0,x"}, "GPUS: gpus must be 'all'"), ({"MAX_BATCH_SIZE": "eight"}, "MAX_BATCH_SIZE: invalid literal"),
     ({"REBUILD": "maybe"}, "REBUILD: expected 1/0"),
     ({"TARGET": "python", "PRECISION": "fp16"}, "precision 'fp16' does not apply to target 'python'"),

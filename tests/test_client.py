@@ -95,11 +95,11 @@ def _start(repo: Path):
 
 
 @pytest.fixture(scope="module")
-def server(square_export, tmp_path_factory):
+def server(small_export, tmp_path_factory):
     pytest.importorskip("tritonclient.grpc")
     from exporters.repository import RepositoryOptions, write_repository
 
-    settings, paths = square_export
+    settings, paths = small_export
     repo = tmp_path_factory.mktemp("client_repo")
     write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=4))
     srv = _start(repo)
@@ -234,13 +234,13 @@ def test_usage_errors_and_an_unreachable_server_exit_2(tmp_path):
 
 
 @pytest.mark.triton
-def test_raw_checks_and_uses_fasterrcnn_raw(square_export, tmp_path_factory, tmp_path):
+def test_raw_checks_and_uses_fasterrcnn_raw(small_export, tmp_path_factory, tmp_path):
     """A server with only ``fasterrcnn_raw`` (as when string inputs can't be read, see README):
     --raw works there, and without --raw the error names the missing ``fasterrcnn``."""
     pytest.importorskip("tritonclient.grpc")
     from exporters.repository import RepositoryOptions, write_repository
 
-    settings, paths = square_export
+    settings, paths = small_export
     repo = tmp_path_factory.mktemp("raw_only_repo")
     write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=2))
     shutil.rmtree(repo / names.ENSEMBLE)
@@ -353,3 +353,50 @@ def test_help_shows_defaults_and_the_prog_name():
         assert action.help, f"{action.option_strings or action.dest} has no help"
         if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
             assert f"(default: {action.default})" in rendered, action.option_strings
+
+
+class _Server:
+    """The two metadata calls check_model makes, answering with a given ``image`` input."""
+
+    def __init__(self, datatype: str, shape: list[str]):
+        self.image = {"name": names.IMAGE_BYTES, "datatype": datatype, "shape": shape}
+
+    def is_model_ready(self, model):
+        return True
+
+    def get_model_metadata(self, model, as_json=True):
+        outputs = [{"name": n, "datatype": d, "shape": s} for n, d, s in (
+            (names.DETECTION_BOXES, "FP32", ["-1", "100", "4"]), (names.DETECTION_SCORES, "FP32", ["-1", "100"]),
+            (names.DETECTION_LABELS, "INT32", ["-1", "100"]), (names.NUM_DETECTIONS, "INT32", ["-1", "1"]))]
+        return {"inputs": [self.image], "outputs": outputs}
+
+    def get_model_config(self, model, as_json=True):
+        return {"config": {"max_batch_size": 8}}
+
+
+@pytest.mark.parametrize("datatype, shape, message", [
+    ("BYTES", ["-1", "1"], "fasterrcnn input 'image' datatype: expected UINT8, got BYTES"),  # an older server's
+    ("UINT8", ["-1", "-1", "3"], "fasterrcnn input 'image' shape: expected ['-1', '-1'], got ['-1', '-1', '3']"),
+])
+def test_check_model_names_what_differs(datatype, shape, message):
+    """The encoded entry point's contract, from the metadata: ``image`` UINT8 [-1, -1] (one image of
+    N bytes per request); an older server's TYPE_STRING input is refused before anything is sent."""
+    from client.detect import ClientError, check_model
+
+    assert check_model(_Server("UINT8", ["-1", "-1"])) == {"max_batch_size": 8}
+    with pytest.raises(ClientError) as err:
+        check_model(_Server(datatype, shape))
+    assert str(err.value) == message
+
+
+def test_an_encoded_payload_is_sent_as_its_bytes():
+    pytest.importorskip("tritonclient.grpc")
+    from client.detect import _request
+
+    data = encode(GOOD["tiny.png"])
+    (inp,), _ = _request(data)
+    assert (inp.name(), inp.datatype(), inp.shape()) == (names.IMAGE_BYTES, "UINT8", [1, len(data)])
+    assert inp._get_content() == data  # the file's bytes as they are
+    (raw,), _ = _request(GOOD["tiny.png"])
+    assert (raw.name(), raw.datatype(), raw.shape()) == (names.IMAGE_RAW, "UINT8", [1, 12, 20, 3])
+    assert raw._get_content() == GOOD["tiny.png"].tobytes()

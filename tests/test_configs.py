@@ -49,7 +49,7 @@ def test_network_configs_match_onnx_io(repo, model):
         assert [t.name for t in proto_list] == [v.name for v in values]
         for t, v in zip(proto_list, values):
             dims = _onnx_dims(v)
-            assert dims[0] == -1 and list(t.dims) == dims[1:], f"{model}.{t.name}: config dims {list(t.dims)} vs ONNX {dims}"
+            assert dims[0] == -1 and list(t.dims) == dims[1:], f"{model}.{t.name}: config {list(t.dims)}, ONNX {dims}"
             assert t.data_type == ONNX_TYPES[v.type.tensor_type.elem_type]
     assert cfg.max_batch_size >= 4
 

@@ -151,7 +151,7 @@ def _entrypoint_env(cache: Path, **extra) -> dict[str, str]:
     for name in ("GPUS", "REBUILD", "CUDA_VISIBLE_DEVICES", "PRECISION"):
         env.pop(name, None)
     env.update(EXPORT_PYTHON=sys.executable, GPU_NAME="Test GPU", MODEL="random", NUM_CLASSES="5",
-               MIN_SIZE="256", MAX_SIZE="320", CANVAS="320x320", MAX_BATCH_SIZE="2", CACHE_DIR=str(cache),
+               MIN_SIZE="256", MAX_SIZE="320", CANVASES="auto", MAX_BATCH_SIZE="2", CACHE_DIR=str(cache),
                PREPARE_ONLY="1", TARGET="python",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     env.update(extra)

@@ -143,7 +143,8 @@ def test_the_images_of_a_batch_share_one_canvas(backend):
 def test_batch_canvas_of_the_image_sizes():
     """The canvas choice from shapes alone (no pixels): square, landscape and portrait images."""
     coco = DetectorSettings(num_classes=91)
-    images = [np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (h, w, 3)) for h, w in ((600, 600), (600, 900), (900, 600))]
+    shapes = ((600, 600), (600, 900), (900, 600))
+    images = [np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (h, w, 3)) for h, w in shapes]
     sizes, originals = batch_sizes(images, coco)
     assert [batch_canvas(s[None], o[None], coco) for s, o in zip(sizes, originals)] == [
         (800, 800), (800, 1344), (1344, 800)]

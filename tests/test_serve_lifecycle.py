@@ -76,8 +76,8 @@ def _survivors(procs: dict[int, tuple[int, int, str, int]], grace: float = 5.0) 
 
 
 @pytest.fixture(scope="module")
-def repo(square_export, tmp_path_factory):
-    settings, paths = square_export
+def repo(small_export, tmp_path_factory):
+    settings, paths = small_export
     out = tmp_path_factory.mktemp("lifecycle_repo")
     write_repository(out, settings, paths, RepositoryOptions(max_batch_size=2))
     return out

@@ -1,8 +1,9 @@
 """A bad request batched beside good ones, sent straight to each step model of a real tritonserver.
 
 One small repository (the default canvases of the small resize in tests/conftest.py: 256x256,
-256x320, 320x256) holds every step: preprocess, rpn and header through ONNX Runtime (onnx_runner.py), rpn and header again through torch
-(torch_runner.py, as ``rpn_torch`` / ``header_torch``), roi and postprocess.  The dynamic batcher
+256x320, 320x256) holds every step: preprocess, rpn and header through ONNX Runtime
+(onnx_runner.py), rpn and header again through torch (torch_runner.py, as ``rpn_torch`` /
+``header_torch``, the rpn traced per canvas), roi and postprocess.  The dynamic batcher
 waits long enough that requests sent together share one ``execute`` (checked in the statistics).
 In each batch the bad request must get an error naming what was wrong, and every good one the
 values of an independent computation of that request alone: the NumPy reference steps, or the
