@@ -26,7 +26,7 @@ from exporters.repository import RepositoryOptions, read_config, write_repositor
 from exporters.specs import max_rois
 from exporters.tensorrt import build, cache, compare, gpus
 from exporters.tensorrt.gpus import GpuInfo
-from exporters.tensorrt.profiles import check_profile, optimization_profiles, shapes_string
+from exporters.tensorrt.profiles import check_profile, check_profiles, optimization_profiles, profile_for, shapes_string
 from exporters.tensorrt.progress import BuildProgress
 from exporters.tensorrt.run import run_engine
 from python_backend import names
@@ -43,12 +43,13 @@ H100 = GpuInfo(0, "NVIDIA H100 80GB HBM3", "9.0")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny random fasterrcnn exported to ONNX once: (settings, {"rpn": path, "header": path})."""
+    """A tiny random fasterrcnn exported to ONNX once: (settings, {"rpn": path, "header": path}), with
+    the default canvases of its resize (256x256, 256x320, 320x256)."""
     from exporters.loading import random_model, settings_from_model
     from exporters.onnx_export import export_header, export_rpn
 
     model = random_model(num_classes=5, seed=0, peaky=50, min_size=256, max_size=320)
-    settings = settings_from_model(model, canvas=(320, 320))
+    settings = settings_from_model(model, "auto")
     out = tmp_path_factory.mktemp("onnx")
     paths = {}
     for name, fn in ((names.RPN, export_rpn), (names.HEADER, export_header)):
@@ -58,7 +59,7 @@ def tiny(tmp_path_factory):
 
 
 def _settings(**kw) -> DetectorSettings:
-    return DetectorSettings(num_classes=5, canvas_height=320, canvas_width=320, **kw)
+    return DetectorSettings(num_classes=5, min_size=256, max_size=320, **kw)  # canvases 256x256, 256x320, 320x256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,21 +67,53 @@ def _settings(**kw) -> DetectorSettings:
 # ----------------------------------------------------------------------------------------------
 
 def test_profiles_cover_batch_and_rois():
+    """rpn: one profile per canvas, the canvas fixed, the batch 1..max (opt at max); header: one."""
     settings = _settings(rpn_post_nms_top_n=300)
     p = optimization_profiles(settings, 4)
     assert set(p) == {names.RPN, names.HEADER}
-    assert p[names.RPN][names.IMAGES] == ((1, 3, 320, 320), (4, 3, 320, 320), (4, 3, 320, 320))
-    assert p[names.RPN][names.IMAGE_SIZES] == ((1, 2), (4, 2), (4, 2))
+    assert [profile[names.IMAGES] for profile in p[names.RPN]] == [
+        ((1, 3, h, w), (4, 3, h, w), (4, 3, h, w)) for h, w in ((256, 256), (256, 320), (320, 256))]
+    assert all(profile[names.IMAGE_SIZES] == ((1, 2), (4, 2), (4, 2)) for profile in p[names.RPN])
     r = max_rois(settings, 4)
     assert r == 1200
-    assert p[names.HEADER][names.ROI_FEATURES] == ((1, 7, 7, 256), (r, 7, 7, 256), (r, 7, 7, 256))
-    assert p[names.HEADER][names.ROIS] == ((1, 4), (r, 4), (r, 4))
+    (header,) = p[names.HEADER]
+    assert header[names.ROI_FEATURES] == ((1, 7, 7, 256), (r, 7, 7, 256), (r, 7, 7, 256))
+    assert header[names.ROIS] == ((1, 4), (r, 4), (r, 4))
+
+
+def test_every_dynamic_axis_is_covered_by_a_profile(tiny):
+    """Each dynamic axis of the ONNX inputs, over the profiles, spans exactly what the server sends:
+    batches 1..max_batch_size, the canvases' heights and widths; and each batch the server can
+    send (a batch on one canvas) has exactly one profile, that canvas's."""
+    settings, paths = tiny
+    profiles = optimization_profiles(settings, 3)
+    rpn = onnx.load(str(paths[names.RPN]))
+    spans: dict[str, set[int]] = {}
+    for value in rpn.graph.input:
+        for axis, d in enumerate(value.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                spans.setdefault(d.dim_param, set()).update(
+                    v for p in profiles[names.RPN] for v in range(p[value.name][0][axis], p[value.name][2][axis] + 1))
+    assert spans == {"batch": {1, 2, 3}, "height": {256, 320}, "width": {256, 320}}
+    for index, (h, w) in enumerate(settings.canvases):
+        for b in (1, 2, 3):
+            shapes = {names.IMAGES: (b, 3, h, w), names.IMAGE_SIZES: (b, 2)}
+            fitting = [i for i, p in enumerate(profiles[names.RPN]) if profile_for([p], shapes) == 0]
+            assert fitting == [index] and profile_for(profiles[names.RPN], shapes) == index
+    assert profile_for(profiles[names.RPN], {names.IMAGES: (1, 3, 320, 320), names.IMAGE_SIZES: (1, 2)}) is None
+    assert profile_for(profiles[names.RPN], {names.IMAGES: (4, 3, 256, 256), names.IMAGE_SIZES: (4, 2)}) is None
+    header = onnx.load(str(paths[names.HEADER]))
+    dynamic = [(v.name, a) for v in header.graph.input for a, d in enumerate(v.type.tensor_type.shape.dim)
+               if not d.HasField("dim_value")]
+    assert dynamic == [(names.ROI_FEATURES, 0), (names.ROIS, 0)]
+    (p,) = profiles[names.HEADER]
+    assert all(p[n][0][0] == 1 and p[n][2][0] == max_rois(settings, 3) for n, _ in dynamic)
 
 
 def test_profile_header_opt_override():
     settings = _settings()
     p = optimization_profiles(settings, 8, header_opt_rois=1000)
-    assert p[names.HEADER][names.ROIS] == ((1, 4), (1000, 4), (8000, 4))
+    assert p[names.HEADER][0][names.ROIS] == ((1, 4), (1000, 4), (8000, 4))
     with pytest.raises(ValueError, match=r"header_opt_rois must be in 1\.\.8000, got 9000"):
         optimization_profiles(settings, 8, header_opt_rois=9000)
     with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
@@ -91,29 +124,48 @@ def test_profiles_match_onnx_inputs(tiny):
     settings, paths = tiny
     profiles = optimization_profiles(settings, 2)
     for name, path in paths.items():
-        check_profile(profiles[name], onnx.load(str(path)))
+        check_profiles(profiles[name], onnx.load(str(path)))
 
 
 def test_check_profile_rejects_mismatches(tiny):
     settings, paths = tiny
     rpn = onnx.load(str(paths[names.RPN]))
-    wrong_canvas = optimization_profiles(DetectorSettings(num_classes=5, canvas_height=320, canvas_width=352),
-                                         8)[names.RPN]
-    with pytest.raises(ValueError, match=r"'images' has 352 on axis 3, expected the ONNX's static 320"):
-        check_profile(wrong_canvas, rpn)
-    header_profile = optimization_profiles(settings, 8)[names.HEADER]
+    good = optimization_profiles(settings, 8)[names.RPN][0]
+    four_channels = dict(good, **{names.IMAGES: tuple((s[0], 4, *s[2:]) for s in good[names.IMAGES])})
+    with pytest.raises(ValueError, match=r"'images' has 4 on axis 1, expected the ONNX's static 3"):
+        check_profile(four_channels, rpn)
+    header_profile = optimization_profiles(settings, 8)[names.HEADER][0]
     with pytest.raises(ValueError, match="do not match the ONNX inputs"):
         check_profile(header_profile, rpn)
-    good = optimization_profiles(settings, 8)[names.RPN]
     bad_order = dict(good, **{names.IMAGE_SIZES: ((2, 2), (1, 2), (8, 2))})
     with pytest.raises(ValueError, match="min <= opt <= max"):
         check_profile(bad_order, rpn)
+    with pytest.raises(ValueError, match="expected at least one optimization profile, got none"):
+        check_profiles([], rpn)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        check_profiles([good, bad_order], rpn)
+
+
+def test_the_engine_tool_reads_the_canvases_from_the_rpn_onnx(tiny):
+    """``python -m exporters.tensorrt.compare`` builds from the ONNX alone: the rpn's canvases are in
+    its metadata (its height and width are dynamic), so it builds the exporter's profiles."""
+    settings, paths = tiny
+    rpn, header = onnx.load(str(paths[names.RPN])), onnx.load(str(paths[names.HEADER]))
+    read = compare.settings_from_onnx(rpn, header, settings.rpn_post_nms_top_n)
+    assert read.canvases == settings.canvases and read.num_classes == settings.num_classes
+    assert optimization_profiles(read, 8) == optimization_profiles(settings, 8)
+    del rpn.metadata_props[:]
+    with pytest.raises(ValueError, match="the rpn ONNX has no 'canvases' metadata"):
+        compare.settings_from_onnx(rpn, header, settings.rpn_post_nms_top_n)
 
 
 def test_shapes_string_is_ort_format():
-    profile = {"a": ((1, 3), (4, 3), (8, 3)), "b": ((1,), (2,), (3,))}
-    assert shapes_string(profile, 0) == "a:1x3,b:1"
-    assert shapes_string(profile, 2) == "a:8x3,b:3"
+    """ONNX Runtime's TensorRT EP reads an input named again as the next profile's."""
+    profiles = [{"a": ((1, 3), (4, 3), (8, 3)), "b": ((1,), (2,), (3,))}, {"a": ((1, 5), (2, 5), (2, 5)),
+                                                                           "b": ((1,), (1,), (1,))}]
+    assert shapes_string(profiles[:1], 0) == "a:1x3,b:1"
+    assert shapes_string(profiles[:1], 2) == "a:8x3,b:3"
+    assert shapes_string(profiles, 1) == "a:4x3,b:2,a:2x5,b:1"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,11 +183,11 @@ def _onnx_io(path: Path):
     return spec(m.graph.input), spec(m.graph.output)
 
 
-def _parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
-    out = {}
+def _parse_shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
     for item in text.split(","):
         name, dims = item.split(":")
-        out[name] = tuple(int(d) for d in dims.split("x"))
+        out.append((name, tuple(int(d) for d in dims.split("x"))))
     return out
 
 
@@ -170,15 +222,21 @@ def test_network_configs_match_onnx_and_profiles(case, tiny, tmp_path):
         for tensors, expected in ((cfg.input, onnx_in), (cfg.output, onnx_out)):
             got = {t.name: (mc.DataType.Name(t.data_type), [-1] + list(t.dims)) for t in tensors}
             assert got == expected, f"{case}/{name}: config {got}, ONNX {expected}"
-        # the batch axis: Triton's max_batch_size is the profile's max, and the non-batch dims
-        # of every profile shape are the config's dims
-        profile = profiles[name]
-        for t in cfg.input:
-            lo, opt, hi = profile[t.name]
-            assert hi[0] == cfg.max_batch_size, f"{name}/{t.name}: profile max {hi[0]}, config {cfg.max_batch_size}"
-            assert lo[0] == 1
-            assert lo[1:] == opt[1:] == hi[1:] == tuple(t.dims)
+        # the batch axis: Triton's max_batch_size is each profile's max, and the non-batch dims
+        # of every profile shape are the config's dims, a dynamic one (-1) at the profile's canvas
+        canvases = settings.canvases if name == names.RPN else [None]
+        assert len(profiles[name]) == len(canvases)
+        for profile, canvas in zip(profiles[name], canvases):
+            for t in cfg.input:
+                lo, opt, hi = profile[t.name]
+                assert hi[0] == cfg.max_batch_size, f"{name}/{t.name}: profile max {hi[0]}, config {cfg.max_batch_size}"
+                assert lo[0] == 1
+                free = iter(canvas or ())
+                assert lo[1:] == opt[1:] == hi[1:] == tuple(next(free) if d == -1 else d for d in t.dims)
         version = repo / name / "1"
+        # Triton's TensorRT backend makes contexts for the listed profiles only (profile 0 if none)
+        listed = [list(g.profile) for g in cfg.instance_group]
+        assert listed == ([[str(i) for i in range(len(canvases))]] if options.target == "tensorrt" else [[]])
         if options.target == "tensorrt":
             assert cfg.platform == "tensorrt_plan"
             assert (version / "model.plan").read_bytes() == b"not a real engine"
@@ -194,7 +252,7 @@ def test_network_configs_match_onnx_and_profiles(case, tiny, tmp_path):
             assert params["trt_engine_cache_enable"] == "1"
             assert params["trt_engine_cache_path"] == "/cache/ort_trt"
             for which, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
-                assert _parse_shapes(params[key]) == {k: v[which] for k, v in profile.items()}
+                assert _parse_shapes(params[key]) == [(k, v[which]) for p in profiles[name] for k, v in p.items()]
         else:
             assert accs == []
     # every config of the repository parses
@@ -348,7 +406,7 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch, tmp_path):
     onnx_file.write_bytes(b"")
     expected = r"not importable \(import tensorrt: .*tensorrt-cu12-bindings==10\.5\.0"
     with pytest.raises(build.TensorRTUnavailable, match=expected):
-        build.build_engine(onnx_file, tmp_path / "rpn.plan", {})
+        build.build_engine(onnx_file, tmp_path / "rpn.plan", [])
     assert not (tmp_path / "rpn.plan").exists()
 
 
@@ -371,9 +429,9 @@ def test_old_tensorrt_is_refused(monkeypatch):
 
 def test_bad_arguments_fail_before_tensorrt(tmp_path):
     with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'tf32', 'fp16'\), got 'int8'"):
-        build.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {}, precision="int8")
+        build.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", [], precision="int8")
     with pytest.raises(FileNotFoundError, match="x.onnx does not exist"):
-        build.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", {})
+        build.build_engine(tmp_path / "x.onnx", tmp_path / "x.plan", [])
 
 
 def test_parser_errors_name_the_node():
@@ -826,17 +884,20 @@ def test_engines_match_onnxruntime(precision, tiny, trt_ready, tmp_path):
     header = compare.compare_with_onnxruntime(plans[names.HEADER], paths[names.HEADER], inputs[names.HEADER])
     assert header[names.CLASS_SCORES].max_abs < tol[names.CLASS_SCORES], header
     assert header[names.CLASS_BOXES].max_abs < tol[names.CLASS_BOXES], header
-    engine = run_engine(plans[names.RPN], inputs[names.RPN])
-    reference = compare.onnxruntime_outputs(paths[names.RPN], inputs[names.RPN])
-    for feature in names.FEATURES:
-        assert compare.output_diff(feature, engine[feature], reference[feature]).max_abs < tol["features"]
-    # proposals go through TopK: near-ties may swap rows, so they are compared as sets of rows
-    proposals = reference[names.PROPOSALS]
-    assert proposals.shape == (2, settings.num_proposals, 6)
-    assert (proposals[:, :, compare.LEVEL] >= 0).sum() > settings.num_proposals  # valid rows to compare
-    atol = [tol["box"]] * 4 + [tol["score"], 0.0]
-    problems = compare.proposal_mismatches(engine[names.PROPOSALS], proposals, atol, tol["box_rel"], tol["score"])
-    assert problems == [], "\n".join(problems[:10])
+    for canvas in settings.canvases:  # each canvas runs on its own optimization profile
+        rpn_inputs = compare.random_inputs(settings, batch=2, canvas=canvas)[names.RPN]
+        engine = run_engine(plans[names.RPN], rpn_inputs)
+        reference = compare.onnxruntime_outputs(paths[names.RPN], rpn_inputs)
+        for feature in names.FEATURES:
+            assert engine[feature].shape == reference[feature].shape
+            assert compare.output_diff(feature, engine[feature], reference[feature]).max_abs < tol["features"], canvas
+        # proposals go through TopK: near-ties may swap rows, so they are compared as sets of rows
+        proposals = reference[names.PROPOSALS]
+        assert proposals.shape == (2, settings.num_proposals, 6)
+        assert (proposals[:, :, compare.LEVEL] >= 0).sum() > settings.num_proposals  # valid rows to compare
+        atol = [tol["box"]] * 4 + [tol["score"], 0.0]
+        problems = compare.proposal_mismatches(engine[names.PROPOSALS], proposals, atol, tol["box_rel"], tol["score"])
+        assert problems == [], f"{canvas}: " + "\n".join(problems[:10])
 
 
 @pytest.mark.tensorrt
