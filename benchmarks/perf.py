@@ -80,6 +80,8 @@ def parse_args(argv):
     p.add_argument("--export-args", default="", help="more arguments for `python -m fasterrcnn export`, "
                                                      "as one string after '=' (--export-args=--no-cuda-graphs)")
     p.add_argument("--mps", action="store_true", help="servers under a CUDA MPS daemon (fasterrcnn/server.py)")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="no warm-up requests before the sweeps (the CPU has no CUDA graphs to capture)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                    help="cpu: try the plumbing on a machine without a GPU (KIND_CPU steps)")
     p.add_argument("--no-perf", action="store_true", help="leave perf_analyzer out (accuracy and memory only)")
@@ -168,7 +170,7 @@ def run_stages(args, rec: Record, save) -> None:
         (rec.fail if args.device == "gpu" and not args.no_perf else rec.note)(f"perf rows: {args.why_no_perf}")
     ps = None if args.why_no_perf else perf_analyzer.PerfSettings(perf_analyzer.binary(), "", Path(), args.window_ms,
                                                                  args.max_trials)
-    plan = Plan(ps, {}, {}, args.work, args.why_no_perf, args.mps)
+    plan = Plan(ps, {}, {}, args.work, args.why_no_perf, args.mps, warm_up=not args.no_warm_up)
 
     # 4. the ensemble, one repository and server per precision
     for precision in args.precisions:

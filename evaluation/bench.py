@@ -91,6 +91,7 @@ class Plan:
     work: Path
     skip_why: str = ""
     mps: bool = False
+    warm_up: bool = True  # before the sweeps: every batch size's first call (CUDA graphs, autotuning)
 
 
 def measure_server(rec: Record, repo: Path, targets: list[Target], plan: Plan, log_name: str,
@@ -124,10 +125,10 @@ def measure_server(rec: Record, repo: Path, targets: list[Target], plan: Plan, l
 
 
 def measure_target(rec: Record, client, url: str, target: Target, plan: Plan) -> None:
-    """Warm-up (only before perf_analyzer runs), accuracy checks, then per input kind a
-    perf_analyzer sweep between two statistics snapshots."""
-    warmed = set()
-    if plan.perf is not None:
+    """Warm-up (only before perf_analyzer runs, and where ``plan.warm_up``), accuracy checks, then per
+    input kind a perf_analyzer sweep between two statistics snapshots."""
+    warmed = set(target.sweeps) if plan.perf is not None and not plan.warm_up else set()
+    if plan.perf is not None and plan.warm_up:
         for kind, sweep in target.sweeps.items():
             try:
                 server.warm_up(client, sweep.model, plan.payloads[kind])

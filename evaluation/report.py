@@ -104,8 +104,9 @@ def summary_markdown(env: str, goals_table: str, rec, kinds: dict[str, str]) -> 
     """summary.md of ``benchmarks.perf``: the goals, throughput and latency, the per-step breakdown,
     the server's GPU memory, accuracy, the image decoders the servers named, and what was left out or
     failed (``rec``: an :class:`evaluation.bench.Record`)."""
+    failed = [f"**{len(rec.failures)} stage(s) failed** (Left out and failed, below)", ""] if rec.failures else []
     lines = ["# fasterrcnn on Triton: torch-target ensemble vs torchvision", "", env, "", "## Goals", "",
-             goals_table, *perf_section(rec.perf_rows, rec.eager_rows, kinds),
+             goals_table, *failed, *perf_section(rec.perf_rows, rec.eager_rows, kinds),
              "## Per-step breakdown (Triton statistics over each run's sweep)", ""]
     lines += _table(["run", "step", "requests", "avg batch", "queue ms/req", "compute in ms/req", "infer ms/exec",
                      "compute out ms/req"],

@@ -3,6 +3,8 @@ perf_analyzer and the warm-up replaced by stand-ins: what is measured, labelled 
 every stage works, and when one fails."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,10 @@ def test_perf_script_arguments(capsys):
     assert "--inputs: 'png' is not one of raw, jpeg, jpeg12mp" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--baseline-variants", "two"])
+
+
+def test_without_warm_up_the_sweeps_still_run(stand_ins, tmp_path):
+    calls, _, _ = stand_ins
+    rec = bench.Record()
+    bench.measure_target(rec, None, "u", target(), dataclasses.replace(plan(tmp_path), warm_up=False))
+    assert calls["warm"] == [] and len(calls["perf"]) == 3 and len(rec.perf_rows) == 3

@@ -159,3 +159,12 @@ def test_summary_states_the_overall_fp16_figure():
     assert ("ensemble_fp16_encoded: 96 of 99 detections matched over all images (96.97%, worst image im0 91%; "
             "criterion >= 97% and no image < 90%: **not met**)") in text
     assert "| ensemble_fp16_encoded | im0 | 33 | 33 | 30 | 3 | IoU>=0.9 same label matched>=97% | **no** |" in text
+
+
+def test_summary_says_when_a_stage_failed():
+    rec = Record(failures=["server on repo_fp16 did not start: CUDA out of memory"], notes=["perf rows: --no-perf"])
+    text = summary_markdown("env", "goals", rec, {"raw": "decoded"})
+    assert "**1 stage(s) failed** (Left out and failed, below)" in text
+    assert "- **failed**: server on repo_fp16 did not start: CUDA out of memory" in text
+    assert "- left out: perf rows: --no-perf" in text
+    assert "failed" not in summary_markdown("env", "goals", Record(), {"raw": "decoded"}).split("## Left out")[0]
