@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from op_cases import (  # noqa: F401  (backend, gpu_backend: fixtures)
-    ATOL, COCO_SETTINGS, backend, canvas_features, gpu_backend, host, image_sizes_for, realistic_proposals,
+    ATOL, CANVAS, COCO_SETTINGS, backend, canvas_features, gpu_backend, host, image_sizes_for, realistic_proposals,
     reference, tv_multiscale,
 )
 from python_backend import backends
@@ -50,10 +50,15 @@ def test_numpy_backend():
     assert b.to_host(a) is a and b.asarray([1, 2], dtype=np.int32).dtype == np.int32
 
 
-def roi_step_inputs(rng, batch: int, channels: int):
+def roi_step_inputs(rng, batch: int, channels: int, canvas=CANVAS):
+    """Proposals, maps and image sizes of ``batch`` images on ``canvas`` (landscape sizes, turned
+    for a portrait canvas, clipped to a square one)."""
     sizes = image_sizes_for(batch)
+    if canvas[0] > canvas[1]:
+        sizes = sizes[:, ::-1].copy()
+    sizes = np.minimum(sizes, np.asarray(canvas, np.float32))
     props = np.stack([realistic_proposals(rng, s) for s in sizes])
-    return props, canvas_features(rng, batch, channels, sizes), sizes
+    return props, canvas_features(rng, batch, channels, sizes, canvas=canvas), sizes
 
 
 def test_roi_step_matches_torchvision(backend):
@@ -85,14 +90,17 @@ def test_fast_roi_step_matches_reference(gpu_backend, batch):
 
 def test_warm_up_holds_the_pool_any_batch_needs(gpu_backend):
     """After warm_up(max_batch), roi steps on batches of 1..max_batch (inputs joined from
-    several requests, as the roi model does) take no new memory from CuPy's pool.  Control:
-    the same steps on a fresh pool without the warm-up do take more."""
+    several requests, as the roi model does) on any of the default canvases take no new memory
+    from CuPy's pool: the warm-up sized it on the largest canvas.  Control: the same steps on a
+    fresh pool without the warm-up do take more."""
     cp = gpu_backend.xp
     max_batch = 4
     rng = np.random.default_rng(5)
     batches = []
-    for n in (1, 3, 2, 4, 1, 4, 2):
-        props, feats, sizes = roi_step_inputs(rng, n, COCO_SETTINGS.fpn_channels)
+    for n, canvas in ((1, (800, 1344)), (3, (1344, 800)), (2, (800, 800)), (4, (800, 1344)), (1, (1088, 800)),
+                      (4, (1344, 800)), (2, (800, 1088))):
+        assert canvas in COCO_SETTINGS.canvases
+        props, feats, sizes = roi_step_inputs(rng, n, COCO_SETTINGS.fpn_channels, canvas)
         # as many rows as the rpn emits for the settings' canvas, the rest dropped (level -1)
         pad = np.zeros((n, COCO_SETTINGS.num_proposals - props.shape[1], 6), np.float32)
         pad[..., 5] = -1

@@ -12,43 +12,60 @@ import torch
 
 from exporters import torch_export
 from exporters.__main__ import main as cli_main
-from exporters.repository import RepositoryOptions, bucket_key, read_config, write_repository
+from exporters.repository import RepositoryOptions, canvas_key, read_config, write_repository
 from exporters.split import HeaderNetwork, RpnNetwork
 from evaluation.parity import assert_parity, from_packed, torchvision_detect
 from evaluation.payloads import encode, textured_image
 import triton_fake as fake
 from python_backend import names
 from python_backend.reference.image import preprocess_batch
-from python_backend.settings import (DetectorSettings, bucket_file, check_buckets, default_buckets, format_buckets,
-                                     parse_buckets)
-from python_backend.torch_runtime import CanvasBuckets, RuntimeOptions, TorchNetwork
+from python_backend.settings import DetectorSettings, canvas_file
+from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions, TorchNetwork
 from tritonclient.grpc import model_config_pb2 as mc
 
 TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.int32: mc.TYPE_INT32}
 
 
 @pytest.fixture(scope="module")
-def traces(small_model, square_export, tmp_path_factory):
-    """(settings, {"rpn": path, "header": path, "rpn_<h>x<w>": path, ...}) traced on the CPU in fp32 on
-    the 320x320 canvas, the rpn also at the default buckets (256x256, 256x320, 320x256)."""
-    settings, _ = square_export
-    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu",
-                                               buckets=default_buckets(settings))
+def traces(small_model, small_export, tmp_path_factory):
+    """(settings, {"header": path, "rpn_<h>x<w>": path for each canvas}) traced on the CPU in fp32,
+    the rpn at each of the default canvases of the small resize (256x256, 256x320, 320x256)."""
+    settings, _ = small_export
+    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu")
 
 
 def _images():
+    """A square, a portrait and a landscape image: one per canvas."""
     return [skimage.data.astronaut(), textured_image(400, 240, seed=1), textured_image(240, 400, seed=3)]
+
+
+# images each canvas is the smallest for (preprocess picks it for any batch of them)
+ON_CANVAS = {(256, 256): [(512, 512), (300, 300), (100, 100)], (256, 320): [(240, 400), (200, 300), (230, 320)],
+             (320, 256): [(400, 240), (300, 200), (320, 230)]}
+LANDSCAPE = (256, 320)
+
+
+def _batch(canvas, n: int, seed: int = 0):
+    """``n`` images whose batch preprocess pads onto ``canvas``."""
+    return [textured_image(h, w, seed=seed + i) for i, (h, w) in enumerate(ON_CANVAS[canvas][:n])]
+
+
+def _rpn_inputs(settings, batch, device="cpu", canvas=LANDSCAPE):
+    x, sizes, _ = preprocess_batch(_batch(canvas, batch), settings)
+    assert x.shape[-2:] == canvas
+    return [torch.from_numpy(x).to(device), torch.from_numpy(sizes).to(device)]
 
 
 # --- numerics: the trace is the eager split module ----------------------------------------------
 
+@pytest.mark.parametrize("canvas", list(ON_CANVAS))
 @pytest.mark.parametrize("batch", [1, 3])  # traced at batch 2
-def test_traced_rpn_equals_eager_split_module(small_model, traces, batch):
+def test_traced_rpn_equals_eager_split_module(small_model, traces, batch, canvas):
+    """Each canvas's trace is the eager network on that canvas."""
     settings, paths = traces
-    x, sizes, _ = preprocess_batch(_images()[:batch], settings)
-    x, sizes = torch.from_numpy(x), torch.from_numpy(sizes)
+    x, sizes = _rpn_inputs(settings, batch, canvas=canvas)
     eager = RpnNetwork(small_model, settings).eval()
-    traced = torch.jit.load(str(paths[names.RPN]))
+    traced = torch.jit.load(str(paths[canvas_key(*canvas)]))
     with torch.no_grad():
         want, got = eager(x, sizes), traced(x, sizes)
     assert len(want) == len(got) == 1 + len(names.FEATURES)
@@ -114,7 +131,7 @@ def test_traced_header_equals_eager_split_module(small_model, traces, rois):
 
 def test_fp16_header_keeps_float32_outputs_and_stays_close(small_model, traces):
     settings, _ = traces
-    (_, _), (feats, boxes) = torch_export.example_inputs(settings, torch.device("cpu"), rois=16)
+    (_, _), (feats, boxes) = torch_export.example_inputs(settings, torch.device("cpu"), LANDSCAPE, rois=16)
     feats = torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
     net16 = torch_export.header_module(small_model, "fp16")
     traced = torch_export.trace(net16, (feats, boxes), torch.device("cpu"))
@@ -141,8 +158,7 @@ def test_bad_precision_and_device_are_named():
 def torch_repo(request, traces, tmp_path_factory):
     settings, paths = traces
     out = tmp_path_factory.mktemp(f"torch_repo_{request.param}")
-    options = RepositoryOptions(target="torch", device=request.param, max_batch_size=4, torch_precision="fp16",
-                                torch_rpn_buckets=default_buckets(settings))
+    options = RepositoryOptions(target="torch", device=request.param, max_batch_size=4, torch_precision="fp16")
     write_repository(out, settings, {}, options, torch_models=paths)
     return out, settings, paths, request.param
 
@@ -159,8 +175,10 @@ def test_torch_network_configs(torch_repo, model):
     kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     assert [g.kind for g in cfg.instance_group] == [kind]
     params = {k: v.string_value for k, v in cfg.parameters.items()}
-    assert params["torch_file"] == "model.pt" and params["precision"] == "fp16"
-    assert "onnx_file" not in params
+    assert params["precision"] == "fp16" and "onnx_file" not in params
+    # the header's one trace; the rpn's one per canvas, found by the settings' canvases
+    assert (params.get("torch_file"), params.get("torch_per_canvas")) == (
+        (None, "true") if model == names.RPN else ("model.pt", None))
     assert params.get("FORCE_CPU_ONLY_INPUT_TENSORS") == ("no" if device == "gpu" else None)
     assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds == 0  # the default
     assert cfg.max_batch_size == (4 * settings.rpn_post_nms_top_n if model == names.HEADER else 4)
@@ -170,29 +188,28 @@ def test_torch_network_configs(torch_repo, model):
         assert params["cuda_graphs"] == ("true" if device == "gpu" else "false")
         fused = device == "gpu" and params["precision"] == "fp16"
         assert params["optimize_for_inference"] == ("true" if fused else "false")
-        assert params["canvas_buckets"] == "256x256,256x320,320x256"
-        assert params["gpu_memory_fraction"] == "0.5"  # room for every bucket's graphs
+        assert params["canvases"] == "[[256, 256], [256, 320], [320, 256]]"
+        assert params["gpu_memory_fraction"] == "0.5"  # room for every canvas's graphs
     else:
-        assert "channels_last" not in params and "cuda_graphs" not in params and "canvas_buckets" not in params
+        assert "channels_last" not in params and "cuda_graphs" not in params
     version = out / model / "1"
-    assert (version / "model.pt").is_file() and not (version / "model.onnx").exists()
-    buckets = sorted(p.name for p in version.glob("model_*.pt"))
-    assert buckets == (["model_256x256.pt", "model_256x320.pt", "model_320x256.pt"] if model == names.RPN else [])
+    assert sorted(p.name for p in version.iterdir()) == (
+        ["model.py", "model_256x256.pt", "model_256x320.pt", "model_320x256.pt"] if model == names.RPN
+        else ["model.pt", "model.py"])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_torch_repository_serves_its_traces(small_model, traces, tmp_path, monkeypatch, device):
     """The rpn and header ``model.py`` that write_repository puts in a torch-target repository load
-    that repository's traces (``torch_file``, the canvas buckets) on the instance's device and
-    answer a batch of requests, each with what the eager split modules give for it alone.  (The
-    ONNX runner there, or a runner that ignored the traces, would not.)"""
+    that repository's traces (the header's ``torch_file``, the rpn's per canvas) on the instance's
+    device and answer a batch of requests, each with what the eager split modules give for it
+    alone.  (The ONNX runner there, or a runner that ignored the traces, would not.)"""
     settings, paths = traces
     if device == "gpu":
         if not torch.cuda.is_available():
             pytest.skip("needs CUDA")
-        paths = torch_export.export_torch(small_model, settings, tmp_path / "traces", device="gpu",
-                                          buckets=default_buckets(settings))
-    options = RepositoryOptions(target="torch", device=device, max_batch_size=4, torch_rpn_buckets=default_buckets(settings))
+        paths = torch_export.export_torch(small_model, settings, tmp_path / "traces", device="gpu")
+    options = RepositoryOptions(target="torch", device=device, max_batch_size=4)
     repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths)
 
     def serve(model, requests):
@@ -203,15 +220,19 @@ def test_torch_repository_serves_its_traces(small_model, traces, tmp_path, monke
         assert not any(r.has_error() for r in responses), [r.error().message() for r in responses if r.has_error()]
         return responses
 
-    rpn_requests = [dict(zip((names.IMAGES, names.IMAGE_SIZES), preprocess_batch(ims, settings)[:2]))
-                    for ims in (_images()[:1], _images()[1:])]
     eager = RpnNetwork(small_model, settings).eval()
-    for request, response in zip(rpn_requests, serve(names.RPN, rpn_requests)):
-        x, sizes = (torch.from_numpy(request[n]) for n in (names.IMAGES, names.IMAGE_SIZES))
-        with torch.no_grad():
-            want = eager(x, sizes)
-        got = [torch.from_numpy(response.output(n)) for n in (names.PROPOSALS, *names.FEATURES)]
-        assert_same_rpn_outputs(want, got, sizes, dict(rtol=1e-4, atol=1e-3))
+    # an execute holds requests on one canvas (Triton's batcher joins equal shapes only); each
+    # canvas gets its own
+    for canvas in settings.canvases:
+        rpn_requests = [dict(zip((names.IMAGES, names.IMAGE_SIZES), preprocess_batch(ims, settings)[:2]))
+                        for ims in (_batch(canvas, 1), _batch(canvas, 2, seed=5))]
+        for request, response in zip(rpn_requests, serve(names.RPN, rpn_requests)):
+            x, sizes = (torch.from_numpy(request[n]) for n in (names.IMAGES, names.IMAGE_SIZES))
+            assert tuple(x.shape[-2:]) == canvas
+            with torch.no_grad():
+                want = eager(x, sizes)
+            got = [torch.from_numpy(response.output(n)) for n in (names.PROPOSALS, *names.FEATURES)]
+            assert_same_rpn_outputs(want, got, sizes, dict(rtol=1e-4, atol=1e-3))
     g = torch.Generator().manual_seed(1)
     header_requests = []
     for rois in (5, 9):
@@ -229,21 +250,32 @@ def test_torch_repository_serves_its_traces(small_model, traces, tmp_path, monke
 
 @pytest.mark.parametrize("model", [names.RPN, names.HEADER])
 def test_torch_configs_match_the_traces_io(torch_repo, model):
-    """Run each trace on inputs built from its config and check every output against the config."""
-    out, _, _, _ = torch_repo
+    """Run each trace on inputs built from its config (the rpn's at each canvas, where the config's
+    height and width are -1) and check every output against the config: a -1 there is the
+    canvas's map size."""
+    out, settings, _, _ = torch_repo
     cfg = _configs(out)[model]
-    traced = torch.jit.load(str(out / model / "1" / "model.pt"))
     batch = 2
-    args = []
-    for t in cfg.input:
-        assert t.data_type == mc.TYPE_FP32, t.name
-        args.append(torch.rand(batch, *t.dims) * (300 if t.name in (names.IMAGE_SIZES, names.ROIS) else 1))
-    with torch.no_grad():
-        results = traced(*args)
-    assert len(results) == len(cfg.output)
-    for t, r in zip(cfg.output, results):
-        assert TORCH_TYPES[r.dtype] == t.data_type, t.name
-        assert list(r.shape) == [batch, *t.dims], f"{model}.{t.name}: trace gives {list(r.shape)}, config {list(t.dims)}"
+    files = {c: canvas_file(*c) for c in settings.canvases} if model == names.RPN else {None: "model.pt"}
+    for canvas, file in files.items():
+        traced = torch.jit.load(str(out / model / "1" / file))
+        args = []
+        for t in cfg.input:
+            assert t.data_type == mc.TYPE_FP32, t.name
+            free = iter(canvas or ())
+            dims = [next(free) if d == -1 else d for d in t.dims]
+            args.append(torch.rand(batch, *dims) * (300 if t.name in (names.IMAGE_SIZES, names.ROIS) else 1))
+        with torch.no_grad():
+            results = traced(*args)
+        assert len(results) == len(cfg.output)
+        for t, r in zip(cfg.output, results):
+            assert TORCH_TYPES[r.dtype] == t.data_type, t.name
+            assert len(r.shape) == len(t.dims) + 1 and r.shape[0] == batch
+            for got, want in zip(r.shape[1:], t.dims):
+                assert want == got or (want == -1 and canvas is not None), f"{model}.{t.name}: {list(r.shape)}"
+            if t.name in names.FEATURES:
+                stride = canvas[0] // r.shape[1]
+                assert tuple(r.shape[1:3]) == (canvas[0] // stride, canvas[1] // stride) and stride in (4, 8, 16, 32)
 
 
 def test_torch_ensemble_maps_agree_with_step_configs(torch_repo):
@@ -265,76 +297,54 @@ def test_torch_ensemble_maps_agree_with_step_configs(torch_repo):
 
 def test_torch_target_needs_traces(traces, tmp_path):
     settings, paths = traces
-    with pytest.raises(ValueError, match="needs TorchScript traces"):
+    with pytest.raises(ValueError, match=r"needs TorchScript traces of the header and of the rpn at every canvas; "
+                                         r"missing \['header', 'rpn_256x256', 'rpn_256x320', 'rpn_320x256'\]"):
         write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"))
-    with pytest.raises(ValueError, match="needs TorchScript traces"):
-        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"),
-                         torch_models={names.RPN: paths[names.RPN]})
-    with pytest.raises(ValueError, match=r"an rpn trace for each canvas bucket; missing \['288x288'\]"):
-        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch", torch_rpn_buckets=((288, 288),)),
-                         torch_models=paths)
-    with pytest.raises(ValueError, match="canvas bucket 320x352 must fit in the 320x320 canvas"):
-        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch", torch_rpn_buckets=((320, 352),)),
-                         torch_models={**paths, "rpn_320x352": paths[names.RPN]})
+    partial = {k: v for k, v in paths.items() if k != canvas_key(320, 256)}
+    with pytest.raises(ValueError, match=r"missing \['rpn_320x256'\]"):
+        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"), torch_models=partial)
 
 
 def test_cli_exports_the_torch_target(tmp_path):
     repo = tmp_path / "repo"
-    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
-                   "--max-size", "320", "--repository", str(repo)])
+    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--min-size", "256", "--max-size", "320",
+                   "--postprocess-instances", "3", "--repository", str(repo)])
     assert rc == 0
+    assert (repo / names.HEADER / "1" / "model.pt").is_file()
     for model in (names.RPN, names.HEADER):
-        assert (repo / model / "1" / "model.pt").is_file()
         params = read_config(repo / model / "config.pbtxt").parameters
         assert params["precision"].string_value == "fp32"
-    # --rpn-buckets auto (the default): the square, 4:3 and 3:4 buckets of this canvas
-    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model_*.pt")) == [
+    # --canvases auto (the default): the rpn traced at each default canvas of this resize
+    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model*.pt")) == [
         "model_256x256.pt", "model_256x320.pt", "model_320x256.pt"]
-
-
-def test_cli_postprocess_instances(tmp_path):
-    repo = tmp_path / "repo"
-    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
-                   "--max-size", "320", "--rpn-buckets", "none", "--postprocess-instances", "3",
-                   "--repository", str(repo)])
-    assert rc == 0
     assert [g.count for g in read_config(repo / names.POSTPROCESS / "config.pbtxt").instance_group] == [3]
     assert [g.count for g in read_config(repo / names.RPN / "config.pbtxt").instance_group] == [1]
 
 
-@pytest.mark.parametrize("arg, want", [("none", ""), ("288x320, 256x256", "256x256,288x320")])
-def test_cli_rpn_buckets(tmp_path, arg, want):
+@pytest.mark.parametrize("arg, want", [("320x320", ((320, 320),)), ("288x320, 256x256", ((256, 256), (288, 320)))])
+def test_cli_canvases(tmp_path, arg, want):
     repo = tmp_path / "repo"
-    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
-                   "--max-size", "320", "--rpn-buckets", arg, "--repository", str(repo)])
+    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--min-size", "256", "--max-size", "320",
+                   "--canvases", arg, "--repository", str(repo)])
     assert rc == 0
     params = read_config(repo / names.RPN / "config.pbtxt").parameters
-    assert params["canvas_buckets"].string_value == want
-    assert params["gpu_memory_fraction"].string_value == ("0.5" if want else "0.3")
-    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model_*.pt")) == [
-        bucket_file(h, w) for h, w in parse_buckets(want)]
+    assert DetectorSettings.from_parameters({k: v.string_value for k, v in params.items()}).canvases == want
+    assert params["gpu_memory_fraction"].string_value == ("0.5" if len(want) > 1 else "0.3")
+    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model*.pt")) == [canvas_file(h, w) for h, w in want]
 
 
 @pytest.mark.parametrize("arg, error", [("320", "not HEIGHTxWIDTH"), ("300x320", "multiple of 32")])
-def test_cli_rejects_bad_rpn_buckets(tmp_path, capsys, arg, error):
+def test_cli_rejects_bad_canvases(tmp_path, capsys, arg, error):
     with pytest.raises(SystemExit):
-        cli_main(["export", "--target", "torch", "--device", "cpu", "--rpn-buckets", arg,
+        cli_main(["export", "--target", "torch", "--device", "cpu", "--canvases", arg,
                   "--repository", str(tmp_path / "repo")])
     assert error in capsys.readouterr().err
-
-
-def test_cli_rejects_a_bucket_larger_than_the_canvas(tmp_path, capsys):
-    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--canvas", "320x320", "--min-size", "256",
-                   "--max-size", "320", "--rpn-buckets", "352x320", "--repository", str(tmp_path / "repo")])
-    assert rc == 2
-    assert "canvas bucket 352x320 must fit in the 320x320 canvas" in capsys.readouterr().err
 
 
 def test_cli_torch_gpu_without_cuda_is_an_error(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here: the error path is for machines without it")
-    rc = cli_main(["export", "--target", "torch", "--device", "gpu", "--canvas", "320x320", "--repository",
-                   str(tmp_path / "repo")])
+    rc = cli_main(["export", "--target", "torch", "--device", "gpu", "--repository", str(tmp_path / "repo")])
     assert rc == 2
     assert "no CUDA device" in capsys.readouterr().err
 
@@ -349,8 +359,7 @@ def test_torch_target_on_tritonserver_matches_torchvision(small_model, traces, t
 
     settings, paths = traces
     repo = tmp_path / "repo"
-    options = RepositoryOptions(target="torch", max_batch_size=4, queue_delay_us=100_000,
-                                torch_rpn_buckets=default_buckets(settings))
+    options = RepositoryOptions(target="torch", max_batch_size=4, queue_delay_us=100_000)
     write_repository(repo, settings, {}, options, torch_models=paths)
     server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     try:
@@ -360,7 +369,7 @@ def test_torch_target_on_tritonserver_matches_torchvision(small_model, traces, t
     try:
         client = detect.connect(server.grpc_url)
         images = _images()
-        # together (batched onto the full canvas) and one at a time (each on its own bucket)
+        # together and one at a time: square, portrait and landscape, each request on its own canvas
         for concurrency in (3, 1):
             results = detect.infer_many(client, [encode(im) for im in images], concurrency=concurrency)
             for i, (image, res) in enumerate(zip(images, results)):
@@ -394,15 +403,11 @@ def test_rpn_trace_has_no_host_synchronization(traces):
     trace may read a tensor's value on the host (``int(tensor)``, ``.item()``, ``nonzero``).
     Seen on the H100: ``reshape(-1, n * base.shape[0], 4)`` traced as NumToTensor -> mul with a
     CUDA constant -> Int, a device-to-host read, and capture failed."""
-    _, paths = traces
-    graph = str(torch.jit.load(str(paths[names.RPN])).inlined_graph)
-    for op in ("aten::Int", "aten::item", "aten::nonzero", "prim::NumToTensor", "aten::ScalarImplicit"):
-        assert op not in graph, f"{op} in the rpn trace"
-
-
-def _rpn_inputs(settings, batch, device="cpu"):
-    x, sizes, _ = preprocess_batch(_images()[:batch], settings)
-    return [torch.from_numpy(x).to(device), torch.from_numpy(sizes).to(device)]
+    settings, paths = traces
+    for canvas in settings.canvases:
+        graph = str(torch.jit.load(str(paths[canvas_key(*canvas)])).inlined_graph)
+        for op in ("aten::Int", "aten::item", "aten::nonzero", "prim::NumToTensor", "aten::ScalarImplicit"):
+            assert op not in graph, f"{op} in the rpn trace of {canvas}"
 
 
 def test_runtime_options_from_parameters():
@@ -422,8 +427,9 @@ def test_channels_last_rpn_equals_the_plain_trace(traces):
     settings, paths = traces
     args = _rpn_inputs(settings, 3)
     dims = [list(a.shape[1:]) for a in args]
-    plain = TorchNetwork(str(paths[names.RPN]), torch.device("cpu"), dims, 4)
-    nhwc = TorchNetwork(str(paths[names.RPN]), torch.device("cpu"), dims, 4, RuntimeOptions(channels_last=True))
+    path = str(paths[canvas_key(*LANDSCAPE)])
+    plain = TorchNetwork(path, torch.device("cpu"), dims, 4)
+    nhwc = TorchNetwork(path, torch.device("cpu"), dims, 4, RuntimeOptions(channels_last=True))
     assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                for p in nhwc.module.parameters())
     want, got = plain(args), nhwc(args)
@@ -439,25 +445,31 @@ def test_channels_last_rpn_equals_the_plain_trace(traces):
         assert close.float().mean() >= 0.99, f"image {i}: {close.float().mean():.3f} of the proposals found"
 
 
-# --- canvas buckets: the rpn on the smallest canvas that holds a batch ---------------------------
+# --- the rpn per canvas: each batch on its own canvas's trace ------------------------------------
 
-def test_default_buckets_and_their_checks():
-    assert default_buckets(DetectorSettings(num_classes=91)) == ((800, 800), (800, 1088))  # 800x1344: landscape only
-    assert default_buckets(DetectorSettings(num_classes=91, canvas_height=1344)) == (
-        (800, 800), (800, 1088), (1088, 800))
-    assert default_buckets(DetectorSettings(num_classes=91, canvas_width=800)) == ()  # the canvas is the square one
-    assert parse_buckets(format_buckets(((800, 1088), (800, 800)))) == ((800, 1088), (800, 800))
-    assert parse_buckets("") == ()
-    assert check_buckets([(800, 1088), (800, 800), (800, 800)], (800, 1344)) == ((800, 800), (800, 1088))
-    for bad, error in ((((800, 1344),), "be smaller"), (((832, 800),), "must fit"), (((800, 1000),), "multiple of 32")):
-        with pytest.raises(ValueError, match=error):
-            check_buckets(bad, (800, 1344))
+def _canvas_networks(settings, paths, device="cpu", options=RuntimeOptions(), max_batch=4):
+    return CanvasNetworks.load({c: paths[canvas_key(*c)] for c in settings.canvases}, torch.device(device),
+                               max_batch, options)
 
 
-def _bucketed(settings, paths, device="cpu", options=RuntimeOptions(), max_batch=4):
-    bucketed = CanvasBuckets.load(paths[names.RPN], {b: paths[bucket_key(*b)] for b in default_buckets(settings)},
-                                  torch.device(device), max_batch, options, settings)
-    return bucketed.full, bucketed
+def test_canvas_networks_run_each_batch_on_its_canvas_s_trace(small_model, traces):
+    """A batch's (H, W) selects that canvas's trace; its outputs have that canvas's shapes (nothing
+    cropped or padded) and are the eager network's; a size that is no canvas is an error."""
+    settings, paths = traces
+    nets = _canvas_networks(settings, paths)
+    eager = RpnNetwork(small_model, settings).eval()
+    for canvas in settings.canvases:
+        args = _rpn_inputs(settings, 2, canvas=canvas)
+        got = nets(args)
+        with torch.no_grad():
+            want = eager(*args)
+        assert [tuple(m.shape[1:3]) for m in got[1:]] == [(canvas[0] // s, canvas[1] // s) for s in (4, 8, 16, 32)]
+        assert got[0].shape == (2, settings.num_proposals, 6)
+        assert_same_rpn_outputs(want, got, args[1], dict(rtol=1e-4, atol=1e-3))
+    assert nets.calls == {c: 1 for c in settings.canvases}
+    with pytest.raises(ValueError, match=r"images on a 320x320 canvas \(height x width\); this rpn is traced for "
+                                         r"256x256, 256x320, 320x256"):
+        nets([torch.zeros(1, 3, 320, 320), torch.tensor([[320.0, 320.0]])])
 
 
 def assert_same_rpn_outputs(want, got, image_sizes, tol):
@@ -481,68 +493,52 @@ def assert_same_rpn_outputs(want, got, image_sizes, tol):
             torch.testing.assert_close(b[i, :eh, :ew], a[i, :eh, :ew], **tol, msg=lambda m: f"{name} image {i}: {m}")
 
 
-@pytest.mark.parametrize("images, canvas", [
-    ([0], (256, 256)),  # astronaut 512x512 -> 256x256
-    ([0, 2], (256, 320)),  # with a 240x400 landscape (192x320)
-    ([1], (320, 256)),  # a 400x240 portrait (320x192)
-    ([0, 1, 2], (320, 320)),  # portrait and landscape: the full canvas
-])
-def test_bucketed_rpn_equals_the_full_canvas(traces, images, canvas):
-    settings, paths = traces
-    full, bucketed = _bucketed(settings, paths)
-    x, sizes, _ = preprocess_batch([_images()[i] for i in images], settings)
-    args = [torch.from_numpy(x), torch.from_numpy(sizes)]
-    assert bucketed.select(args[1])[0] == canvas
-    got = bucketed(args)
-    assert bucketed.calls == {canvas: 1}
-    want = full(args)
-    assert_same_rpn_outputs(want, got, args[1], dict(rtol=1e-4, atol=1e-3))
-    if canvas != settings.canvas:  # past the bucket: zero cells
-        for stride, m in zip((4, 8, 16, 32), got[1:]):
-            assert not m[:, canvas[0] // stride:].any() and not m[:, :, canvas[1] // stride:].any()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_bucketed_rpn_with_graphs_equals_the_full_canvas(small_model, square_export, tmp_path, precision):
+def test_canvas_networks_with_graphs_equal_eager_calls(small_model, small_export, tmp_path, precision):
     """As served on the GPU (graphs in one shared pool; fp16: channels last and the fused
-    convolutions): every batch on its bucket gives the full canvas's outputs."""
+    convolutions): the largest canvas is captured first, every canvas's graphs share its pool, and
+    each batch's replay gives what its canvas's trace gives eagerly."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    settings, _ = square_export
-    paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision=precision,
-                                      buckets=default_buckets(settings))
+    settings, _ = small_export
+    paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision=precision)
     fp16 = precision == "fp16"
     options = RuntimeOptions(channels_last=fp16, cuda_graphs=True, optimize_for_inference=fp16)
     tol = dict(rtol=1e-2, atol=5e-2) if fp16 else dict(rtol=1e-4, atol=1e-3)
     with torch_export._tf32_off():
-        full, bucketed = _bucketed(settings, paths, "cuda", options, max_batch=3)
-        bucketed.warm_up()
-        assert all(sorted(net._graphs) == [1, 2, 3] and net._pool == full._pool for _, net in bucketed.buckets)
-        cases = (([0], (256, 256)), ([0, 2], (256, 320)), ([1], (320, 256)), ([0, 1, 2], (320, 320)))
-        for images, canvas in cases:
-            x, sizes, _ = preprocess_batch([_images()[i] for i in images], settings)
-            args = [torch.from_numpy(x).cuda(), torch.from_numpy(sizes).cuda()]
-            got = bucketed(args)
-            assert_same_rpn_outputs(full(args), got, args[1], tol)
-    assert bucketed.calls == {canvas: 1 for _, canvas in cases}
+        nets = _canvas_networks(settings, paths, "cuda", options, max_batch=3)
+        order = []
+        for canvas, net in nets.networks.items():  # record the order of the warm-ups
+            net.warm_up = (lambda warm: lambda pool=None, c=canvas: (order.append(c), warm(pool=pool)))(net.warm_up)
+        nets.warm_up()
+        assert order[0] in ((256, 320), (320, 256)) and sorted(order) == sorted(settings.canvases)  # largest first
+        pools = {id(net._pool) for net in nets.networks.values()}
+        assert len(pools) == 1 and all(sorted(net._graphs) == [1, 2, 3] for net in nets.networks.values())
+        plain = _canvas_networks(settings, paths, "cuda", RuntimeOptions(channels_last=fp16, optimize_for_inference=fp16),
+                                 max_batch=3)  # the same modules, called without graphs
+        for canvas in settings.canvases:
+            for batch in (1, 3):
+                args = _rpn_inputs(settings, batch, "cuda", canvas)
+                assert_same_rpn_outputs(plain(args), nets(args), args[1], tol)
+    assert nets.calls == {c: 2 for c in settings.canvases}
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_graph_rpn_equals_eager_calls(small_model, square_export, tmp_path, precision):
+def test_cuda_graph_rpn_equals_eager_calls(small_model, small_export, tmp_path, precision):
     """The runner's graphs (one per batch size, shared pool) give what the trace gives eagerly, for
     every batch size and in any order, and their outputs survive the next replay."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    settings, _ = square_export
+    settings, _ = small_export
     dev = torch.device("cuda")
     paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision=precision)
-    dims = [[3, *settings.canvas], [2]]
+    dims = [[3, *LANDSCAPE], [2]]
     options = RuntimeOptions(channels_last=True, cuda_graphs=True)
-    graphed = TorchNetwork(str(paths[names.RPN]), dev, dims, 3, options)
+    graphed = TorchNetwork(str(paths[canvas_key(*LANDSCAPE)]), dev, dims, 3, options)
     graphed.warm_up()
-    eager = TorchNetwork(str(paths[names.RPN]), dev, dims, 3, RuntimeOptions(channels_last=True))
+    eager = TorchNetwork(str(paths[canvas_key(*LANDSCAPE)]), dev, dims, 3, RuntimeOptions(channels_last=True))
     assert sorted(graphed._graphs) == [1, 2, 3]
     kept = []
     for batch in (3, 1, 2, 3):
@@ -558,14 +554,14 @@ def test_cuda_graph_rpn_equals_eager_calls(small_model, square_export, tmp_path,
 
 
 @pytest.mark.gpu
-def test_warmed_header_serves_any_roi_count_without_growing(small_model, square_export, tmp_path):
+def test_warmed_header_serves_any_roi_count_without_growing(small_model, small_export, tmp_path):
     """After warm_up, header calls of any RoI count up to the largest reuse the cached blocks: the
     process's reserved GPU memory stays within a few small-block segments of where warm_up left it
     (without the warm-up's last, largest call, the soak's header step grew in steps: docs/benchmarks.md,
     "Soak memory").  Control: the same calls after dropping the cache grow it by more than that slack."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    settings, _ = square_export
+    settings, _ = small_export
     dev = torch.device("cuda")
     paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision="fp32")
     s, ch = settings.roi_output_size, settings.fpn_channels
@@ -605,7 +601,7 @@ def test_warmed_header_serves_any_roi_count_without_growing(small_model, square_
 
 
 @pytest.mark.gpu
-def test_optimized_fp16_rpn_is_as_close_to_fp32_as_the_plain_fp16(small_model, square_export, tmp_path):
+def test_optimized_fp16_rpn_is_as_close_to_fp32_as_the_plain_fp16(small_model, small_export, tmp_path):
     """optimize_for_inference (cuDNN's fused convolution + bias + ReLU, in a CUDA graph) against the
     fp32 trace of the same weights, next to the plain fp16 trace: its FPN maps and proposals must
     be no further from fp32 than the plain fp16 ones.  (Fused, a convolution's output is rounded to
@@ -613,16 +609,17 @@ def test_optimized_fp16_rpn_is_as_close_to_fp32_as_the_plain_fp16(small_model, s
     near-ties let either fp16 path swap a few top-k rows, so proposals are compared as fractions.)"""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    settings, _ = square_export
+    settings, _ = small_export
     dev = torch.device("cuda")
-    dims = [[3, *settings.canvas], [2]]
+    dims = [[3, *LANDSCAPE], [2]]
+    key = canvas_key(*LANDSCAPE)
     p16 = torch_export.export_torch(small_model, settings, tmp_path / "fp16", device="gpu", precision="fp16")
     p32 = torch_export.export_torch(small_model, settings, tmp_path / "fp32", device="gpu", precision="fp32")
-    fused = TorchNetwork(str(p16[names.RPN]), dev, dims, 3, RuntimeOptions(True, True, True))
+    fused = TorchNetwork(str(p16[key]), dev, dims, 3, RuntimeOptions(True, True, True))
     fused.warm_up()
     assert "aten::cudnn_convolution_relu" in str(fused.module.inlined_graph)  # the fusion happened
-    plain = TorchNetwork(str(p16[names.RPN]), dev, dims, 3, RuntimeOptions(channels_last=True))
-    ref = TorchNetwork(str(p32[names.RPN]), dev, dims, 3)
+    plain = TorchNetwork(str(p16[key]), dev, dims, 3, RuntimeOptions(channels_last=True))
+    ref = TorchNetwork(str(p32[key]), dev, dims, 3)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     args = _rpn_inputs(settings, 3, dev)
     want, base, got = ref(args), plain(args), fused(args)
@@ -640,31 +637,41 @@ def test_optimized_fp16_rpn_is_as_close_to_fp32_as_the_plain_fp16(small_model, s
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shapes", [[(512, 512)], [(300, 400), (400, 240), (12, 20), (256, 320)]])
-def test_gpu_preprocess_equals_numpy(square_export, shapes):
+@pytest.mark.parametrize("shapes, canvas", [
+    ([(512, 512)], None),  # square: 256x256
+    ([(300, 400), (12, 20), (256, 320)], None),  # landscape: 256x320
+    ([(400, 240), (1000, 333)], None),  # portrait: 320x256
+    ([(300, 400), (400, 240)], (320, 320)),  # a canvas given outright
+])
+def test_gpu_preprocess_equals_numpy(small_export, shapes, canvas):
     cp = _cupy_or_skip()
     from python_backend.cuda.image import preprocess_batch as gpu_preprocess_batch
 
-    settings, _ = square_export
+    settings, _ = small_export
     images = [textured_image(h, w, seed=i) for i, (h, w) in enumerate(shapes)]
-    want = preprocess_batch(images, settings)
+    want = preprocess_batch(images, settings, canvas)
     # The kernel writes the padding itself (the batch is not zeroed first): leave NaN in the pool
     # block the batch will reuse, so a missed padding element shows.
-    ch, cw = settings.canvas
-    junk = cp.full((len(images), 3, ch, cw), cp.nan, dtype=cp.float32)
+    junk = cp.full(want[0].shape, cp.nan, dtype=cp.float32)
     del junk
-    got = gpu_preprocess_batch(images, settings)
+    got = gpu_preprocess_batch(images, settings, canvas)
     for a, b in zip(want, got):
         assert isinstance(b, cp.ndarray)
         np.testing.assert_array_equal(cp.asnumpy(b), a)  # bit for bit: same float32 steps, no FMA
 
 
 @pytest.mark.gpu
-def test_gpu_preprocess_rejects_what_does_not_fit(landscape_export):
+def test_gpu_preprocess_rejects_what_no_canvas_holds(small_export):
+    import dataclasses
+
     _cupy_or_skip()
     from python_backend.cuda.image import preprocess_batch as gpu_preprocess_batch
     from python_backend.reference.image import BadImageError
 
-    settings, _ = landscape_export
-    with pytest.raises(BadImageError, match="does not fit"):
-        gpu_preprocess_batch([textured_image(400, 240, seed=0)], settings)
+    settings, _ = small_export
+    landscape_only = dataclasses.replace(settings, canvases=((256, 320),))
+    with pytest.raises(BadImageError, match=r"image of 400x240 pixels \(height x width\) resizes to 320x192 and "
+                                            r"pads to 320x192: none of the canvases 256x320 holds it"):
+        gpu_preprocess_batch([textured_image(400, 240, seed=0)], landscape_only)
+    with pytest.raises(BadImageError, match="each fits a canvas alone"):
+        gpu_preprocess_batch([textured_image(400, 240, seed=0), textured_image(240, 400, seed=1)], settings)
