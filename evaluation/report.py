@@ -66,6 +66,11 @@ def fp16_line(model: str, rows: list[dict]) -> str:
             f"< {FP16_IMAGE_MIN:.0%}: {'met' if ok else '**not met**'})")
 
 
+def _number(v: float) -> str:
+    """Four significant digits, whole numbers from 1000 on (no exponent)."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     align = ["---" if i == 0 or not isinstance(rows[0][i], (int, float)) else "---:" for i in range(len(header))] \
         if rows else ["---"] * len(header)
@@ -73,7 +78,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     if not rows:
         out.append("| " + " | ".join(["none"] + [""] * (len(header) - 1)) + " |")
     for r in rows:
-        out.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else _cell(v) for v in r) + " |")
+        out.append("| " + " | ".join(_number(v) if isinstance(v, float) else _cell(v) for v in r) + " |")
     return out
 
 
