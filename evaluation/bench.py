@@ -112,7 +112,10 @@ def measure_server(rec: Record, repo: Path, targets: list[Target], plan: Plan, l
             rec.memory_rows.append(memory.server_gpu_sample(triton.process.pid, before, **memory_labels, when="ready"))
         client = grpcclient.InferenceServerClient(triton.grpc_url)
         for target in targets:
-            measure_target(rec, client, triton.grpc_url, target, plan)
+            try:
+                measure_target(rec, client, triton.grpc_url, target, plan)
+            except Exception as e:  # noqa: BLE001 - e.g. the server died: the next targets say so too
+                rec.fail(f"{target.run_name('raw')}: {type(e).__name__}: {e}")
         if memory_labels is not None:
             rec.memory_rows.append(memory.server_gpu_sample(triton.process.pid, before, **memory_labels,
                                                             when="after the load"))
