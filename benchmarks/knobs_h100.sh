@@ -6,8 +6,8 @@
 # Variants (default: plain mps): plain = the exporter's defaults; mps = the same repository under a
 # CUDA MPS daemon; mps_delay2ms = MPS and max_queue_delay_microseconds 2000 (the default is 0);
 # mps_nographs = MPS, no CUDA graphs; mps_i2 = MPS and 2 instances of every step; mps_optimize = MPS
-# and --optimize-for-inference; mps_nobuckets = MPS and --rpn-buckets none (the rpn on the full
-# canvas only); mps_pp1 = MPS and one postprocess instance (--postprocess-instances 1; the GPU
+# and --optimize-for-inference; mps_fullcanvases = MPS and --canvases 800x1344,1344x800 (the full
+# landscape and portrait canvases only, none of the smaller default ones); mps_pp1 = MPS and one postprocess instance (--postprocess-instances 1; the GPU
 # default is 2); trained_optimize = MPS and --optimize-for-inference, fp16 accuracy only (no speed
 # sweep), with a checkpoint trained by benchmarks.train_synthetic (90 s), on its held-out scenes.
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (benchmarks.perf's summary of each variant).
@@ -42,7 +42,7 @@ perf() {  # name, work folder, extra benchmarks.perf arguments...
       mps_nographs) perf mps_nographs "$WORK/nographs" --mps --export-args=--no-cuda-graphs ;;
       mps_i2) perf mps_i2 "$WORK/i2" --mps --instances 2 ;;
       mps_optimize) perf mps_optimize "$WORK/optimize" --mps --export-args=--optimize-for-inference ;;
-      mps_nobuckets) perf mps_nobuckets "$WORK/nobuckets" --mps --export-args=--rpn-buckets=none ;;
+      mps_fullcanvases) perf mps_fullcanvases "$WORK/fullcanvases" --mps --export-args=--canvases=800x1344,1344x800 ;;
       mps_pp1) perf mps_pp1 "$WORK/pp1" --mps --export-args=--postprocess-instances=1 ;;
       trained_optimize)
         [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" -m benchmarks.train_synthetic --out "$WORK/synthetic.pt" --seconds 90
