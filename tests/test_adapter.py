@@ -286,3 +286,20 @@ def test_postprocess_isolates_counts_that_disagree_with_the_rois(monkeypatch):
             np.testing.assert_array_equal(got, expected)
     boxes, scores, labels, num = _outputs(responses[2], *outs)
     assert num.tolist() == [[0]] and not boxes.any() and not scores.any()
+
+
+def test_request_canvas_is_read_from_the_shapes_and_checked():
+    """The rpn's images or the roi step's maps give a batch's canvas: one of the settings' (a
+    TensorRT profile or a trace serves each), with every map the canvas over its stride."""
+    settings = DetectorSettings(num_classes=3, canvases=((64, 64), (64, 96)), min_size=48, max_size=96)
+    images = {names.IMAGES: np.zeros((2, 3, 64, 96), np.float32)}
+    assert adapter_module.request_canvas(images, settings) == (64, 96)
+    maps = {n: np.zeros((1, 64 // s, 96 // s, 8), np.float32) for n, s in zip(names.FEATURES, FPN_STRIDES)}
+    assert adapter_module.request_canvas(maps, settings) == (64, 96)
+    assert adapter_module.request_canvas({names.ROIS: np.zeros((3, 4), np.float32)}, settings) is None
+    with pytest.raises(adapter_module.BadRequest, match=r"images: a 96x96 canvas \(height x width\); expected one "
+                                                        r"of the canvases 64x64,64x96"):
+        adapter_module.request_canvas({names.IMAGES: np.zeros((1, 3, 96, 96), np.float32)}, settings)
+    p4 = names.FEATURES[2]
+    with pytest.raises(adapter_module.BadRequest, match=rf"{p4}: expected a 4x6 map \(the 64x96 canvas / 16\), got 4x4"):
+        adapter_module.request_canvas(dict(maps, **{p4: np.zeros((1, 4, 4, 8), np.float32)}), settings)

@@ -292,11 +292,11 @@ class StepAdapter:
 
     def check_values(self, inputs: dict) -> None:
         """Checks of the inputs, on a joined batch: the canvas of the images or maps
-        (:func:`request_canvas`), ``image_sizes`` within it, ``rois`` ordered finite boxes
+        (:func:`request_canvas`) and ``image_sizes`` within it, ``rois`` ordered finite boxes
         (whichever of these ``inputs`` holds)."""
         canvas = request_canvas(inputs, self.settings)
-        if names.IMAGE_SIZES in inputs:
-            check_image_sizes(self.to_host(inputs[names.IMAGE_SIZES]), canvas or self.settings.largest_canvas)
+        if canvas is not None and names.IMAGE_SIZES in inputs:
+            check_image_sizes(self.to_host(inputs[names.IMAGE_SIZES]), canvas)
         if names.ROIS in inputs:
             check_boxes(names.ROIS, self.to_host(inputs[names.ROIS]))
 
