@@ -301,5 +301,6 @@ def test_request_canvas_is_read_from_the_shapes_and_checked():
                                                         r"of the canvases 64x64,64x96"):
         adapter_module.request_canvas({names.IMAGES: np.zeros((1, 3, 96, 96), np.float32)}, settings)
     p4 = names.FEATURES[2]
-    with pytest.raises(adapter_module.BadRequest, match=rf"{p4}: expected a 4x6 map \(the 64x96 canvas / 16\), got 4x4"):
+    with pytest.raises(adapter_module.BadRequest,
+                       match=rf"{p4}: expected a 4x6 map \(the 64x96 canvas / 16\), got 4x4"):
         adapter_module.request_canvas(dict(maps, **{p4: np.zeros((1, 4, 4, 8), np.float32)}), settings)

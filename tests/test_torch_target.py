@@ -515,8 +515,8 @@ def test_canvas_networks_with_graphs_equal_eager_calls(small_model, small_export
         assert order[0] in ((256, 320), (320, 256)) and sorted(order) == sorted(settings.canvases)  # largest first
         pools = {id(net._pool) for net in nets.networks.values()}
         assert len(pools) == 1 and all(sorted(net._graphs) == [1, 2, 3] for net in nets.networks.values())
-        plain = _canvas_networks(settings, paths, "cuda", RuntimeOptions(channels_last=fp16, optimize_for_inference=fp16),
-                                 max_batch=3)  # the same modules, called without graphs
+        same = RuntimeOptions(channels_last=fp16, optimize_for_inference=fp16)
+        plain = _canvas_networks(settings, paths, "cuda", same, max_batch=3)  # the same modules, without graphs
         for canvas in settings.canvases:
             for batch in (1, 3):
                 args = _rpn_inputs(settings, batch, "cuda", canvas)
