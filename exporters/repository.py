@@ -171,8 +171,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
                                                        and options.torch_precision == "fp16").lower()
                 # the caching allocator's cap for this process (torch_runner.py): every canvas's CUDA
-                # graphs keep their own outputs (H100, fp16: 8.4 GiB peak reserved on one 800x1344
-                # canvas, 19.4 GiB with two smaller ones beside it; docs/benchmarks.md)
+                # graphs keep their own outputs (docs/benchmarks.md has the peaks measured)
                 params["gpu_memory_fraction"] = "0.5" if len(settings.canvases) > 1 else "0.3"
         else:
             params["onnx_file"] = "model.onnx"
