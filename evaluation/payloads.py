@@ -50,6 +50,17 @@ def textured_image(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def flat_logo(height: int = 480, width: int = 640) -> np.ndarray:
+    """A red square and a blue disc on a light grey background: most of the image is flat, so a
+    network's scores there come in near-ties (with seeded random weights most of torchvision's 100
+    detections lie within 1e-3 of another), and any rounding difference upstream reorders them."""
+    img = np.full((height, width, 3), 235, np.uint8)
+    img[height // 4:height * 5 // 8, width * 15 // 64:width * 33 // 64] = (200, 30, 30)
+    yy, xx = np.mgrid[:height, :width]
+    img[(yy - height // 2) ** 2 + (xx - width * 47 // 64) ** 2 < (min(height, width) // 6) ** 2] = (30, 60, 190)
+    return img
+
+
 def _save_all(folder: Path, payloads: dict[str, bytes], suffix: str) -> dict[str, bytes]:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in payloads.items():
