@@ -52,8 +52,7 @@ class RepositoryOptions:
     instances: int = 1
     # postprocess is the one step without a batcher (each request carries its own number of RoIs),
     # so more instances are its only way to take requests side by side.  0: automatic, 2 on the GPU
-    # (H100, fp16, concurrency 64: 304.6 against 275.9 images/s with one; docs/benchmarks.md), and
-    # ``instances`` on the CPU
+    # (docs/benchmarks.md, "Night": the A/B that chose two), and ``instances`` on the CPU
     postprocess_instances: int = 0
     queue_delay_us: int = 0  # dynamic batcher max_queue_delay_microseconds (Triton's default; see docs/benchmarks.md)
     # GPU ids (CUDA ordinals) every KIND_GPU instance group is placed on: ``instance_group { gpus: [...] }``,
@@ -68,8 +67,8 @@ class RepositoryOptions:
     trt_precision: str = "fp16"  # fp32 | fp16, and tf32 for the tensorrt target
     trt_workspace_bytes: int = 1 << 30
     ort_trt_cache_dir: str = ""  # trt_engine_cache_path; empty: ONNX Runtime rebuilds at every load
-    # torch target only: precision the TorchScript traces were exported in (written as a
-    # parameter; the runner sets TF32 off and reports it)
+    # torch target only: precision of the TorchScript traces (written as a parameter): fp32 and
+    # tf32 share float32 traces, and the runner turns TF32 on for tf32 only
     torch_precision: str = "fp32"
     # torch target, rpn only (python_backend/torch_runtime.py): channels-last weights and input
     # (fp16 only), one CUDA graph per batch size (GPU instances only), and cuDNN's fused
@@ -93,8 +92,8 @@ class RepositoryOptions:
         allowed = ENGINE_PRECISIONS if self.target == "tensorrt" else TRT_PRECISIONS
         if self.trt_precision not in allowed:
             raise ValueError(f"trt_precision must be one of {allowed}, got {self.trt_precision!r}")
-        if self.torch_precision not in TRT_PRECISIONS:
-            raise ValueError(f"torch_precision must be one of {TRT_PRECISIONS}, got {self.torch_precision!r}")
+        if self.torch_precision not in ENGINE_PRECISIONS:
+            raise ValueError(f"torch_precision must be one of {ENGINE_PRECISIONS}, got {self.torch_precision!r}")
         if self.trt_workspace_bytes < 1:
             raise ValueError(f"trt_workspace_bytes must be positive, got {self.trt_workspace_bytes}")
         if len(set(self.gpus)) != len(self.gpus) or any(not isinstance(g, int) or g < 0 for g in self.gpus):
@@ -165,7 +164,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
             else:  # one trace per canvas (settings.canvases), each named by canvas_file
                 params["torch_per_canvas"] = "true"
                 # channels last speeds up fp16 convolutions (NHWC tensor-core kernels) but slows fp32
-                # ones (H100: 2.97 vs 3.73 ms/image fp16, 15.0 vs 13.0 fp32 at batch 8; docs/benchmarks.md)
+                # ones (docs/benchmarks.md: the fp32 rows of the channels-last measurements)
                 params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16").lower()
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu

@@ -115,7 +115,8 @@ class Options:
                        help="where the python-backend steps run (KIND_CPU or KIND_GPU instances)")
     precision: str = _opt("auto", "repository", env="PRECISION", choices=("auto", *ENGINE_PRECISIONS),
                           help="precision of rpn and header: auto is fp16 for tensorrt and onnxruntime-trt, fp32 "
-                               "otherwise; fp16 for torch and the TensorRT targets, tf32 for tensorrt only")
+                               "otherwise; fp16 for torch and the TensorRT targets; tf32 (fp32 with TF32 tensor cores) for tensorrt "
+                               "and torch")
     max_batch_size: int = _opt(8, "repository", parse=int, env="MAX_BATCH_SIZE", help="images per batch")
     instances: int = _opt(1, "repository", parse=int, env="INSTANCES",
                           help="instances of every step, on each GPU of --gpus for GPU steps")
@@ -159,7 +160,7 @@ class Options:
     def __post_init__(self) -> None:
         if self.precision == "auto":
             object.__setattr__(self, "precision", "fp16" if self.target in ("tensorrt", "onnxruntime-trt") else "fp32")
-        allowed = {"tensorrt": ENGINE_PRECISIONS, "onnxruntime-trt": TRT_PRECISIONS, "torch": TRT_PRECISIONS}
+        allowed = {"tensorrt": ENGINE_PRECISIONS, "onnxruntime-trt": TRT_PRECISIONS, "torch": ENGINE_PRECISIONS}
         allowed = allowed.get(self.target, ("fp32",))
         if self.precision not in allowed:
             raise OptionsError(f"precision {self.precision!r} does not apply to target {self.target!r}: "

@@ -12,10 +12,9 @@ turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
   same computation (different cuDNN algorithms, so not bit-identical).
 * ``optimize_for_inference`` (GPU only): ``torch.jit.freeze`` then ``torch.jit.optimize_for_inference``:
   cuDNN's fused convolution + bias + ReLU (+ residual add) instead of one element-wise kernel
-  each (H100: 2.20 against 3.14 ms/image for the fp16 rpn at batch 8; served, 261 against 217
-  images/s at concurrency 64).  Numerics: fused, a convolution's output is rounded to float16
-  once instead of after each of convolution, bias and ReLU; a GPU test holds it at least as close
-  to fp32 as the plain fp16 trace, and the trained-checkpoint check matched 87 of 87 detections.
+  each (docs/benchmarks.md has the times with and without).  Numerics: fused, a convolution's
+  output is rounded to float16 once instead of after each of convolution, bias and ReLU; a GPU
+  test holds it at least as close to fp32 as the plain fp16 trace.
 * ``cuda_graphs``: one CUDA graph per batch size, captured at warm-up and replayed; it removes
   the CPU cost of launching a few hundred kernels per call, which is most of a batch-1 call's
   time when several processes share the GPU.  Only for inputs whose batch is bounded and whose

@@ -304,3 +304,18 @@ def test_request_canvas_is_read_from_the_shapes_and_checked():
     with pytest.raises(adapter_module.BadRequest,
                        match=rf"{p4}: expected a 4x6 map \(the 64x96 canvas / 16\), got 4x4"):
         adapter_module.request_canvas(dict(maps, **{p4: np.zeros((1, 4, 4, 8), np.float32)}), settings)
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("tf32", True), ("fp16", False)])
+def test_torch_arrays_turn_tf32_on_only_for_the_tf32_precision(monkeypatch, precision, tf32):
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: None)
+    cfg = _double_config("gpu")
+    cfg.parameters["precision"].string_value = precision
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        StepAdapter(fake.model_args(cfg, kind="GPU", device_id=0), fake.pb_utils_module(), arrays="torch")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

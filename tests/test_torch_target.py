@@ -721,3 +721,19 @@ def test_gpu_path_matches_torchvision_on_a_flat_logo(tmp_path):
                                        sizes, originals, settings)
     assert len(ref.scores) >= 50
     assert_parity(ref, from_packed(*(cp.asnumpy(p[0]) for p in packed)), "flat logo on the GPU path")
+
+
+def test_tf32_torch_target_serves_float32_traces_with_tf32_on(tmp_path):
+    """--precision tf32 for the torch target: the traces are fp32's (TF32 is a run-time switch, not
+    part of a trace) and the configs say tf32, which the runner reads to turn TF32 on."""
+    out = tmp_path / "repo"
+    assert cli_main(["export", "--target", "torch", "--precision", "tf32", "--canvases", "256x256",
+                     "--min-size", "256", "--max-size", "320", "--num-classes", "5", "--repository", str(out)]) == 0
+    for model in (names.RPN, names.HEADER):
+        params = {k: v.string_value for k, v in read_config(out / model / "config.pbtxt").parameters.items()}
+        assert params["precision"] == "tf32"
+    rpn = torch.jit.load(str(out / names.RPN / "1" / "model_256x256.pt"))
+    assert {p.dtype for p in rpn.parameters()} == {torch.float32}
+    assert params.get("channels_last") is None  # the header's; the rpn keeps fp32's NCHW
+    rpn_params = {k: v.string_value for k, v in read_config(out / names.RPN / "config.pbtxt").parameters.items()}
+    assert rpn_params["channels_last"] == "false" and rpn_params["optimize_for_inference"] == "false"

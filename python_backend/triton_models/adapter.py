@@ -187,13 +187,14 @@ class _HostArrays(_BackendArrays):
 class _TorchArrays:
     """torch tensors on the instance's device (CPU, or its GPU, made current at construction).
 
-    On a GPU: fp32 means fp32 (no TF32 in convolutions or matmuls; cuDNN's default is TF32 on),
+    On a GPU: fp32 means fp32 (no TF32 in convolutions or matmuls; cuDNN's default is TF32 on) and
+    the ``tf32`` precision turns TF32 on for both,
     and this process's caching allocator is capped at ``memory_fraction`` of the card: the steps
     of the ensemble share the GPU, each in its own process, and cuDNN's autotuner otherwise grabs
     most of the card, leaving the CuPy steps beside it out of memory.
     """
 
-    def __init__(self, device: str, device_id: int, memory_fraction: float):
+    def __init__(self, device: str, device_id: int, memory_fraction: float, tf32: bool = False):
         import torch
 
         self.torch = torch
@@ -201,8 +202,8 @@ class _TorchArrays:
             self.device = torch.device("cuda", device_id)
             # traces saved on the GPU hold index-less "cuda" tensors: the current device
             torch.cuda.set_device(self.device)
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
             torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
         else:
             self.device = torch.device("cpu")
@@ -260,7 +261,8 @@ class StepAdapter:
                              f"KIND_{args['model_instance_kind']}; expected the two to agree")
         if arrays == "torch":
             self.backend = None
-            self.arrays = _TorchArrays(self.device, self.device_id, float(self.params.get("gpu_memory_fraction", "0.3")))
+            self.arrays = _TorchArrays(self.device, self.device_id, float(self.params.get("gpu_memory_fraction", "0.3")),
+                                       tf32=self.params.get("precision") == "tf32")
         elif arrays == "numpy":
             self.backend = backends.get_backend("cpu")
             self.arrays = _HostArrays(self.backend)
