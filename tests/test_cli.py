@@ -274,13 +274,6 @@ def test_console_script_runs(script, args, expect):
     assert expect in proc.stdout
 
 
-def test_python_m_exporters_is_an_alias_of_export(capsys):
-    from exporters.__main__ import main as alias
-
-    assert alias(["serve"]) == 2
-    assert "python -m fasterrcnn --help" in capsys.readouterr().err
-
-
 # --- the demo's closing statement ------------------------------------------------------------
 
 def test_demo_statement_says_what_random_weights_mean():

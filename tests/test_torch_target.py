@@ -12,7 +12,7 @@ import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from exporters import torch_export
-from exporters.__main__ import main as cli_main
+from fasterrcnn.__main__ import main as cli_main
 from exporters.repository import RepositoryOptions, canvas_key, read_config, write_repository
 from exporters.split import HeaderNetwork, RpnNetwork
 from evaluation.parity import assert_parity, from_packed, torchvision_detect
