@@ -1,6 +1,7 @@
 """Time the dense networks alone on the GPU, outside Triton: where does the rpn's time go?
 
-Compares, at batch 1 and 8 on the 800x1344 canvas (seeded random weights, 91 classes):
+Compares, at batch 1 and 8 on the 800x1088 canvas (where preprocess puts a 4:3 photo such as 480x640;
+seeded random weights, 91 classes):
   * torchvision's own backbone + FPN + RPN head (no extent masks, no top-k), eager;
   * our RpnNetwork eager (extent masks + anchors + top-k), fp32;
   * the exported TorchScript traces (fp32, fp16) as the Triton torch runner runs them
@@ -26,6 +27,8 @@ import torch
 
 from evaluation.profiling import kernels_by_group
 from evaluation.timing import cuda_event_ms, fp16_matmul_tflops, model_gflop
+
+CANVAS = (800, 1088)  # the default canvas of a 4:3 photo (python_backend/settings.py default_canvases)
 
 
 def _variants():
@@ -67,6 +70,7 @@ def print_profile(rows, batch: int) -> None:
 def main(argv=None) -> int:
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
+    from exporters.repository import canvas_key
     from exporters.split import RpnNetwork
     from python_backend import names
     from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
@@ -82,11 +86,11 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device("cuda")
     model = random_model(num_classes=91, seed=0)
-    settings = settings_from_model(model)
+    settings = settings_from_model(model, canvases=(CANVAS,))
     tmp = Path(tempfile.mkdtemp(prefix="bench_dense_"))
     precisions = ("fp16",) if args.profile_only else ("fp32", "fp16")
     paths = {p: torch_export.export_torch(model, settings, tmp / p, device="gpu", precision=p) for p in precisions}
-    h, w = settings.canvas
+    h, w = CANVAS
     gflop, tflops = model_gflop(model.to(dev), (h, 1066)), fp16_matmul_tflops()
     floor_ms = gflop / tflops  # GFLOP / (TFLOP/s) = ms
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; torchvision {gflop:.0f} GFLOP per "
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
     sizes = torch.tensor([[h, 1066.0]] * batch, device=dev)
     with torch.no_grad():
         served = RuntimeOptions(channels_last=True, optimize_for_inference=True)
-        print_profile(profile_rpn(str(paths["fp16"][names.RPN]), [[3, h, w], [2]], batch, served, x, sizes), batch)
+        print_profile(profile_rpn(str(paths["fp16"][canvas_key(h, w)]), [[3, h, w], [2]], batch, served, x, sizes), batch)
     if args.profile_only:
         return 0
 
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
             row("RpnNetwork eager fp32 (masks, anchors, top-k; batch norms folded)", batch,
                 cuda_event_ms(lambda: rpn(x, sizes)))
             for precision in ("fp32", "fp16"):
-                rpn_path = str(paths[precision][names.RPN])
+                rpn_path = str(paths[precision][canvas_key(h, w)])
                 for options in variants:
                     net = TorchNetwork(rpn_path, dev, [[3, h, w], [2]], batch, options)
                     net.warm_up()
