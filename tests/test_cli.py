@@ -89,7 +89,7 @@ def test_unwritable_output(tmp_path, capsys):
     (["--canvases", "big"], "HEIGHTxWIDTH"), (["--gpus", "0,0"], "distinct GPU ids"),
     (["--gpus", "first"], "'all' or GPU ids"),
     (["--precision", "fp16"], "precision 'fp16' does not apply to target 'python': choose one of fp32"),
-    (["--target", "torch", "--precision", "tf32"], "choose one of fp32, fp16"),
+    (["--target", "onnxruntime-trt", "--precision", "tf32"], "choose one of fp32, fp16"),
     (["--gpus", "0,1"], "with device 'cpu' and target 'python' every step runs on the CPU"),
     (["--peaky", "50"], "unrecognized arguments: --peaky"),  # a test knob, not a product option
 ])
