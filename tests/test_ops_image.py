@@ -80,8 +80,8 @@ def test_preprocess_batch_matches_batched_transform(backend, shapes, canvas):
     images = [rng.integers(0, 256, size=s + (3,), dtype=np.uint8) for s in shapes]
     device = "cuda" if backend.device == "gpu" else "cpu"
     transform = GeneralizedRCNNTransform(MIN_SIZE, MAX_SIZE, list(MEAN), list(STD)).eval()
-    with torch.no_grad():
-        expected, _ = transform([torch_image(im).to(device) for im in images])
+    with torch.no_grad():  # as evaluation.parity.torchvision_detect: the division on the model's device
+        expected, _ = transform([torch.from_numpy(im).to(device).permute(2, 0, 1).float() / 255 for im in images])
     batch, sizes, originals = host(backend, *backend.preprocess_batch(images, settings))
     assert batch.shape == (len(images), 3, *canvas) and batch.dtype == sizes.dtype == originals.dtype == np.float32
     # here each batch's canvas is the padded size torchvision's batch_images gives it

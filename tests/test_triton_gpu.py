@@ -47,7 +47,10 @@ def _dets(res):
 
 
 @pytest.mark.parametrize("encoded", [True, False], ids=["encoded", "raw"])
-def test_gpu_ensemble_equals_cpu_path_and_torchvision(gpu_server, small_export, small_model, encoded):
+def test_gpu_ensemble_matches_cpu_path_and_torchvision(gpu_server, small_export, small_model, encoded):
+    """The GPU preprocess gives torchvision's pixels on CUDA, which round otherwise than the CPU's
+    (python_backend/torch_image.py), so the GPU ensemble is held to the parity criterion against both
+    the CPU path and torchvision, not to the CPU path's exact numbers."""
     settings, paths = small_export
     cpu = OnnxPipeline(paths["rpn"], paths["header"], settings)
     client = detect.connect(gpu_server.grpc_url)
@@ -58,9 +61,7 @@ def test_gpu_ensemble_equals_cpu_path_and_torchvision(gpu_server, small_export, 
         assert not isinstance(res, Exception), f"{res}\n--- server log ---\n{gpu_server.log_text()[-6000:]}"
         ours = _dets(res)
         (expected,) = cpu([IMAGES[name]])
-        np.testing.assert_array_equal(ours.labels, expected.labels, err_msg=name)
-        np.testing.assert_allclose(ours.boxes, expected.boxes, atol=1e-3, err_msg=name)
-        np.testing.assert_allclose(ours.scores, expected.scores, atol=1e-5, err_msg=name)
+        assert_parity(expected, ours, f"GPU ensemble {name} against the CPU path")
         assert_parity(torchvision_detect(small_model, IMAGES[name]), ours, f"GPU ensemble {name}")
 
 
