@@ -15,7 +15,8 @@ turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
   each (docs/benchmarks.md has the times with and without).  Numerics: fused, a convolution's
   output is rounded to float16 once instead of after each of convolution, bias and ReLU; a GPU
   test holds it at least as close to fp32 as the plain fp16 trace.
-* ``cuda_graphs``: one CUDA graph per batch size, captured at warm-up and replayed; it removes
+* ``cuda_graphs``: CUDA graphs for batch sizes 1, 2, 4, ... and the largest, captured at warm-up
+  and replayed (a batch in between runs in the next larger graph); it removes
   the CPU cost of launching a few hundred kernels per call, which is most of a batch-1 call's
   time when several processes share the GPU.  Only for inputs whose batch is bounded and whose
   other dimensions are fixed (the rpn: one trace per canvas, each on its own canvas).  The
@@ -120,20 +121,30 @@ class TorchNetwork:
         """(outputs, static): with a graph for this batch, its static outputs, which the next replay
         overwrites (copy what must outlive it); else fresh outputs of an eager call."""
         batch = int(args[0].shape[0])
-        if batch in self._graphs:
-            graph, static_in, static_out = self._graphs[batch]
+        size = next((b for b in sorted(self._graphs) if b >= batch), None)
+        if size is not None:
+            # the graph of the smallest captured batch that holds this one; rows past ``batch`` keep
+            # whatever inputs they last held, and their outputs are not returned
+            graph, static_in, static_out = self._graphs[size]
             for dst, src in zip(static_in, args):
-                dst.copy_(src)
+                dst[:batch].copy_(src)
             graph.replay()
-            return static_out, True
+            return (static_out if size == batch else tuple(o[:batch] for o in static_out)), True
         return self._eager(args), False
 
     # --- warm-up and capture ----------------------------------------------------------------------
 
     def batch_sizes(self) -> list[int]:
-        """Every batch size the dynamic batcher can form, or a few RoI counts for the header."""
+        """The batch sizes warmed up: with CUDA graphs, the captured ones (powers of two below
+        ``max_batch``, and ``max_batch``; a batch in between replays the next larger graph), so
+        that a network traced per canvas keeps a few graphs per canvas rather than one per batch
+        size (every graph holds its own outputs); else every batch size the dynamic batcher can
+        form, or a few RoI counts for the header."""
         if self.max_batch <= 0:
             return [1]
+        if self.options.cuda_graphs:
+            return sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch}
+                          | {self.max_batch})
         if self.max_batch <= 64:
             return list(range(1, self.max_batch + 1))
         return [1, self.max_batch // 8, self.max_batch]
