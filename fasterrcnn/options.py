@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 from exporters.export import ModelOptions
 from exporters.repository import DEVICES, ENGINE_PRECISIONS, TRT_PRECISIONS, RepositoryOptions
-from python_backend.settings import parse_canvases
+from python_backend.settings import parse_canvases, parse_flag
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "model_repository"
@@ -55,13 +55,7 @@ def parse_gpus(text: str) -> tuple[int, ...] | None:
     return ids
 
 
-def parse_bool(text: str) -> bool:
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {text!r}")
+parse_bool = parse_flag
 
 
 def parse_optional_int(text: str) -> int | None:

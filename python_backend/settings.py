@@ -235,3 +235,16 @@ def _lists(value):
 def _tuples(value):
     """JSON lists (nested too) as tuples."""
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def parse_flag(value) -> bool:
+    """A yes/no setting as model-config parameters, flags and environment variables write it:
+    ``1/0``, ``true/false``, ``yes/no``, ``on/off`` (any case; empty is false) or a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {value!r}")

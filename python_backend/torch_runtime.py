@@ -33,18 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from python_backend.settings import parse_flag
+
 log = logging.getLogger(__name__)
-
-
-def _flag(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    v = str(value).strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("", "0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +48,7 @@ class RuntimeOptions:
     def from_parameters(cls, params: dict[str, str]) -> "RuntimeOptions":
         """From the model-config parameters named as the fields ("true"/"false"; absent: false)."""
         try:
-            return cls(**{f.name: _flag(params.get(f.name, "false")) for f in dataclasses.fields(cls)})
+            return cls(**{f.name: parse_flag(params.get(f.name, "false")) for f in dataclasses.fields(cls)})
         except ValueError as e:
             raise ValueError(f"torch runner parameters: {e}") from None
 

@@ -419,7 +419,7 @@ def test_runtime_options_from_parameters():
     assert RuntimeOptions.from_parameters({}) == RuntimeOptions(False, False, False)
     assert RuntimeOptions.from_parameters({"channels_last": "true", "cuda_graphs": "False"}) == RuntimeOptions(True, False)
     assert RuntimeOptions.from_parameters({"optimize_for_inference": "yes"}) == RuntimeOptions(optimize_for_inference=True)
-    with pytest.raises(ValueError, match="expected true or false, got 'maybe'"):
+    with pytest.raises(ValueError, match="expected 1/0, true/false, yes/no or on/off, got 'maybe'"):
         RuntimeOptions.from_parameters({"cuda_graphs": "maybe"})
     with pytest.raises(ValueError, match="cuda_graphs needs a GPU"):
         TorchNetwork(__file__, torch.device("cpu"), [[3, 8, 8]], 4, RuntimeOptions(cuda_graphs=True))
