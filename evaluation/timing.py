@@ -6,7 +6,6 @@ Every timer runs ``fn`` ``warmup`` times, then ``repeat`` times, and returns the
 from __future__ import annotations
 
 import statistics
-import time
 
 
 def cuda_event_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
@@ -24,23 +23,6 @@ def cuda_event_ms(fn, warmup: int = 3, repeat: int = 10) -> float:
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def wall_ms(fn, warmup: int = 5, repeat: int = 30) -> float:
-    """Wall-clock time of ``fn`` up to ``torch.cuda.synchronize()``: host work (a host read that
-    synchronizes, say) included, which CUDA events alone would hide."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
 

@@ -93,6 +93,3 @@ def model_parameters(args: dict) -> dict[str, str]:
     config = json.loads(args["model_config"])
     return {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
 
-
-def error_response(pb_utils, message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))

@@ -3,8 +3,8 @@ instance's GPU (KIND_CPU only to try the benchmark's plumbing without one).
 
 Thin adapter over :class:`evaluation.baseline.eager.EagerDetector` through the project's one
 adapter (:class:`python_backend.triton_models.adapter.StepAdapter`: the instance's device, per-request
-errors).  Same input as the ``fasterrcnn`` ensemble (TYPE_STRING ``image``, one encoded image per
-batch item) or, when the config's input is ``image_raw``, as ``fasterrcnn_raw`` (one decoded UINT8
+errors).  Same input as the ``fasterrcnn`` ensemble (UINT8 ``image``, the encoded bytes of one image
+per request) or, when the config's input is ``image_raw``, as ``fasterrcnn_raw`` (one decoded UINT8
 HWC image); same outputs (``boxes``, ``scores``, ``labels``, ``num_detections``).  The images of all
 good requests of one ``execute`` go through one model call.  A bad image fails only its own request.
 
@@ -27,12 +27,7 @@ from python_backend.triton_models.adapter import BadRequest, StepAdapter, split
 class TritonPythonModel:
     def initialize(self, args):
         self.adapter = adapter = StepAdapter(args, pb_utils, arrays="torch")
-        device = adapter.arrays.device
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            fraction = float(adapter.params.get("gpu_memory_fraction", "0.3"))
-            torch.cuda.set_per_process_memory_fraction(fraction, device)
+        device = adapter.arrays.device  # the adapter made it current, TF32 off, the allocator capped
         version = os.path.join(args["model_repository"], args["model_version"])
         weights = os.path.join(version, adapter.params.get("weights_file", "weights.pt"))
         self.detector = EagerDetector(adapter.settings, weights, adapter.params.get("precision", "fp32"), device)
