@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from python_backend import names
 from python_backend.settings import DetectorSettings, canvas_file, format_canvases
 
-from .specs import FP32, INT32, UINT8, max_rois, tensor_specs
+from .specs import FP32, INT32, UINT8, maps_type, max_rois, tensor_specs
 from .specs import io_spec as _io
 from .tensorrt.gpus import PLAN_FILE, PlanTarget, set_cc_model_filenames
 from .tensorrt.profiles import optimization_profiles, shapes_string
@@ -141,7 +141,7 @@ def _instances(cfg: mc.ModelConfig, count: int, gpu: bool, options: RepositoryOp
 
 
 def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
-    specs = tensor_specs(settings)[name]
+    specs = tensor_specs(settings, maps_type(options.target, options.torch_precision))[name]
     batching = name != names.POSTPROCESS
     max_batch = options.max_batch_size if batching else 0
     if name == names.HEADER:
@@ -189,7 +189,7 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
         # python backend running model.pt; KIND_GPU with --device gpu (traced on the GPU),
         # KIND_CPU with --device cpu (traced on the CPU: the CPU-only test setup)
         return python_step_config(name, settings, options)
-    specs = tensor_specs(settings)[name]
+    specs = tensor_specs(settings, maps_type(options.target, options.torch_precision))[name]
     max_batch = max_rois(settings, options.max_batch_size) if name == names.HEADER else options.max_batch_size
     platform = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}[options.target]
     cfg = _base(name, specs, max_batch, platform=platform)

@@ -12,7 +12,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from python_backend import names
 from python_backend.settings import DetectorSettings
 
-FP32, INT32, UINT8 = mc.TYPE_FP32, mc.TYPE_INT32, mc.TYPE_UINT8
+FP32, FP16, INT32, UINT8 = mc.TYPE_FP32, mc.TYPE_FP16, mc.TYPE_INT32, mc.TYPE_UINT8
 # metadata of the rpn ONNX (``metadata_props``): the canvases it was exported for, "800x800,800x1088,..."
 # (its height and width are dynamic, so the canvases can't be read from its input shapes)
 CANVASES_KEY = "canvases"
@@ -28,16 +28,24 @@ def io_spec(name: str, dtype: int, dims, **kw) -> dict:
     return dict(name=name, data_type=dtype, dims=list(dims), **kw)
 
 
-def tensor_specs(settings: DetectorSettings) -> dict[str, tuple[list[dict], list[dict]]]:
+def maps_type(target: str, precision: str) -> int:
+    """Triton dtype of the FPN maps from rpn to roi: TYPE_FP16 from the torch target's fp16 rpn
+    (exporters/torch_export.py leaves them float16, which the roi step pools without a copy),
+    else TYPE_FP32 (the ONNX networks' outputs, which the TensorRT engines keep)."""
+    return FP16 if target == "torch" and precision == "fp16" else FP32
+
+
+def tensor_specs(settings: DetectorSettings, maps: int = FP32) -> dict[str, tuple[list[dict], list[dict]]]:
     """``{step: (inputs, outputs)}`` of every step, without the batch axis, as the ONNX carries them.
 
     Height and width (-1) are the canvas's, one of ``settings.canvases`` per batch: the images
-    ``[3, H, W]`` and the FPN maps ``[H/s, W/s, C]`` (channels last)."""
+    ``[3, H, W]`` and the FPN maps ``[H/s, W/s, C]`` (channels last), of dtype ``maps``
+    (:func:`maps_type`)."""
     c = settings.num_classes
     s = settings.roi_output_size
     ch = settings.fpn_channels
     _io = io_spec
-    feats = [_io(n, FP32, [-1, -1, ch]) for n in names.FEATURES]
+    feats = [_io(n, maps, [-1, -1, ch]) for n in names.FEATURES]
     rpn_in = [_io(names.IMAGES, FP32, [3, -1, -1]), _io(names.IMAGE_SIZES, FP32, [2])]
     rpn_out = [_io(names.PROPOSALS, FP32, [settings.num_proposals, 6])] + feats
     header_in = [_io(names.ROI_FEATURES, FP32, [s, s, ch]), _io(names.ROIS, FP32, [4])]

@@ -9,11 +9,12 @@ forward (anchor grids, extent masks, -inf fill values) without a ``device=`` arg
 ``with torch.device("cuda")`` makes every such call a CUDA one in the graph; the device has no
 index, so at run time it means the current device, which the runner sets to its instance's GPU.
 
-Precisions (outputs are float32 in both, so the rest of the ensemble does not change):
+Precisions (proposals, class scores and boxes are float32 in both):
   fp32  everything in float32.  TF32 is a run-time switch, not part of the trace: the runner
         turns it off (``torch.backends.cuda.matmul.allow_tf32`` and ``cudnn.allow_tf32``).
   fp16  the dense parts (backbone + FPN + RPN head; box head + predictor) in float16; anchors,
-        top-k, sigmoid/softmax, box decode and clipping in float32.  Box decode in float16 would
+        top-k, sigmoid/softmax, box decode and clipping in float32.  The FPN maps are float16
+        outputs (the configs say TYPE_FP16; the roi step pools them in float32).  Box decode in float16 would
         put boxes ~0.5 px off at x ~ 1300 (float16 spacing there is 1 px).
 """
 from __future__ import annotations
@@ -64,20 +65,9 @@ class _FloatOutputs(nn.Module):
         return _to_float(self.module(x))
 
 
-class _FloatFeatures(nn.Module):
-    """fp16 rpn: proposals are already float32; the FPN maps leave the network as float32."""
-
-    def __init__(self, net: RpnNetwork):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: Tensor, image_sizes: Tensor):
-        proposals, *maps = self.net(images, image_sizes)
-        return (proposals, *(m.float() for m in maps))
-
-
 def rpn_module(model, settings: DetectorSettings, precision: str = "fp32") -> nn.Module:
-    """``RpnNetwork`` in the given precision; same inputs and (float32) outputs."""
+    """``RpnNetwork`` in the given precision; same inputs, float32 proposals, and FPN maps in the
+    precision's float type (exporters/specs.py ``maps_type``)."""
     _check_precision(precision)
     net = RpnNetwork(model, settings).eval()
     if precision == "fp32":
@@ -86,8 +76,10 @@ def rpn_module(model, settings: DetectorSettings, precision: str = "fp32") -> nn
     # top-k and box decode (with float32 anchors) stay in float32.
     net.backbone = _HalfInput(net.backbone)
     net.head = _FloatOutputs(net.head)
-    # the extent masks take each conv input's dtype (split._ExtentMasks.mask), so they stay float16 here
-    return _FloatFeatures(net).eval()
+    # the extent masks take each conv input's dtype (split._ExtentMasks.mask), so they stay float16 here;
+    # the FPN maps leave as float16: the roi step pools them in float32, and a float16 value
+    # converts to float32 exactly, so casting them here would only double the bytes moved
+    return net.eval()
 
 
 def header_module(model, precision: str = "fp32") -> nn.Module:

@@ -58,7 +58,8 @@ class Backend:
     ``roi_step(proposals, features, image_sizes, settings)`` -> :class:`python_backend.steps.RoiBatch`.
     ``postprocess_batch(class_scores, class_boxes, counts, image_sizes, original_sizes, settings)``
     -> boxes ``[B, D, 4]``, scores ``[B, D]``, labels ``[B, D]`` int32, num ``[B, 1]`` int32.
-    ``warm_up(settings, max_batch)``: compile kernels and size memory pools before serving.
+    ``warm_up(settings, max_batch, features_dtype="float32")``: compile kernels and size memory
+    pools before serving (``features_dtype``: the FPN maps' dtype, float32 or float16).
     ``ops``: the operators (module docstring).
     """
 
@@ -83,7 +84,7 @@ class Backend:
         return get() if get is not None else np.asarray(array)
 
 
-def _no_warm_up(settings, max_batch: int) -> None:
+def _no_warm_up(settings, max_batch: int, features_dtype: str = "float32") -> None:
     return None
 
 

@@ -30,7 +30,7 @@ def roi_step(proposals, features: list, image_sizes, settings: DetectorSettings,
 
     Args:
         proposals: ``[B, K, 6]`` float32 rpn output.
-        features: P2..P5, each ``[B, H/s, W/s, C]`` float32 on the canvas (channels last).
+        features: P2..P5, each ``[B, H/s, W/s, C]`` float32 or float16 on the canvas (channels last).
         image_sizes: ``[B, 2]`` resized (h, w).
     Returns:
         :class:`RoiBatch`: rois ``[R, 4]``, features ``[R, S, S, C]``, counts ``[B]``.  On the

@@ -86,6 +86,7 @@ class TorchNetwork:
             self.module = torch.jit.optimize_for_inference(torch.jit.freeze(self.module))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
         self._pool = None
+        self._outputs: OutputBuffers | None = None
 
     # --- plain calls -------------------------------------------------------------------------------
 
@@ -140,7 +141,7 @@ class TorchNetwork:
             return list(range(1, self.max_batch + 1))
         return [1, self.max_batch // 8, self.max_batch]
 
-    def warm_up(self, example=None, pool=None) -> None:
+    def warm_up(self, example=None, pool=None, outputs: "OutputBuffers | None" = None) -> None:
         """One call per batch size, so that cuDNN's autotuning happens at load rather than in the
         first requests; with ``cuda_graphs``, then one graph per batch size.
 
@@ -155,15 +156,21 @@ class TorchNetwork:
         ``example(batch)`` gives inputs of a batch (default: ones, valid image sizes and boxes,
         so the call takes the normal path).  ``pool``: a CUDA graph memory pool to capture into
         (shared with other networks' graphs that are never replayed at once; default: a new one).
+        ``outputs``: the :class:`OutputBuffers` every graph writes its outputs into (shared with
+        other networks' graphs in the same way; default: new ones).
         """
         make = example or (lambda b: [torch.ones([b, *d], device=self.device) for d in self.input_dims])
+        largest = None
         for b in self.batch_sizes():
-            self._eager(make(b))
+            largest = self._eager(make(b))
         if self.device.type != "cuda":
             return
         torch.cuda.synchronize(self.device)
         if self.options.cuda_graphs:
             self._pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+            self._outputs = outputs if outputs is not None else OutputBuffers(self.device)
+            self._outputs.reserve(largest)
+            del largest
             # largest first: the shared pool is sized by it, the smaller graphs reuse its blocks
             for b in sorted(self.batch_sizes(), reverse=True):
                 self._capture(b, make(b))
@@ -183,9 +190,59 @@ class TorchNetwork:
             with torch.no_grad(), torch.jit.optimized_execution(False), torch.cuda.graph(graph, pool=self._pool,
                                                                                            stream=stream):
                 out = self.module(*static_in)
+                out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+                # the graph's last kernels copy its outputs into the shared buffers; what the
+                # network allocated (outputs included) is then free at the end of the capture, and
+                # the next capture in the pool reuses it
+                static_out = self._outputs.write(out)
+                del out
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        static_out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
         self._graphs[batch] = (graph, static_in, static_out)
+
+
+class OutputBuffers:
+    """Buffers that CUDA graphs copy their outputs into, one per output position, shared by every
+    graph of the networks that use them (graphs of several batch sizes and canvases that are never
+    replayed at once).
+
+    Each graph's outputs are otherwise its own allocations, kept for as long as the graph lives,
+    so memory grows with every batch size and canvas captured; through these buffers it is the
+    largest output once.  A buffer is flat bytes, large enough for the largest output it held;
+    :meth:`write` views it in each output's shape and dtype.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.buffers: list[torch.Tensor] = []
+
+    def reserve(self, outputs) -> None:
+        """Room for ``outputs`` (tensors of the largest batch a graph will be captured for); call
+        before capturing, outside the capture."""
+        for i, o in enumerate(outputs):
+            nbytes = o.numel() * o.element_size()
+            if i == len(self.buffers):
+                self.buffers.append(torch.empty(0, dtype=torch.uint8, device=self.device))
+            if self.buffers[i].numel() < nbytes:
+                self.buffers[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def write(self, outputs) -> tuple[torch.Tensor, ...]:
+        """``outputs`` copied into the buffers (contiguous); the copies are returned."""
+        if len(outputs) > len(self.buffers):
+            raise ValueError(f"{len(outputs)} outputs, but buffers were reserved for {len(self.buffers)}")
+        copies = []
+        for buf, o in zip(self.buffers, outputs):
+            nbytes = o.numel() * o.element_size()
+            if nbytes > buf.numel():
+                raise ValueError(f"an output of {tuple(o.shape)} {o.dtype} ({nbytes} bytes) does not fit its "
+                                 f"buffer of {buf.numel()} bytes; reserve the largest outputs first")
+            view = buf[:nbytes].view(o.dtype).view(o.shape)
+            view.copy_(o)
+            copies.append(view)
+        return tuple(copies)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.buffers)
 
 
 class CanvasNetworks:
@@ -225,11 +282,11 @@ class CanvasNetworks:
 
     def warm_up(self) -> None:
         """Each canvas's warm-up, the largest (by area) first; on a GPU with CUDA graphs, every
-        canvas's graphs go into one pool, which the largest canvas's capture sized: each capture's
-        temporaries reuse the blocks an earlier capture freed (its outputs stay its own)."""
+        canvas's graphs go into one pool, which the largest canvas's capture sized (each capture
+        reuses the blocks an earlier capture freed), and write into one set of output buffers."""
         order = sorted(self.networks, key=lambda c: c[0] * c[1], reverse=True)
-        pool = None
+        pool = outputs = None
         for canvas in order:
             net = self.networks[canvas]
-            net.warm_up(pool=pool)
-            pool = net._pool if pool is None else pool
+            net.warm_up(pool=pool, outputs=outputs)
+            pool, outputs = net._pool, net._outputs

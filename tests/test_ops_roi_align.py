@@ -178,6 +178,22 @@ def test_matches_torchvision_on_the_canvas(backend, batch, channels):
         assert np.abs(out - ref).max() <= ATOL
 
 
+def test_float16_maps_pool_as_their_float32_values(backend):
+    """The fp16 rpn's maps arrive as float16 (the CuPy kernel's ROI_HALF variant reads them as
+    they are): pooling them gives the bits that pooling the same values in float32 gives, and
+    torchvision's pooler on those values within ATOL."""
+    rng = np.random.default_rng(11)
+    sizes = image_sizes_for(2)
+    feats32 = [f.astype(np.float16).astype(np.float32) for f in canvas_features(rng, 2, 40, sizes, garbage=6e4)]
+    feats16 = [backend.asarray(f.astype(np.float16)) for f in feats32]
+    rois = np.concatenate([edge_case_rois(rng, h, w, 150) for h, w in sizes])
+    roi_img = np.repeat(np.arange(2, dtype=np.int32), len(rois) // 2)
+    got = pool(backend, feats16, rois, roi_img, sizes)
+    np.testing.assert_array_equal(got, pool(backend, feats32, rois, roi_img, sizes))
+    assert np.abs(got - tv_multiscale(feats32, rois, roi_img, sizes)).max() <= ATOL
+    assert set(map_levels(rois).tolist()) == {0, 1, 2, 3}, "not every level was exercised"
+
+
 @pytest.mark.parametrize("num_rois", [0, 1, 17])
 def test_rows_past_num_rois_are_not_written(backend, num_rois):
     """The contract of ``num_rois`` (the RoI count proposal filtering leaves on the device): rows

@@ -24,7 +24,7 @@ from python_backend.settings import DetectorSettings, canvas_file
 from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions, TorchNetwork
 from tritonclient.grpc import model_config_pb2 as mc
 
-TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.int32: mc.TYPE_INT32}
+TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.float16: mc.TYPE_FP16, torch.int32: mc.TYPE_INT32}
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +155,18 @@ def test_bad_precision_and_device_are_named():
 
 # --- configs ------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def traces16(small_model, small_export, tmp_path_factory):
+    """As ``traces``, in fp16 (float16 FPN maps out of the rpn)."""
+    settings, _ = small_export
+    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch16"), device="cpu",
+                                               precision="fp16")
+
+
 @pytest.fixture(scope="module", params=["cpu", "gpu"])
-def torch_repo(request, traces, tmp_path_factory):
-    settings, paths = traces
+def torch_repo(request, traces16, tmp_path_factory):
+    """An fp16 torch-target repository of the fp16 traces."""
+    settings, paths = traces16
     out = tmp_path_factory.mktemp(f"torch_repo_{request.param}")
     options = RepositoryOptions(target="torch", device=request.param, max_batch_size=4, torch_precision="fp16")
     write_repository(out, settings, {}, options, torch_models=paths)
@@ -413,6 +422,31 @@ def test_rpn_trace_has_no_host_synchronization(traces):
         graph = str(torch.jit.load(str(paths[canvas_key(*canvas)])).inlined_graph)
         for op in ("aten::Int", "aten::item", "aten::nonzero", "prim::NumToTensor", "aten::ScalarImplicit"):
             assert op not in graph, f"{op} in the rpn trace of {canvas}"
+
+
+def test_output_buffers_hold_the_largest_outputs_once():
+    """CUDA graphs copy their outputs into shared buffers (python_backend/torch_runtime.py
+    OutputBuffers): each output is a view of its buffer, in its own shape and dtype, and an output
+    larger than what was reserved is refused rather than written past the buffer."""
+    from python_backend.torch_runtime import OutputBuffers
+
+    bufs = OutputBuffers(torch.device("cpu"))
+    big = (torch.arange(24, dtype=torch.float32).reshape(2, 3, 4), torch.ones(8, dtype=torch.float16))
+    bufs.reserve(big)
+    assert bufs.nbytes == 24 * 4 + 8 * 2
+    small = (torch.full((1, 3, 4), 7.0), torch.arange(5, dtype=torch.float16))
+    got = bufs.write(small)
+    for g, s in zip(got, small):
+        assert g.dtype == s.dtype and g.shape == s.shape and torch.equal(g, s)
+    assert got[0].data_ptr() == bufs.buffers[0].data_ptr()  # a view of the buffer, not a new tensor
+    again = bufs.write((torch.zeros(1, 3, 4), torch.zeros(5, dtype=torch.float16)))
+    assert again[0].data_ptr() == got[0].data_ptr() and torch.equal(got[0], torch.zeros(1, 3, 4))
+    bufs.reserve((torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.float16)))  # smaller: no new buffer
+    assert bufs.buffers[0].data_ptr() == got[0].data_ptr()
+    with pytest.raises(ValueError, match=r"does not fit its buffer of 96 bytes"):
+        bufs.write((torch.zeros(3, 3, 4), torch.zeros(1, dtype=torch.float16)))
+    with pytest.raises(ValueError, match="3 outputs, but buffers were reserved for 2"):
+        bufs.write((torch.zeros(1), torch.zeros(1), torch.zeros(1)))
 
 
 def test_runtime_options_from_parameters():

@@ -2,7 +2,7 @@
 // roi_align(aligned=False), one launch for all RoIs of all images and all four FPN levels.
 //
 // Layouts (channels last, the contract of python_backend/names.py):
-//   features  [B, H_l, W_l, C] per level (canvas-sized)
+//   features  [B, H_l, W_l, C] per level (canvas-sized), float32 or float16 (ROI_HALF)
 //   out       [R, ROI_OUT, ROI_OUT, C]  (the header's fc6 weights are permuted to match)
 // Why channels last: a warp's threads take consecutive channels, so each of the 16 bilinear taps
 // of a bin is one coalesced 128-byte read and each output row one coalesced write.  The NCHW
@@ -36,6 +36,21 @@
 
 #define ROI_AXIS (ROI_OUT * ROI_SAMPLING)
 
+// The maps' element type: float32, or float16 with -DROI_HALF (the fp16 rpn's maps: half the bytes
+// gathered).  A float16 value converts to float32 exactly, so pooling float16 maps gives the
+// bits that pooling the same maps cast to float32 gives; the sums stay float32 either way.
+#ifdef ROI_HALF
+typedef unsigned short feat_t;  // IEEE binary16 bits (no cuda_fp16.h needed under NVRTC)
+__device__ __forceinline__ float load_feat(const feat_t* p) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(__ldg(p)));
+    return f;
+}
+#else
+typedef float feat_t;
+__device__ __forceinline__ float load_feat(const feat_t* p) { return __ldg(p); }
+#endif
+
 struct AxisTap {
     int lo, hi;
     float wlo, whi;
@@ -66,14 +81,14 @@ __device__ __forceinline__ float sample_coord(float start, float bin, int p, int
 }
 
 extern "C" __global__ void __launch_bounds__(ROI_CT * ROI_BT, ROI_MINB)
-multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1, const float* __restrict__ f2,
-                     const float* __restrict__ f3, int h0, int w0, int h1, int w1, int h2, int w2, int h3, int w3,
+multilevel_roi_align(const feat_t* __restrict__ f0, const feat_t* __restrict__ f1, const feat_t* __restrict__ f2,
+                     const feat_t* __restrict__ f3, int h0, int w0, int h1, int w1, int h2, int w2, int h3, int w3,
                      const float4* __restrict__ rois, const int* __restrict__ roi_img,
                      const int* __restrict__ num_rois, const float* __restrict__ image_sizes, int C,
                      int size_divisible, int k_min, float canonical_scale, float canonical_level, float eps,
                      float* __restrict__ out) {
     __shared__ AxisTap ytaps[ROI_AXIS], xtaps[ROI_AXIS];
-    __shared__ const float* s_feat;
+    __shared__ const feat_t* s_feat;
     __shared__ int s_w, s_empty;
     const int r = blockIdx.x;
     if (r >= *num_rois) return;
@@ -87,7 +102,7 @@ multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1,
         float lvl = floorf(__fadd_rn(__fadd_rn(canonical_level, log2f(__fdiv_rn(sqrtf(area), canonical_scale))), eps));
         lvl = fminf(fmaxf(lvl, (float)k_min), (float)(k_min + 3));
         const int level = (int)lvl - k_min;
-        const float* feat;
+        const feat_t* feat;
         int H, W;
         switch (level) {
             case 0: feat = f0; H = h0; W = w0; break;
@@ -122,7 +137,7 @@ multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1,
         for (int i = tid; i < ROI_OUT * ROI_OUT * C; i += ROI_CT * ROI_BT) dst[i] = 0.f;
         return;
     }
-    const float* feat = s_feat;
+    const feat_t* feat = s_feat;
     const int W = s_w;
     const float inv_count = 1.f / (float)(ROI_SAMPLING * ROI_SAMPLING);
     for (int bin = threadIdx.y; bin < ROI_OUT * ROI_OUT; bin += ROI_BT) {
@@ -135,10 +150,10 @@ multilevel_roi_align(const float* __restrict__ f0, const float* __restrict__ f1,
 #pragma unroll
                 for (int ix = 0; ix < ROI_SAMPLING; ++ix) {
                     const AxisTap tx = xtaps[pw * ROI_SAMPLING + ix];
-                    const float v1 = __ldg(feat + ((size_t)ty.lo * W + tx.lo) * C + c);
-                    const float v2 = __ldg(feat + ((size_t)ty.lo * W + tx.hi) * C + c);
-                    const float v3 = __ldg(feat + ((size_t)ty.hi * W + tx.lo) * C + c);
-                    const float v4 = __ldg(feat + ((size_t)ty.hi * W + tx.hi) * C + c);
+                    const float v1 = load_feat(feat + ((size_t)ty.lo * W + tx.lo) * C + c);
+                    const float v2 = load_feat(feat + ((size_t)ty.lo * W + tx.hi) * C + c);
+                    const float v3 = load_feat(feat + ((size_t)ty.hi * W + tx.lo) * C + c);
+                    const float v4 = load_feat(feat + ((size_t)ty.hi * W + tx.hi) * C + c);
                     // torchvision: w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4, w1 = hy * hx ...
                     acc += ty.wlo * tx.wlo * v1 + ty.wlo * tx.whi * v2 + ty.whi * tx.wlo * v3 + ty.whi * tx.whi * v4;
                 }

@@ -29,7 +29,7 @@ def multilevel_roi_align(features: list[cp.ndarray], rois, roi_img, image_sizes,
     """torchvision MultiScaleRoIAlign for RoIs of several images on canvas-sized FPN maps, in one launch.
 
     Args as :func:`python_backend.reference.roi_align.multilevel_roi_align`; here ``strides``
-    must be 4 levels, and ``num_rois`` may stay on the device (``ProposalRois.num_rois``), so
+    must be 4 levels (float16 maps are pooled without a float32 copy), and ``num_rois`` may stay on the device (``ProposalRois.num_rois``), so
     that pooling follows proposal filtering without a host round trip: rows
     ``>= num_rois[0]`` are not written.  ``roi_img`` values are not checked here (that would
     cost a host synchronization); one outside ``[0, B)`` reads outside the maps.
@@ -52,13 +52,16 @@ def multilevel_roi_align(features: list[cp.ndarray], rois, roi_img, image_sizes,
         raise ValueError("out should be a C-contiguous CuPy array")
     if r == 0 or c == 0:
         return out
-    features = [cp.ascontiguousarray(f.astype(cp.float32, copy=False)) for f in features]
+    # float16 maps (the fp16 rpn's) are read as they are, by the kernel's ROI_HALF variant
+    half = all(f.dtype == cp.float16 for f in features)
+    features = [cp.ascontiguousarray(f if half else f.astype(cp.float32, copy=False)) for f in features]
     rois = cp.ascontiguousarray(rois.astype(cp.float32, copy=False))
     roi_img = cp.ascontiguousarray(roi_img.astype(cp.int32, copy=False))
     image_sizes = cp.ascontiguousarray(image_sizes.astype(cp.float32, copy=False))
     num_rois = cp.full((1,), r, dtype=cp.int32) if num_rois is None else num_rois.astype(cp.int32, copy=False)
     dims = [np.int32(d) for f in features for d in f.shape[1:3]]
-    kernel("roi_align", "multilevel_roi_align", _options(output_size, sampling_ratio))(
+    options = _options(output_size, sampling_ratio) + (("-DROI_HALF",) if half else ())
+    kernel("roi_align", "multilevel_roi_align", options)(
         (r,), (CHANNEL_THREADS, BIN_THREADS),
         (*features, *dims, rois, roi_img, num_rois, image_sizes, np.int32(c), np.int32(size_divisible),
          np.int32(k_min), np.float32(canonical_scale), np.float32(canonical_level), np.float32(eps), out))

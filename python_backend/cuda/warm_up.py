@@ -8,7 +8,7 @@ from ..steps import roi_step
 from . import ops
 
 
-def warm_up_roi_step(settings: DetectorSettings, max_batch: int) -> None:
+def warm_up_roi_step(settings: DetectorSettings, max_batch: int, features_dtype: str = "float32") -> None:
     """One roi step (:func:`python_backend.steps.roi_step` on the CuPy ops) on a full batch of
     ``max_batch`` images on the largest canvas (by area), at load.
 
@@ -20,7 +20,8 @@ def warm_up_roi_step(settings: DetectorSettings, max_batch: int) -> None:
     (the soak run in docs/benchmarks.md).
 
     The proposals are all marked dropped (level -1): the buffers and launches are the same as
-    for real ones, and no RoI survives.
+    for real ones, and no RoI survives.  ``features_dtype``: the maps' dtype as the rpn sends them
+    (float16 from the torch target's fp16 rpn), so that the kernel variant served is the one compiled.
     """
     if max_batch < 1:
         raise ValueError(f"max_batch must be positive, got {max_batch}")
@@ -29,7 +30,7 @@ def warm_up_roi_step(settings: DetectorSettings, max_batch: int) -> None:
     h, w = settings.largest_canvas
     proposals = cp.zeros((max_batch, settings.num_proposals, 6), dtype=cp.float32)
     proposals[..., 5] = -1
-    features = [cp.zeros((max_batch, level_grid(h, s), level_grid(w, s), settings.fpn_channels), dtype=cp.float32)
+    features = [cp.zeros((max_batch, level_grid(h, s), level_grid(w, s), settings.fpn_channels), dtype=features_dtype)
                 for s in FPN_STRIDES]
     sizes = cp.asarray([[h, w]] * max_batch, dtype=cp.float32)
     batch = roi_step(proposals, features, sizes, settings, ops)

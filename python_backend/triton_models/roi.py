@@ -20,7 +20,9 @@ from python_backend.triton_models.adapter import StepAdapter, rows
 class TritonPythonModel:
     def initialize(self, args):
         self.adapter = StepAdapter(args, pb_utils)
-        self.adapter.backend.warm_up(self.adapter.settings, max(self.adapter.max_batch, 1))
+        a = self.adapter
+        maps = next(s.dtype for s in a.inputs if s.name == names.FEATURES[0])  # float16 from an fp16 torch rpn
+        a.backend.warm_up(a.settings, max(a.max_batch, 1), features_dtype=maps)
 
     def execute(self, requests):
         return self.adapter.execute(requests, self._run)

@@ -1,0 +1,103 @@
+"""GPU memory of the served rpn, outside Triton: where does the rpn process's memory go?
+
+Traces the rpn for the default canvases (seeded random weights, 91 classes), loads the traces
+the way the torch runner does (python_backend/torch_runtime.py ``CanvasNetworks``, the options
+the exporter writes for the precision) and warms them up canvas by canvas, printing after each
+stage: torch's allocated and reserved bytes, the CUDA-graph pool's share of them, and the
+process's whole use of the card (``cudaMemGetInfo`` before and after, which counts the CUDA
+context and cuDNN's libraries as well).  One precision per process, so that each starts clean.
+
+    python -m benchmarks.rpn_memory [--precisions fp16,fp32] [--canvases auto] [--max-batch 8]
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+GIB = 1 << 30
+
+
+def _pool_bytes() -> tuple[int, int]:
+    """(reserved bytes in CUDA-graph pools, in the default pool) from the allocator's segments."""
+    graphs = default = 0
+    for seg in torch.cuda.memory_snapshot():
+        if seg.get("segment_pool_id", (0, 0)) != (0, 0):
+            graphs += seg["total_size"]
+        else:
+            default += seg["total_size"]
+    return graphs, default
+
+
+def measure(precision: str, canvases: str, max_batch: int) -> None:
+    from exporters import torch_export
+    from exporters.loading import random_model, settings_from_model
+    from exporters.repository import canvas_key
+    from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions
+
+    dev = torch.device("cuda")
+    free0, total = torch.cuda.mem_get_info(dev)
+    torch.backends.cudnn.benchmark = True  # as the torch runner sets it
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    model = random_model(num_classes=91, seed=0)
+    settings = settings_from_model(model, canvases=canvases)
+    tmp = Path(tempfile.mkdtemp(prefix="rpn_memory_"))
+    paths = torch_export.export_torch(model, settings, tmp, device="gpu", precision=precision)
+    del model
+    torch.cuda.empty_cache()
+    fp16 = precision == "fp16"
+    # the torch runner's options for the rpn as exporters/repository.py writes them for a GPU
+    options = RuntimeOptions(channels_last=fp16, cuda_graphs=True, optimize_for_inference=fp16)
+    rows = []
+
+    def row(stage: str) -> None:
+        torch.cuda.synchronize(dev)
+        graphs, default = _pool_bytes()
+        free, _ = torch.cuda.mem_get_info(dev)
+        rows.append((stage, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev), graphs, default,
+                     free0 - free))
+
+    torch.cuda.reset_peak_memory_stats(dev)
+    nets = CanvasNetworks.load({c: str(paths[canvas_key(*c)]) for c in settings.canvases}, dev, max_batch, options)
+    row("traces loaded")
+    pool = outputs = None
+    for canvas in sorted(nets.networks, key=lambda c: c[0] * c[1], reverse=True):
+        net = nets.networks[canvas]
+        net.warm_up(pool=pool, outputs=outputs)
+        pool, outputs = net._pool, net._outputs
+        row(f"{canvas[0]}x{canvas[1]} warmed up, graphs {sorted(net._graphs)}")
+    peak = torch.cuda.max_memory_reserved(dev)
+    print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}: rpn {precision}, canvases "
+          f"{', '.join(f'{h}x{w}' for h, w in settings.canvases)}, max batch {max_batch}; options {options}; "
+          f"shared output buffers {outputs.nbytes / GIB if outputs else 0:.2f} GiB; peak reserved {peak / GIB:.2f} GiB")
+    print("| stage | allocated GiB | reserved GiB | graph pool GiB | default pool GiB | process on the card GiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for stage, alloc, reserved, graphs, default, used in rows:
+        print(f"| {stage} | {alloc / GIB:.2f} | {reserved / GIB:.2f} | {graphs / GIB:.2f} | {default / GIB:.2f} | "
+              f"{used / GIB:.2f} |", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.rpn_memory", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--precisions", default="fp16,fp32")
+    ap.add_argument("--canvases", default="auto", help="as fasterrcnn export --canvases")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one precision
+    args = ap.parse_args(argv)
+    if args.one:
+        measure(args.one, args.canvases, args.max_batch)
+        return 0
+    rc = 0
+    for precision in args.precisions.split(","):
+        rc |= subprocess.run([sys.executable, "-m", "benchmarks.rpn_memory", "--one", precision, "--canvases",
+                              args.canvases, "--max-batch", str(args.max_batch)]).returncode
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
