@@ -64,16 +64,17 @@ def measure(precision: str, canvases: str, max_batch: int) -> None:
     torch.cuda.reset_peak_memory_stats(dev)
     nets = CanvasNetworks.load({c: str(paths[canvas_key(*c)]) for c in settings.canvases}, dev, max_batch, options)
     row("traces loaded")
-    pool = outputs = None
-    for canvas in sorted(nets.networks, key=lambda c: c[0] * c[1], reverse=True):
+    memory = None
+    for canvas in sorted(nets.networks, key=lambda c: c[0] * c[1], reverse=True):  # as CanvasNetworks.warm_up
         net = nets.networks[canvas]
-        net.warm_up(pool=pool, outputs=outputs)
-        pool, outputs = net._pool, net._outputs
+        net.warm_up(memory=memory)
+        memory = net._memory
         row(f"{canvas[0]}x{canvas[1]} warmed up, graphs {sorted(net._graphs)}")
     peak = torch.cuda.max_memory_reserved(dev)
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}: rpn {precision}, canvases "
           f"{', '.join(f'{h}x{w}' for h, w in settings.canvases)}, max batch {max_batch}; options {options}; "
-          f"shared output buffers {outputs.nbytes / GIB if outputs else 0:.2f} GiB; peak reserved {peak / GIB:.2f} GiB")
+          f"shared buffers: inputs {memory.inputs.nbytes / GIB:.2f} GiB, outputs {memory.outputs.nbytes / GIB:.2f} GiB; "
+          f"peak reserved {peak / GIB:.2f} GiB")
     print("| stage | allocated GiB | reserved GiB | graph pool GiB | default pool GiB | process on the card GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for stage, alloc, reserved, graphs, default, used in rows:

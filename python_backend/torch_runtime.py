@@ -15,8 +15,8 @@ turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
   each (docs/benchmarks.md has the times with and without).  Numerics: fused, a convolution's
   output is rounded to float16 once instead of after each of convolution, bias and ReLU; a GPU
   test holds it at least as close to fp32 as the plain fp16 trace.
-* ``cuda_graphs``: CUDA graphs for batch sizes 1, 2, 4, ... and the largest, captured at warm-up
-  and replayed (a batch in between runs in the next larger graph); it removes
+* ``cuda_graphs``: CUDA graphs for every batch size (:meth:`TorchNetwork.batch_sizes`), captured
+  at warm-up into memory they share (:class:`GraphMemory`) and replayed; it removes
   the CPU cost of launching a few hundred kernels per call, which is most of a batch-1 call's
   time when several processes share the GPU.  Only for inputs whose batch is bounded and whose
   other dimensions are fixed (the rpn: one trace per canvas, each on its own canvas).  The
@@ -36,6 +36,8 @@ import torch
 from python_backend.settings import parse_flag
 
 log = logging.getLogger(__name__)
+
+GRAPH_EVERY_BATCH = 16  # with CUDA graphs, one graph per batch size up to this max_batch_size
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,7 @@ class TorchNetwork:
             # kernel time on the H100 (benchmarks/bench_dense.py --profile-only)
             self.module = torch.jit.optimize_for_inference(torch.jit.freeze(self.module))
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
-        self._pool = None
-        self._outputs: OutputBuffers | None = None
+        self._memory: GraphMemory | None = None
 
     # --- plain calls -------------------------------------------------------------------------------
 
@@ -127,21 +128,21 @@ class TorchNetwork:
     # --- warm-up and capture ----------------------------------------------------------------------
 
     def batch_sizes(self) -> list[int]:
-        """The batch sizes warmed up: with CUDA graphs, the captured ones (powers of two below
-        ``max_batch``, and ``max_batch``; a batch in between replays the next larger graph), so
-        that a network traced per canvas keeps a few graphs per canvas rather than one per batch
-        size (every graph holds its own outputs); else every batch size the dynamic batcher can
-        form, or a few RoI counts for the header."""
+        """The batch sizes warmed up: every batch size the dynamic batcher can form (up to
+        ``GRAPH_EVERY_BATCH`` with CUDA graphs: graphs share their memory (:class:`GraphMemory`),
+        so one per batch size costs little, and a batch never pays for a larger one's rows; above
+        it, powers of two and ``max_batch``, a batch in between replaying the next larger graph),
+        or a few RoI counts for the header."""
         if self.max_batch <= 0:
             return [1]
-        if self.options.cuda_graphs:
+        if self.options.cuda_graphs and self.max_batch > GRAPH_EVERY_BATCH:
             return sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch}
                           | {self.max_batch})
         if self.max_batch <= 64:
             return list(range(1, self.max_batch + 1))
         return [1, self.max_batch // 8, self.max_batch]
 
-    def warm_up(self, example=None, pool=None, outputs: "OutputBuffers | None" = None) -> None:
+    def warm_up(self, example=None, memory: "GraphMemory | None" = None) -> None:
         """One call per batch size, so that cuDNN's autotuning happens at load rather than in the
         first requests; with ``cuda_graphs``, then one graph per batch size.
 
@@ -154,10 +155,8 @@ class TorchNetwork:
         ever larger batches first arrived (docs/benchmarks.md).
 
         ``example(batch)`` gives inputs of a batch (default: ones, valid image sizes and boxes,
-        so the call takes the normal path).  ``pool``: a CUDA graph memory pool to capture into
-        (shared with other networks' graphs that are never replayed at once; default: a new one).
-        ``outputs``: the :class:`OutputBuffers` every graph writes its outputs into (shared with
-        other networks' graphs in the same way; default: new ones).
+        so the call takes the normal path).  ``memory``: the :class:`GraphMemory` to capture with,
+        shared with other networks whose graphs are never replayed at once (default: a new one).
         """
         make = example or (lambda b: [torch.ones([b, *d], device=self.device) for d in self.input_dims])
         largest = None
@@ -167,9 +166,9 @@ class TorchNetwork:
             return
         torch.cuda.synchronize(self.device)
         if self.options.cuda_graphs:
-            self._pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-            self._outputs = outputs if outputs is not None else OutputBuffers(self.device)
-            self._outputs.reserve(largest)
+            self._memory = memory if memory is not None else GraphMemory(self.device)
+            self._memory.inputs.reserve([self._layout(a) for a in make(max(self.batch_sizes()))])
+            self._memory.outputs.reserve(largest)
             del largest
             # largest first: the shared pool is sized by it, the smaller graphs reuse its blocks
             for b in sorted(self.batch_sizes(), reverse=True):
@@ -181,68 +180,88 @@ class TorchNetwork:
         torch.cuda.synchronize(self.device)
 
     def _capture(self, batch: int, args: list[torch.Tensor]) -> None:
-        static_in = [self._layout(a).clone() for a in args]
+        memory = self._memory
+        static_in = memory.inputs.write([self._layout(a) for a in args])
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(self.device)
+        stream = memory.stream
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             self._eager(static_in)  # one run on the side stream before capture, as torch advises
-            with torch.no_grad(), torch.jit.optimized_execution(False), torch.cuda.graph(graph, pool=self._pool,
+            with torch.no_grad(), torch.jit.optimized_execution(False), torch.cuda.graph(graph, pool=memory.pool,
                                                                                            stream=stream):
                 out = self.module(*static_in)
                 out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
                 # the graph's last kernels copy its outputs into the shared buffers; what the
                 # network allocated (outputs included) is then free at the end of the capture, and
                 # the next capture in the pool reuses it
-                static_out = self._outputs.write(out)
+                static_out = memory.outputs.write(out)
                 del out
         torch.cuda.current_stream(self.device).wait_stream(stream)
         self._graphs[batch] = (graph, static_in, static_out)
 
 
-class OutputBuffers:
-    """Buffers that CUDA graphs copy their outputs into, one per output position, shared by every
-    graph of the networks that use them (graphs of several batch sizes and canvases that are never
-    replayed at once).
+class GraphMemory:
+    """What the CUDA graphs of networks that are never replayed at once share (every batch size
+    and canvas of the rpn; one instance replays one graph at a time):
 
-    Each graph's outputs are otherwise its own allocations, kept for as long as the graph lives,
-    so memory grows with every batch size and canvas captured; through these buffers it is the
-    largest output once.  A buffer is flat bytes, large enough for the largest output it held;
-    :meth:`write` views it in each output's shape and dtype.
+    * one memory pool, so that a capture reuses the blocks earlier captures freed;
+    * one capture stream: the caching allocator hands a freed block only to allocations on the
+      stream it was made on, so with a new stream per capture no capture reused another's blocks
+      and the pool grew by a whole network's temporaries per canvas (``benchmarks.rpn_memory``;
+      docs/benchmarks.md has both measurements);
+    * the buffers of their inputs and outputs (:class:`SharedBuffers`), else each graph's own.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(self.device)
+        self.inputs = SharedBuffers(self.device)
+        self.outputs = SharedBuffers(self.device)
+
+
+class SharedBuffers:
+    """One buffer per tensor position, large enough for the largest tensor it held, shared by
+    graphs that are never replayed at once; :meth:`write` views a buffer in each tensor's shape,
+    dtype and memory format (channels last stays channels last).
     """
 
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.buffers: list[torch.Tensor] = []
 
-    def reserve(self, outputs) -> None:
-        """Room for ``outputs`` (tensors of the largest batch a graph will be captured for); call
+    def reserve(self, tensors) -> None:
+        """Room for ``tensors`` (those of the largest batch a graph will be captured for); call
         before capturing, outside the capture."""
-        for i, o in enumerate(outputs):
-            nbytes = o.numel() * o.element_size()
+        for i, t in enumerate(tensors):
             if i == len(self.buffers):
                 self.buffers.append(torch.empty(0, dtype=torch.uint8, device=self.device))
-            if self.buffers[i].numel() < nbytes:
-                self.buffers[i] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            if self.buffers[i].numel() < _nbytes(t):
+                self.buffers[i] = torch.empty(_nbytes(t), dtype=torch.uint8, device=self.device)
 
-    def write(self, outputs) -> tuple[torch.Tensor, ...]:
-        """``outputs`` copied into the buffers (contiguous); the copies are returned."""
-        if len(outputs) > len(self.buffers):
-            raise ValueError(f"{len(outputs)} outputs, but buffers were reserved for {len(self.buffers)}")
+    def write(self, tensors) -> tuple[torch.Tensor, ...]:
+        """``tensors`` copied into the buffers; the copies (views of the buffers) are returned."""
+        if len(tensors) > len(self.buffers):
+            raise ValueError(f"{len(tensors)} tensors, but buffers were reserved for {len(self.buffers)}")
         copies = []
-        for buf, o in zip(self.buffers, outputs):
-            nbytes = o.numel() * o.element_size()
-            if nbytes > buf.numel():
-                raise ValueError(f"an output of {tuple(o.shape)} {o.dtype} ({nbytes} bytes) does not fit its "
-                                 f"buffer of {buf.numel()} bytes; reserve the largest outputs first")
-            view = buf[:nbytes].view(o.dtype).view(o.shape)
-            view.copy_(o)
+        for buf, t in zip(self.buffers, tensors):
+            if _nbytes(t) > buf.numel():
+                raise ValueError(f"a tensor of {tuple(t.shape)} {t.dtype} ({_nbytes(t)} bytes) does not fit its "
+                                 f"buffer of {buf.numel()} bytes; reserve the largest tensors first")
+            flat = buf[:_nbytes(t)].view(t.dtype)
+            dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+            view = flat.as_strided(t.shape, t.stride()) if dense else flat.view(t.shape)
+            view.copy_(t)
             copies.append(view)
         return tuple(copies)
 
     @property
     def nbytes(self) -> int:
         return sum(b.numel() for b in self.buffers)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class CanvasNetworks:
@@ -282,11 +301,10 @@ class CanvasNetworks:
 
     def warm_up(self) -> None:
         """Each canvas's warm-up, the largest (by area) first; on a GPU with CUDA graphs, every
-        canvas's graphs go into one pool, which the largest canvas's capture sized (each capture
-        reuses the blocks an earlier capture freed), and write into one set of output buffers."""
+        canvas's graphs share one :class:`GraphMemory`, which the largest canvas's capture sized."""
         order = sorted(self.networks, key=lambda c: c[0] * c[1], reverse=True)
-        pool = outputs = None
+        memory = None
         for canvas in order:
             net = self.networks[canvas]
-            net.warm_up(pool=pool, outputs=outputs)
-            pool, outputs = net._pool, net._outputs
+            net.warm_up(memory=memory)
+            memory = net._memory

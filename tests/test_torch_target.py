@@ -424,13 +424,13 @@ def test_rpn_trace_has_no_host_synchronization(traces):
             assert op not in graph, f"{op} in the rpn trace of {canvas}"
 
 
-def test_output_buffers_hold_the_largest_outputs_once():
-    """CUDA graphs copy their outputs into shared buffers (python_backend/torch_runtime.py
-    OutputBuffers): each output is a view of its buffer, in its own shape and dtype, and an output
-    larger than what was reserved is refused rather than written past the buffer."""
-    from python_backend.torch_runtime import OutputBuffers
+def test_shared_buffers_hold_the_largest_tensors_once():
+    """CUDA graphs share the buffers of their inputs and outputs (python_backend/torch_runtime.py
+    SharedBuffers): each tensor is a view of its buffer, in its own shape, dtype and memory format,
+    and a tensor larger than what was reserved is refused rather than written past the buffer."""
+    from python_backend.torch_runtime import SharedBuffers
 
-    bufs = OutputBuffers(torch.device("cpu"))
+    bufs = SharedBuffers(torch.device("cpu"))
     big = (torch.arange(24, dtype=torch.float32).reshape(2, 3, 4), torch.ones(8, dtype=torch.float16))
     bufs.reserve(big)
     assert bufs.nbytes == 24 * 4 + 8 * 2
@@ -445,8 +445,12 @@ def test_output_buffers_hold_the_largest_outputs_once():
     assert bufs.buffers[0].data_ptr() == got[0].data_ptr()
     with pytest.raises(ValueError, match=r"does not fit its buffer of 96 bytes"):
         bufs.write((torch.zeros(3, 3, 4), torch.zeros(1, dtype=torch.float16)))
-    with pytest.raises(ValueError, match="3 outputs, but buffers were reserved for 2"):
+    with pytest.raises(ValueError, match="3 tensors, but buffers were reserved for 2"):
         bufs.write((torch.zeros(1), torch.zeros(1), torch.zeros(1)))
+    nhwc = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2).contiguous(
+        memory_format=torch.channels_last)
+    (got,) = bufs.write((nhwc,))
+    assert got.is_contiguous(memory_format=torch.channels_last) and torch.equal(got, nhwc)
 
 
 def test_runtime_options_from_parameters():
@@ -550,11 +554,17 @@ def test_canvas_networks_with_graphs_equal_eager_calls(small_model, small_export
         nets = _canvas_networks(settings, paths, "cuda", options, max_batch=3)
         order = []
         for canvas, net in nets.networks.items():  # record the order of the warm-ups
-            net.warm_up = (lambda warm: lambda pool=None, c=canvas: (order.append(c), warm(pool=pool)))(net.warm_up)
+            net.warm_up = (lambda warm: lambda memory=None, c=canvas: (order.append(c), warm(memory=memory)))(net.warm_up)
         nets.warm_up()
         assert order[0] in ((256, 320), (320, 256)) and sorted(order) == sorted(settings.canvases)  # largest first
-        pools = {id(net._pool) for net in nets.networks.values()}
-        assert len(pools) == 1 and all(sorted(net._graphs) == [1, 2, 3] for net in nets.networks.values())
+        memories = {id(net._memory) for net in nets.networks.values()}
+        assert len(memories) == 1 and all(sorted(net._graphs) == [1, 2, 3] for net in nets.networks.values())
+        # one input and one output buffer per position, shared: every graph's tensors are views of them
+        memory = next(iter(nets.networks.values()))._memory
+        for net in nets.networks.values():
+            for _, static_in, static_out in net._graphs.values():
+                for bufs, tensors in ((memory.inputs.buffers, static_in), (memory.outputs.buffers, static_out)):
+                    assert [t.untyped_storage().data_ptr() for t in tensors] == [b.data_ptr() for b in bufs]
         same = RuntimeOptions(channels_last=fp16, optimize_for_inference=fp16)
         plain = _canvas_networks(settings, paths, "cuda", same, max_batch=3)  # the same modules, without graphs
         for canvas in settings.canvases:
@@ -566,10 +576,15 @@ def test_canvas_networks_with_graphs_equal_eager_calls(small_model, small_export
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_graph_rpn_equals_eager_calls(small_model, small_export, tmp_path, precision):
-    """The runner's graphs (batch sizes 1, 2 and the largest, 4; shared pool) give what the trace
-    gives eagerly, for every batch size (3 replays the graph of 4) and in any order, and their
-    outputs survive the next replay."""
+@pytest.mark.parametrize("every_batch", [16, 2], ids=["graph per batch", "powers of two"])
+def test_cuda_graph_rpn_equals_eager_calls(small_model, small_export, tmp_path, precision, every_batch, monkeypatch):
+    """The runner's graphs (one per batch size up to GRAPH_EVERY_BATCH, here 1..4; above it, as
+    with GRAPH_EVERY_BATCH 2 here, 1, 2 and the largest, 4, where 3 replays the graph of 4; shared
+    memory) give what the trace gives eagerly, for every batch size and in any order, and the
+    outputs the runner returns survive the next replay."""
+    from python_backend import torch_runtime
+
+    monkeypatch.setattr(torch_runtime, "GRAPH_EVERY_BATCH", every_batch)
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     settings, _ = small_export
@@ -580,7 +595,7 @@ def test_cuda_graph_rpn_equals_eager_calls(small_model, small_export, tmp_path, 
     graphed = TorchNetwork(str(paths[canvas_key(*LANDSCAPE)]), dev, dims, 4, options)
     graphed.warm_up()
     eager = TorchNetwork(str(paths[canvas_key(*LANDSCAPE)]), dev, dims, 4, RuntimeOptions(channels_last=True))
-    assert sorted(graphed._graphs) == [1, 2, 4]
+    assert sorted(graphed._graphs) == ([1, 2, 3, 4] if every_batch == 16 else [1, 2, 4])
     kept = []
     for batch in (3, 1, 2, 3):
         args = _rpn_inputs(settings, batch, dev)
