@@ -42,6 +42,7 @@ _TORCH_ADAPTER = "torch_runner.py"
 TRT_PRECISIONS = ("fp32", "fp16")
 # TensorRT's own builder (the tensorrt target) also offers tf32, its default for fp32 networks
 ENGINE_PRECISIONS = ("fp32", "tf32", "fp16")
+JPEG_DECODERS = ("gpu", "pillow")  # preprocess on GPU instances: nvJPEG (torchvision.io.decode_jpeg) or Pillow
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class RepositoryOptions:
     torch_channels_last: bool = True
     torch_cuda_graphs: bool = True
     torch_optimize_for_inference: bool = True
+    # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
+    # always use Pillow); written as preprocess's parameter jpeg_decoder
+    jpeg_decoder: str = "gpu"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -94,6 +98,8 @@ class RepositoryOptions:
             raise ValueError(f"trt_precision must be one of {allowed}, got {self.trt_precision!r}")
         if self.torch_precision not in ENGINE_PRECISIONS:
             raise ValueError(f"torch_precision must be one of {ENGINE_PRECISIONS}, got {self.torch_precision!r}")
+        if self.jpeg_decoder not in JPEG_DECODERS:
+            raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
         if self.trt_workspace_bytes < 1:
             raise ValueError(f"trt_workspace_bytes must be positive, got {self.trt_workspace_bytes}")
         if len(set(self.gpus)) != len(self.gpus) or any(not isinstance(g, int) or g < 0 for g in self.gpus):
@@ -169,11 +175,13 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
                                                        and options.torch_precision == "fp16").lower()
-                # the caching allocator's cap for this process (torch_runner.py): every canvas's CUDA
-                # graphs keep their own outputs (docs/benchmarks.md has the peaks measured)
+                # the caching allocator's cap for this process (torch_runner.py): cuDNN's autotuner
+                # tries workspaces of many GiB at warm-up (docs/benchmarks.md has the peaks measured)
                 params["gpu_memory_fraction"] = "0.5" if len(settings.canvases) > 1 else "0.3"
         else:
             params["onnx_file"] = "model.onnx"
+    if name == names.PREPROCESS:  # (preprocess_raw takes decoded pixels)
+        params["jpeg_decoder"] = options.jpeg_decoder if gpu else "pillow"
     if gpu:
         # keep GPU tensors on the GPU between steps (DLPack, no host round trip)
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"

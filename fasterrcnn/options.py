@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from exporters.export import ModelOptions
-from exporters.repository import DEVICES, ENGINE_PRECISIONS, TRT_PRECISIONS, RepositoryOptions
+from exporters.repository import DEVICES, ENGINE_PRECISIONS, JPEG_DECODERS, TRT_PRECISIONS, RepositoryOptions
 from python_backend.settings import parse_canvases, parse_flag
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +133,10 @@ class Options:
     optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
                                         help="torch target, --device gpu, fp16: freeze the rpn and let "
                                              "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
+    jpeg_decoder: str = _opt("gpu", "repository", env="JPEG_DECODER", choices=JPEG_DECODERS,
+                             help="--device gpu: who decodes JPEG requests: gpu (nvJPEG through "
+                                  "torchvision.io.decode_jpeg, one call per batch; other formats and JPEGs it "
+                                  "can't take go to Pillow) or pillow (Pillow on the CPU, as CPU instances always do)")
     repository: Path = _opt(DEFAULT_REPOSITORY, "repository", parse=Path, metavar="DIR",
                             help="the model repository to write (export) or serve")
     # -- server ----------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ class Options:
                   trt_workspace_bytes=int(self.workspace_gib * 2**30),
                   torch_precision=self.precision if self.target == "torch" else "fp32",
                   torch_channels_last=self.channels_last, torch_cuda_graphs=self.cuda_graphs,
-                  torch_optimize_for_inference=self.optimize_for_inference)
+                  torch_optimize_for_inference=self.optimize_for_inference, jpeg_decoder=self.jpeg_decoder)
         kw.update(overrides)
         return RepositoryOptions(**kw)
 

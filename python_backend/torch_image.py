@@ -29,18 +29,22 @@ def _mean_std(device: str, mean: tuple[float, ...], std: tuple[float, ...]) -> t
             torch.as_tensor(std, dtype=torch.float32, device=device)[:, None, None])
 
 
-def pad_batch(images: list[np.ndarray], sizes: np.ndarray, canvas: tuple[int, int], settings: DetectorSettings,
+def pad_batch(images: list, sizes: np.ndarray, canvas: tuple[int, int], settings: DetectorSettings,
               device: str | torch.device) -> torch.Tensor:
-    """Decoded ``[H, W, 3]`` uint8 images -> ``[B, 3, ch, cw]`` float32 on ``device``: each image
-    normalized, resized to its ``sizes[i]`` (h, w) and zero-padded onto ``canvas`` (torchvision's
-    batch_images pads with zeros)."""
+    """Decoded images -> ``[B, 3, ch, cw]`` float32 on ``device``: each image normalized, resized to
+    its ``sizes[i]`` (h, w) and zero-padded onto ``canvas`` (torchvision's batch_images pads with
+    zeros).  An image is ``[H, W, 3]`` uint8 NumPy, or ``[3, H, W]`` uint8 torch as
+    ``torchvision.io.decode_jpeg`` gives it."""
     device = torch.device(device)
     mean, std = _mean_std(str(device), tuple(settings.image_mean), tuple(settings.image_std))
     batch = torch.zeros((len(images), 3, int(canvas[0]), int(canvas[1])), dtype=torch.float32, device=device)
     for i, image in enumerate(images):
         h, w = (int(v) for v in sizes[i])
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)
-        x = x.permute(2, 0, 1).float() / 255  # as a user hands an image to the model
+        if isinstance(image, torch.Tensor):
+            x = image.to(device)
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True).permute(2, 0, 1)
+        x = x.float() / 255  # as a user hands an image to the model
         x = (x - mean) / std
         # the transform's scale_factor with recompute_scale_factor=True is this size's in/out ratio
         batch[i, :, :h, :w] = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]

@@ -72,10 +72,11 @@ def encoded_image(array: np.ndarray) -> bytes:
     return array[0].tobytes()
 
 
-def request_images(pb_utils, request, raw: bool, settings) -> list[np.ndarray]:
+def request_images(pb_utils, request, raw: bool, settings, defer_jpeg: bool = False) -> list:
     """The decoded ``[H, W, 3]`` uint8 images of one request: ``image_raw`` as sent (``raw``) or the
     ``image`` bytes decoded.  Both are uint8 tensors, read like every other input (numpy 1 and
-    numpy 2 alike).  Raises ``BadImageError`` naming what is wrong with an image."""
+    numpy 2 alike).  Raises ``BadImageError`` naming what is wrong with an image.  ``defer_jpeg``:
+    a JPEG a GPU decodes stays encoded, checked (``reference.image.EncodedJpeg``)."""
     from . import names
     from .reference.image import check_image_array, decode_image
 
@@ -85,7 +86,7 @@ def request_images(pb_utils, request, raw: bool, settings) -> list[np.ndarray]:
             check_image_array(im, settings.max_input_pixels, settings.min_input_side)
         return images
     data = encoded_image(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES)))
-    return [decode_image(data, settings.max_input_pixels, settings.min_input_side)]
+    return [decode_image(data, settings.max_input_pixels, settings.min_input_side, defer_jpeg=defer_jpeg)]
 
 
 def model_parameters(args: dict) -> dict[str, str]:

@@ -92,6 +92,7 @@ def test_unwritable_output(tmp_path, capsys):
     (["--target", "onnxruntime-trt", "--precision", "tf32"], "choose one of fp32, fp16"),
     (["--gpus", "0,1"], "with device 'cpu' and target 'python' every step runs on the CPU"),
     (["--peaky", "50"], "unrecognized arguments: --peaky"),  # a test knob, not a product option
+    (["--jpeg-decoder", "nvdec"], "invalid choice: 'nvdec'"),
 ])
 def test_bad_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -106,16 +107,16 @@ def test_environment_and_flags_build_the_same_options():
     env = {"MODEL": "random", "NUM_CLASSES": "5", "CANVASES": "320x320,256x320", "TARGET": "tensorrt",
            "PRECISION": "tf32",
            "MAX_BATCH_SIZE": "2", "INSTANCES": "3", "GPUS": "0,1", "WORKSPACE_GIB": "2", "CUDA_POOL_BYTES": "1024",
-           "REBUILD": "1", "UNRELATED": "x"}
+           "REBUILD": "1", "JPEG_DECODER": "pillow", "UNRELATED": "x"}
     flags = ["serve", "--weights", "random", "--num-classes", "5", "--canvases", "256x320,320x320", "--target",
              "tensorrt",
              "--precision", "tf32", "--max-batch-size", "2", "--instances", "3", "--gpus", "0,1", "--workspace-gib",
-             "2", "--cuda-pool-bytes", "1024", "--rebuild", "--device", "gpu"]
+             "2", "--cuda-pool-bytes", "1024", "--rebuild", "--device", "gpu", "--jpeg-decoder", "pillow"]
     from_env = Options.from_env(env)
     assert from_env == Options.from_args(build_parser().parse_args(flags))
     repo = from_env.repository_options()
     assert (repo.target, repo.trt_precision, repo.gpus, repo.instances) == ("tensorrt", "tf32", (0, 1), 3)
-    assert repo.trt_workspace_bytes == 2 << 30
+    assert repo.trt_workspace_bytes == 2 << 30 and repo.jpeg_decoder == "pillow"
     assert from_env.model_options().canvases == ((256, 320), (320, 320))
 
 

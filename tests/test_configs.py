@@ -149,6 +149,20 @@ def test_postprocess_instances(small_export, tmp_path, device, instances, postpr
     assert counts and all(c == [instances] for c in counts.values()), counts
 
 
+@pytest.mark.parametrize("device, decoder, want", [("gpu", "gpu", "gpu"), ("gpu", "pillow", "pillow"),
+                                                   ("cpu", "gpu", "pillow")])
+def test_jpeg_decoder_parameter(small_export, tmp_path, device, decoder, want):
+    """preprocess's jpeg_decoder: nvJPEG only where its instances are on a GPU; preprocess_raw
+    decodes nothing and has none."""
+    settings, paths = small_export
+    write_repository(tmp_path, settings, paths, RepositoryOptions(device=device, jpeg_decoder=decoder))
+    cfgs = _configs(tmp_path)
+    assert cfgs[names.PREPROCESS].parameters["jpeg_decoder"].string_value == want
+    assert "jpeg_decoder" not in cfgs[names.PREPROCESS_RAW].parameters
+    with pytest.raises(ValueError, match="jpeg_decoder must be one of"):
+        RepositoryOptions(jpeg_decoder="nvdec")
+
+
 def test_instance_counts_are_checked():
     with pytest.raises(ValueError, match="instances must be >= 1 and postprocess_instances >= 0"):
         RepositoryOptions(postprocess_instances=-1)

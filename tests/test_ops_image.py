@@ -12,9 +12,12 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from op_cases import ATOL, MAX_SIZE, MEAN, MIN_SIZE, SMALL_SETTINGS, STD, backend, host, reference  # noqa: F401
+from op_cases import (  # noqa: F401  (backend, gpu_backend: fixtures)
+    ATOL, MAX_SIZE, MEAN, MIN_SIZE, SMALL_SETTINGS, STD, backend, gpu_backend, host, reference,
+)
 from python_backend.reference.image import (
-    BadImageError, batch_canvas, batch_sizes, check_image_array, decode_image, resize_bilinear, transform_image,
+    BadImageError, EncodedJpeg, batch_canvas, batch_sizes, check_image_array, decode_image, resize_bilinear,
+    transform_image,
 )
 from python_backend.reference.image import preprocess_batch as reference_preprocess
 from python_backend.settings import DetectorSettings, padded_extent, resized_size
@@ -90,6 +93,43 @@ def test_preprocess_batch_matches_batched_transform(backend, shapes, canvas):
     np.testing.assert_array_equal(originals, [im.shape[:2] for im in images])
     np.testing.assert_array_equal(batch, expected.tensors.cpu().numpy())  # padding included: zeros
     np.testing.assert_allclose(batch, reference_preprocess(images, settings)[0], rtol=0, atol=ATOL)
+
+
+def test_gpu_preprocess_decodes_jpegs_as_torchvision_does_on_the_gpu(gpu_backend, monkeypatch):
+    """JPEGs left encoded (``EncodedJpeg``) are decoded by nvJPEG in one call and transformed bit for
+    bit as torchvision transforms ``torchvision.io.decode_jpeg(device="cuda")``'s pixels, next to an
+    image decoded already; where nvJPEG fails, Pillow decodes, as without the GPU decoder."""
+    import torchvision.io
+
+    rng = np.random.default_rng(8)
+    yy, xx = np.mgrid[:180, :240]
+    photo = np.stack([yy, xx, (yy + xx) // 2], axis=2).astype(np.uint8) + rng.integers(0, 20, (180, 240, 3), np.uint8)
+    jpegs = [encode(photo, "JPEG", quality=90), encode(photo[:120, :90, 0], "JPEG", quality=80)]  # colour, grey
+    raw = rng.integers(0, 256, size=(100, 130, 3), dtype=np.uint8)
+    images = [decode_image(d, 50_000_000, 1, defer_jpeg=True) for d in jpegs] + [raw]
+    assert [type(i) for i in images] == [EncodedJpeg, EncodedJpeg, np.ndarray]
+    transform = GeneralizedRCNNTransform(MIN_SIZE, MAX_SIZE, list(MEAN), list(STD)).eval()
+    pixels = [torchvision.io.decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), device="cuda",
+                                         mode=torchvision.io.ImageReadMode.RGB) for d in jpegs]
+    pixels.append(torch.from_numpy(raw).cuda().permute(2, 0, 1))
+    with torch.no_grad():
+        expected, _ = transform([p.float() / 255 for p in pixels])
+    batch, sizes, originals = host(gpu_backend, *gpu_backend.preprocess_batch(images, SMALL_SETTINGS))
+    np.testing.assert_array_equal(originals, [[180, 240], [120, 90], [100, 130]])
+    np.testing.assert_array_equal(sizes, np.array(expected.image_sizes, dtype=np.float32))
+    for i, (h, w) in enumerate(expected.image_sizes):
+        np.testing.assert_array_equal(batch[i, :, :h, :w], expected.tensors[i, :, :h, :w].cpu().numpy())
+    # nvJPEG refusing every file: Pillow's pixels, as the CPU decoder gives them
+    def refuse(*args, **kwargs):
+        raise RuntimeError("nvJPEG refused")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuse)
+    pillow = [decode_image(d, 50_000_000, 1) for d in jpegs] + [raw]
+    got = host(gpu_backend, *gpu_backend.preprocess_batch(images, SMALL_SETTINGS))
+    want = host(gpu_backend, *gpu_backend.preprocess_batch(pillow, SMALL_SETTINGS))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(got[0], batch), "Pillow's and nvJPEG's pixels should differ somewhere"
 
 
 @pytest.mark.parametrize("image, message", [
@@ -204,11 +244,48 @@ def bad_inputs():
     ]
 
 
+@pytest.mark.parametrize("defer_jpeg", [False, True], ids=["pillow", "gpu-jpeg"])
 @pytest.mark.parametrize("data, limits, message", bad_inputs())
-def test_decode_image_rejects(data, limits, message):
+def test_decode_image_rejects(data, limits, message, defer_jpeg):
+    """The same errors whether or not JPEGs are left for the GPU: what the header shows is checked
+    before deferring, and a truncated JPEG (no end-of-image marker) goes to Pillow, which finds it."""
     kwargs = {"max_pixels": 50_000_000, "min_side": 2, **limits}
     with pytest.raises(BadImageError, match=message.replace("(", r"\(")):
-        decode_image(data, **kwargs)
+        decode_image(data, defer_jpeg=defer_jpeg, **kwargs)
+
+
+def _jpeg_with_trailer(trailer: bytes) -> bytes:
+    return encode(np.full((40, 60, 3), 90, np.uint8), "JPEG") + trailer
+
+
+def _cmyk_jpeg() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("CMYK", (60, 40), (10, 20, 30, 40)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data, deferred", [
+    pytest.param(encode(np.full((40, 60, 3), 90, np.uint8), "JPEG"), True, id="rgb-jpeg"),
+    pytest.param(encode(np.full((40, 60), 90, np.uint8), "JPEG"), True, id="grey-jpeg"),
+    pytest.param(_jpeg_with_trailer(b"\0" * 10), True, id="jpeg-zero-padded"),
+    pytest.param(_jpeg_with_trailer(b"trailing text"), False, id="jpeg-bytes-after-the-end"),
+    pytest.param(_cmyk_jpeg(), False, id="cmyk-jpeg"),
+    pytest.param(encode(np.full((40, 60, 3), 90, np.uint8), "PNG"), False, id="png"),
+])
+def test_decode_image_defers_the_jpegs_a_gpu_decodes(data, deferred):
+    """With ``defer_jpeg``, a YCbCr or grey JPEG that ends in its end-of-image marker stays encoded,
+    with the shape it will decode to; anything else (CMYK, bytes after the marker, other formats)
+    is decoded by Pillow as without it."""
+    out = decode_image(data, 50_000_000, 2, defer_jpeg=True)
+    if deferred:
+        assert isinstance(out, EncodedJpeg) and out.data == data and out.shape == (40, 60, 3)
+        assert out.dtype == np.uint8 and out.ndim == 3
+        np.testing.assert_array_equal(batch_sizes([out], SMALL_SETTINGS)[1], [[40, 60]])
+    else:
+        assert isinstance(out, np.ndarray)
+        np.testing.assert_array_equal(out, decode_image(data, 50_000_000, 2))
 
 
 @pytest.mark.parametrize("image, message", [

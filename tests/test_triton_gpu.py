@@ -65,6 +65,39 @@ def test_gpu_ensemble_matches_cpu_path_and_torchvision(gpu_server, small_export,
         assert_parity(torchvision_detect(small_model, IMAGES[name]), ours, f"GPU ensemble {name}")
 
 
+def test_gpu_jpeg_requests_are_decoded_by_nvjpeg(gpu_server, small_model):
+    """JPEG requests on GPU instances (jpeg_decoder "gpu", the default): detections equal
+    torchvision's on the pixels torchvision's own GPU decoder gives (``decode_jpeg(device="cuda")``),
+    alone and batched together; a CMYK JPEG (Pillow's) is served, and a truncated JPEG gets
+    Pillow's error, without losing the requests beside it."""
+    import io
+
+    import torch
+    import torchvision.io
+    from PIL import Image
+    from tritonclient.utils import InferenceServerException
+
+    client = detect.connect(gpu_server.grpc_url)
+    order = ["astronaut", "coffee", "portrait", "1:16"]
+    jpegs = [encode(IMAGES[n], "JPEG", quality=90) for n in order]
+    results = detect.infer_many(client, jpegs, concurrency=len(jpegs))
+    for name, data, res in zip(order, jpegs, results):
+        assert not isinstance(res, Exception), f"{res}\n--- server log ---\n{gpu_server.log_text()[-6000:]}"
+        pixels = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), device="cuda",
+                                            mode=torchvision.io.ImageReadMode.RGB)
+        assert_parity(torchvision_detect(small_model, pixels.permute(1, 2, 0).cpu().numpy()), _dets(res),
+                      f"GPU-decoded JPEG {name}")
+    buf = io.BytesIO()
+    Image.fromarray(IMAGES["coffee"]).convert("CMYK").save(buf, format="JPEG")
+    cmyk = buf.getvalue()
+    mixed = detect.infer_many(client, [cmyk, jpegs[0][: len(jpegs[0]) // 2], jpegs[1]], concurrency=3)
+    pillow = np.asarray(Image.open(io.BytesIO(cmyk)).convert("RGB"))
+    assert not isinstance(mixed[0], Exception), mixed[0]
+    assert_parity(torchvision_detect(small_model, pillow), _dets(mixed[0]), "CMYK JPEG (Pillow)")
+    assert isinstance(mixed[1], InferenceServerException) and "truncated" in mixed[1].message()
+    assert not isinstance(mixed[2], Exception), mixed[2]
+
+
 def test_gpu_raw_entry_point_and_bad_input(gpu_server, small_model):
     import tritonclient.grpc as g
     from tritonclient.utils import InferenceServerException

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -12,11 +13,30 @@ class BadImageError(ValueError):
     """An input that cannot be served as an image; the message says what was wrong."""
 
 
-def decode_image(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG whose header was read and checked, left for a GPU instance to decode
+    (:func:`python_backend.cuda.image.decode_jpegs`).  ``shape`` and ``dtype`` are those of the
+    ``[H, W, 3]`` uint8 image it decodes to, so the size and canvas checks take it as an image."""
+
+    data: bytes
+    shape: tuple[int, int, int]
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+
+# JPEGs nvJPEG decodes as Pillow does (YCbCr and grayscale); CMYK and YCCK JPEGs go to Pillow
+GPU_JPEG_MODES = ("RGB", "L")
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int, defer_jpeg: bool = False) -> np.ndarray | EncodedJpeg:
     """Encoded JPEG/PNG/... bytes -> ``[H, W, 3]`` uint8 RGB.
 
     Raises :class:`BadImageError` for empty, non-image, truncated or oversized input.  The
-    pixel limit is checked from the header, before any pixel is decoded.
+    pixel limit is checked from the header, before any pixel is decoded.  With ``defer_jpeg``, a
+    JPEG that a GPU decodes (:data:`GPU_JPEG_MODES`, and ending in its end-of-image marker, which
+    a truncated file lacks: nvJPEG fills a truncated file's missing rows instead of failing) comes
+    back undecoded as an :class:`EncodedJpeg`, checked like a decoded image.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -32,6 +52,10 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
         w, h = img.size
         if w * h > max_pixels:
             raise BadImageError(f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels")
+        if defer_jpeg and img.format == "JPEG" and img.mode in GPU_JPEG_MODES and _ends_with_eoi(data):
+            jpeg = EncodedJpeg(bytes(data), (h, w, 3))
+            check_image_array(jpeg, max_pixels, min_side)
+            return jpeg
         img.load()
     except BadImageError:
         raise
@@ -43,6 +67,13 @@ def decode_image(data: bytes, max_pixels: int, min_side: int) -> np.ndarray:
     arr = np.asarray(img.convert("RGB"))
     check_image_array(arr, max_pixels, min_side)
     return arr
+
+
+def _ends_with_eoi(data) -> bool:
+    """Whether the JPEG ends with its EOI marker (FF D9), trailing zero padding aside.  Entropy-coded
+    data can't hold FF D9 (a coded FF byte is followed by 00), but an EXIF thumbnail does, so the
+    marker is looked for at the end only; a file with other bytes after it goes to Pillow."""
+    return bytes(data[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
 def check_image_array(image: np.ndarray, max_pixels: int, min_side: int) -> None:

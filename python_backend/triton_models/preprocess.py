@@ -5,8 +5,9 @@ Serves ``preprocess`` (encoded bytes, ``[1, N]`` uint8: one image per request) a
 checked on their own, and the request gets the smallest of the settings' canvases that holds
 them all (a bad image, or one no canvas holds, fails only its own request).  The good requests
 then go through the step backend's ``preprocess_batch``, one call per canvas: NumPy on a CPU
-instance, CuPy on the instance's GPU (images are decoded on the CPU by Pillow either way; the
-outputs stay on the GPU).  Requests on different canvases get ``images`` of different shapes,
+instance, CuPy on the instance's GPU (outputs stay on the GPU).  Images are decoded by Pillow,
+except JPEGs on a GPU instance whose parameter ``jpeg_decoder`` is "gpu": their headers are
+checked here and nvJPEG decodes them in ``preprocess_batch``, one call per batch.  Requests on different canvases get ``images`` of different shapes,
 and the rpn's dynamic batcher joins only equal shapes, so downstream every batch is on one canvas.
 """
 import triton_python_backend_utils as pb_utils
@@ -21,6 +22,8 @@ class TritonPythonModel:
     def initialize(self, args):
         self.adapter = StepAdapter(args, pb_utils)
         self.raw = args["model_name"] == names.PREPROCESS_RAW
+        a = self.adapter
+        self.defer_jpeg = a.device == "gpu" and a.params.get("jpeg_decoder", "pillow") == "gpu"
 
     def execute(self, requests):
         return self.adapter.execute(requests, self._run, read=self._images)
@@ -29,7 +32,7 @@ class TritonPythonModel:
         """(the request's decoded images, the canvas that holds them)."""
         settings = self.adapter.settings
         try:
-            images = request_images(pb_utils, request, self.raw, settings)
+            images = request_images(pb_utils, request, self.raw, settings, defer_jpeg=self.defer_jpeg)
             canvas = batch_canvas(*batch_sizes(images, settings), settings)
         except BadImageError as e:
             raise BadRequest(f"bad input image: {e}") from None
@@ -41,7 +44,10 @@ class TritonPythonModel:
         for canvas in dict.fromkeys(canvas for _, canvas in items):
             group = [i for i, (_, c) in enumerate(items) if c == canvas]
             images = [image for i in group for image in items[i][0]]
-            outputs = self.adapter.backend.preprocess_batch(images, self.adapter.settings, canvas)
+            try:
+                outputs = self.adapter.backend.preprocess_batch(images, self.adapter.settings, canvas)
+            except BadImageError as e:  # a JPEG that only decoding showed bad: the adapter retries alone
+                raise BadRequest(f"bad input image: {e}") from None
             for i, own in zip(group, split(outputs, [len(items[i][0]) for i in group])):
                 results[i] = own
         return results
