@@ -37,8 +37,6 @@ from python_backend.settings import parse_flag
 
 log = logging.getLogger(__name__)
 
-GRAPH_EVERY_BATCH = 16  # with CUDA graphs, one graph per batch size up to this max_batch_size
-
 
 @dataclass(frozen=True)
 class RuntimeOptions:
@@ -111,33 +109,26 @@ class TorchNetwork:
         return tuple(o.clone() for o in out) if static else out
 
     def run(self, args: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], bool]:
-        """(outputs, static): with a graph for this batch, its static outputs, which the next replay
-        overwrites (copy what must outlive it); else fresh outputs of an eager call."""
-        batch = int(args[0].shape[0])
-        size = next((b for b in sorted(self._graphs) if b >= batch), None)
-        if size is not None:
-            # the graph of the smallest captured batch that holds this one; rows past ``batch`` keep
-            # whatever inputs they last held, and their outputs are not returned
-            graph, static_in, static_out = self._graphs[size]
+        """(outputs, static): with a graph for this batch size, its static outputs, which the next
+        replay of any graph sharing its memory overwrites (copy what must outlive it); else fresh
+        outputs of an eager call."""
+        captured = self._graphs.get(int(args[0].shape[0]))
+        if captured is not None:
+            graph, static_in, static_out = captured
             for dst, src in zip(static_in, args):
-                dst[:batch].copy_(src)
+                dst.copy_(src)
             graph.replay()
-            return (static_out if size == batch else tuple(o[:batch] for o in static_out)), True
+            return static_out, True
         return self._eager(args), False
 
     # --- warm-up and capture ----------------------------------------------------------------------
 
     def batch_sizes(self) -> list[int]:
-        """The batch sizes warmed up: every batch size the dynamic batcher can form (up to
-        ``GRAPH_EVERY_BATCH`` with CUDA graphs: graphs share their memory (:class:`GraphMemory`),
-        so one per batch size costs little, and a batch never pays for a larger one's rows; above
-        it, powers of two and ``max_batch``, a batch in between replaying the next larger graph),
-        or a few RoI counts for the header."""
+        """The batch sizes warmed up (and with CUDA graphs, captured): every batch size the dynamic
+        batcher can form (graphs share their memory, :class:`GraphMemory`, so one per batch size
+        costs little, and no batch pays for a larger one's rows), or a few RoI counts for the header."""
         if self.max_batch <= 0:
             return [1]
-        if self.options.cuda_graphs and self.max_batch > GRAPH_EVERY_BATCH:
-            return sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch}
-                          | {self.max_batch})
         if self.max_batch <= 64:
             return list(range(1, self.max_batch + 1))
         return [1, self.max_batch // 8, self.max_batch]

@@ -576,15 +576,10 @@ def test_canvas_networks_with_graphs_equal_eager_calls(small_model, small_export
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("every_batch", [16, 2], ids=["graph per batch", "powers of two"])
-def test_cuda_graph_rpn_equals_eager_calls(small_model, small_export, tmp_path, precision, every_batch, monkeypatch):
-    """The runner's graphs (one per batch size up to GRAPH_EVERY_BATCH, here 1..4; above it, as
-    with GRAPH_EVERY_BATCH 2 here, 1, 2 and the largest, 4, where 3 replays the graph of 4; shared
-    memory) give what the trace gives eagerly, for every batch size and in any order, and the
-    outputs the runner returns survive the next replay."""
-    from python_backend import torch_runtime
-
-    monkeypatch.setattr(torch_runtime, "GRAPH_EVERY_BATCH", every_batch)
+def test_cuda_graph_rpn_equals_eager_calls(small_model, small_export, tmp_path, precision):
+    """The runner's graphs (one per batch size, 1..4, in shared memory) give what the trace gives
+    eagerly, for every batch size and in any order, and the outputs the runner returns survive
+    the next replay."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     settings, _ = small_export
@@ -595,7 +590,7 @@ def test_cuda_graph_rpn_equals_eager_calls(small_model, small_export, tmp_path, 
     graphed = TorchNetwork(str(paths[canvas_key(*LANDSCAPE)]), dev, dims, 4, options)
     graphed.warm_up()
     eager = TorchNetwork(str(paths[canvas_key(*LANDSCAPE)]), dev, dims, 4, RuntimeOptions(channels_last=True))
-    assert sorted(graphed._graphs) == ([1, 2, 3, 4] if every_batch == 16 else [1, 2, 4])
+    assert sorted(graphed._graphs) == [1, 2, 3, 4]
     kept = []
     for batch in (3, 1, 2, 3):
         args = _rpn_inputs(settings, batch, dev)
