@@ -23,8 +23,11 @@ class TritonPythonModel:
         self.adapter = a = StepAdapter(args, pb_utils, arrays="torch")
         device = a.arrays.device
         if device.type == "cuda":  # (TF32 off and the memory cap: the adapter's torch arrays)
-            # a few canvases and batch sizes: autotuned convolutions pay off after one call per shape
-            torch.backends.cudnn.benchmark = True
+            # fp16: autotuned convolutions pay off after one call per shape.  fp32: the autotuner's
+            # choices take workspaces of GiB that differ per batch size, and the CUDA graphs of
+            # every batch size and canvas kept 35 GiB of them until the rpn ran out of its cap at
+            # warm-up (docs/benchmarks.md, session 13); cuDNN's heuristics pick without trials
+            torch.backends.cudnn.benchmark = a.params.get("precision") == "fp16"
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = RuntimeOptions.from_parameters(a.params)
         if a.params.get("torch_per_canvas") == "true":  # the rpn: a trace per canvas
