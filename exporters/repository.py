@@ -172,7 +172,9 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
                 # channels last speeds up fp16 convolutions (NHWC tensor-core kernels) but slows fp32
                 # ones (docs/benchmarks.md: the fp32 rows of the channels-last measurements)
                 params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16").lower()
-                params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu).lower()
+                # fp16 only: fp32's graphs of every batch size and canvas filled the rpn's cap at
+                # warm-up on the H200 (docs/benchmarks.md, session 13); fp32 runs eagerly
+                params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu and options.torch_precision == "fp16").lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
                                                        and options.torch_precision == "fp16").lower()
                 # the caching allocator's cap for this process (torch_runner.py): cuDNN's autotuner

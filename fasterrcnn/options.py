@@ -129,7 +129,8 @@ class Options:
     channels_last: bool = _opt(True, "repository", parse=parse_bool,
                                help="torch target, fp16: the rpn in channels-last memory format")
     cuda_graphs: bool = _opt(True, "repository", parse=parse_bool,
-                             help="torch target, --device gpu: replay the rpn as one CUDA graph per batch size")
+                             help="torch target, --device gpu, fp16: replay the rpn as one CUDA graph per batch size and "
+                                  "canvas")
     optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
                                         help="torch target, --device gpu, fp16: freeze the rpn and let "
                                              "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
