@@ -104,7 +104,8 @@ def test_gpu_preprocess_decodes_jpegs_as_torchvision_does_on_the_gpu(gpu_backend
     rng = np.random.default_rng(8)
     yy, xx = np.mgrid[:180, :240]
     photo = np.stack([yy, xx, (yy + xx) // 2], axis=2).astype(np.uint8) + rng.integers(0, 20, (180, 240, 3), np.uint8)
-    jpegs = [encode(photo, "JPEG", quality=90), encode(photo[:120, :90, 0], "JPEG", quality=80)]  # colour, grey
+    # colour and grey, landscape like the raw image, so that one canvas holds the three
+    jpegs = [encode(photo, "JPEG", quality=90), encode(photo[:120, :160, 0], "JPEG", quality=80)]
     raw = rng.integers(0, 256, size=(100, 130, 3), dtype=np.uint8)
     images = [decode_image(d, 50_000_000, 1, defer_jpeg=True) for d in jpegs] + [raw]
     assert [type(i) for i in images] == [EncodedJpeg, EncodedJpeg, np.ndarray]
@@ -115,7 +116,7 @@ def test_gpu_preprocess_decodes_jpegs_as_torchvision_does_on_the_gpu(gpu_backend
     with torch.no_grad():
         expected, _ = transform([p.float() / 255 for p in pixels])
     batch, sizes, originals = host(gpu_backend, *gpu_backend.preprocess_batch(images, SMALL_SETTINGS))
-    np.testing.assert_array_equal(originals, [[180, 240], [120, 90], [100, 130]])
+    np.testing.assert_array_equal(originals, [[180, 240], [120, 160], [100, 130]])
     np.testing.assert_array_equal(sizes, np.array(expected.image_sizes, dtype=np.float32))
     for i, (h, w) in enumerate(expected.image_sizes):
         np.testing.assert_array_equal(batch[i, :, :h, :w], expected.tensors[i, :, :h, :w].cpu().numpy())
