@@ -262,6 +262,20 @@ def test_torch_repository_serves_its_traces(small_model, traces, tmp_path, monke
                                        msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("precision, graphs, maps", [("fp16", "true", mc.TYPE_FP16), ("fp32", "false", mc.TYPE_FP32),
+                                                     ("tf32", "false", mc.TYPE_FP32)])
+def test_gpu_rpn_options_per_precision(traces, tmp_path, precision, graphs, maps):
+    """On a GPU, CUDA graphs for the fp16 rpn only (fp32's filled the rpn's memory cap at warm-up,
+    docs/benchmarks.md), and float16 maps from rpn to roi in fp16 only."""
+    settings, paths = traces
+    write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch", device="gpu",
+                                                               torch_precision=precision), torch_models=paths)
+    cfgs = _configs(tmp_path)
+    assert cfgs[names.RPN].parameters["cuda_graphs"].string_value == graphs
+    for tensors in (cfgs[names.RPN].output, cfgs[names.ROI].input):
+        assert {t.name: t.data_type for t in tensors if t.name in names.FEATURES} == dict.fromkeys(names.FEATURES, maps)
+
+
 @pytest.mark.parametrize("model", [names.RPN, names.HEADER])
 def test_torch_configs_match_the_traces_io(torch_repo, model):
     """Run each trace on inputs built from its config (the rpn's at each canvas, where the config's
