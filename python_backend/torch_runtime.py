@@ -4,7 +4,7 @@ Triton-free: :mod:`python_backend.triton_models.torch_runner` is a thin adapter 
 :class:`TorchNetwork`, and the GPU tests drive this class directly.
 
 Three run-time options, all off by default and set per model by the exporter (the torch target
-turns all three on for the fp16 rpn on a GPU; fp32 gets graphs only):
+turns all three on for the fp16 rpn on a GPU; fp32 runs with none: exporters/repository.py says why):
 
 * ``channels_last``: weights and the 4-D input in channels-last memory format.  cuDNN's fp16
   convolutions on Hopper are NHWC kernels; with NCHW tensors every convolution pays a layout
