@@ -62,3 +62,36 @@ def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings, canva
     sizes, originals = batch_sizes(images, settings)
     canvas = batch_canvas(sizes, originals, settings, canvas)
     return pad_batch(images, sizes, canvas, settings, "cpu").numpy(), sizes, originals
+
+
+def decode_jpegs(jpegs: list, device: str | torch.device, settings: DetectorSettings) -> list:
+    """Each :class:`~python_backend.reference.image.EncodedJpeg` decoded to RGB: ``[3, H, W]``
+    uint8 on ``device`` by ``torchvision.io.decode_jpeg`` (one call for all; nvJPEG on a GPU), as
+    torchvision decodes there.
+
+    nvJPEG is the fast path, not the judge: if the call fails, each JPEG is tried alone, and one
+    that nvJPEG still refuses (or decodes to another size than its header says) is decoded by
+    Pillow, which raises ``BadImageError`` for a file that is really bad.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from .reference.image import decode_image
+
+    def tensor(jpeg):
+        return torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8)
+
+    try:
+        decoded = decode_jpeg([tensor(j) for j in jpegs], device=device, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        decoded = []
+        for j in jpegs:
+            try:
+                decoded.append(decode_jpeg(tensor(j), device=device, mode=ImageReadMode.RGB))
+            except RuntimeError:
+                decoded.append(None)
+    out = []
+    for jpeg, image in zip(jpegs, decoded):
+        if image is None or tuple(image.shape) != (3, *jpeg.shape[:2]):
+            image = decode_image(jpeg.data, settings.max_input_pixels, settings.min_input_side)
+        out.append(image)
+    return out

@@ -95,6 +95,43 @@ def test_preprocess_batch_matches_batched_transform(backend, shapes, canvas):
     np.testing.assert_allclose(batch, reference_preprocess(images, settings)[0], rtol=0, atol=ATOL)
 
 
+def test_decode_jpegs_takes_torchvision_s_pixels_and_falls_back_to_pillow(monkeypatch):
+    """``torch_image.decode_jpegs``, the GPU preprocess's JPEG decoder, here on the CPU device:
+    torchvision's ``decode_jpeg`` pixels for every JPEG in one call; where the batched call raises,
+    each JPEG alone; where one is refused or comes back in another size, Pillow's pixels for that one;
+    and a file Pillow can't read either gets Pillow's error."""
+    import torchvision.io
+
+    from python_backend.torch_image import decode_jpegs
+
+    rng = np.random.default_rng(4)
+    arrays = [rng.integers(0, 256, size=(30, 44, 3), dtype=np.uint8), rng.integers(0, 256, size=(20, 16, 3),
+                                                                                    dtype=np.uint8)]
+    data = [encode(a, "JPEG", quality=85) for a in arrays]
+    jpegs = [decode_image(d, 50_000_000, 1, defer_jpeg=True) for d in data]
+    real = torchvision.io.decode_jpeg
+    tv = [real(torch.frombuffer(bytearray(d), dtype=torch.uint8), device="cpu") for d in data]
+    got = decode_jpegs(jpegs, "cpu", SMALL_SETTINGS)
+    assert all(torch.equal(g, t) for g, t in zip(got, tv))
+    pillow = [decode_image(d, 50_000_000, 1) for d in data]
+
+    def batch_fails_second_refused(inp, **kwargs):
+        if isinstance(inp, list) or bytes(inp.numpy()) == data[1]:
+            raise RuntimeError("refused")
+        return real(inp, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", batch_fails_second_refused)
+    got = decode_jpegs(jpegs, "cpu", SMALL_SETTINGS)
+    assert torch.equal(got[0], tv[0]) and isinstance(got[1], np.ndarray)
+    np.testing.assert_array_equal(got[1], pillow[1])
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda inp, **kw: [torch.zeros(3, 2, 2, dtype=torch.uint8)] * 2)
+    for g, p in zip(decode_jpegs(jpegs, "cpu", SMALL_SETTINGS), pillow):  # another size than the header's
+        np.testing.assert_array_equal(g, p)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", batch_fails_second_refused)
+    with pytest.raises(BadImageError, match="not a decodable image"):
+        decode_jpegs([jpegs[0], EncodedJpeg(b"not a jpeg", (10, 10, 3))], "cpu", SMALL_SETTINGS)
+
+
 def test_gpu_preprocess_decodes_jpegs_as_torchvision_does_on_the_gpu(gpu_backend, monkeypatch):
     """JPEGs left encoded (``EncodedJpeg``) are decoded by nvJPEG in one call and transformed bit for
     bit as torchvision transforms ``torchvision.io.decode_jpeg(device="cuda")``'s pixels, next to an

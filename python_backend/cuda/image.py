@@ -12,9 +12,9 @@ import cupy as cp
 import numpy as np
 import torch
 
-from ..reference.image import EncodedJpeg, batch_canvas, batch_sizes, decode_image
+from ..reference.image import EncodedJpeg, batch_canvas, batch_sizes
 from ..settings import DetectorSettings
-from ..torch_image import pad_batch
+from ..torch_image import decode_jpegs, pad_batch
 
 
 def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings,
@@ -40,32 +40,3 @@ def preprocess_batch(images: list[np.ndarray], settings: DetectorSettings,
     torch.cuda.current_stream(device).synchronize()
     return cp.from_dlpack(batch), cp.asarray(sizes), cp.asarray(originals)
 
-
-def decode_jpegs(jpegs: list[EncodedJpeg], device: torch.device, settings: DetectorSettings) -> list:
-    """Each JPEG decoded to RGB: ``[3, H, W]`` uint8 on ``device`` by nvJPEG
-    (``torchvision.io.decode_jpeg``, one call for all), as torchvision decodes on a GPU.
-
-    nvJPEG is the fast path, not the judge: if the call fails, each JPEG is tried alone, and one
-    that nvJPEG still refuses (or decodes to another size than its header says) is decoded by
-    Pillow, which raises ``BadImageError`` for a file that is really bad.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    def tensor(jpeg):
-        return torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8)
-
-    try:
-        decoded = decode_jpeg([tensor(j) for j in jpegs], device=device, mode=ImageReadMode.RGB)
-    except RuntimeError:
-        decoded = []
-        for j in jpegs:
-            try:
-                decoded.append(decode_jpeg(tensor(j), device=device, mode=ImageReadMode.RGB))
-            except RuntimeError:
-                decoded.append(None)
-    out = []
-    for jpeg, image in zip(jpegs, decoded):
-        if image is None or tuple(image.shape) != (3, *jpeg.shape[:2]):
-            image = decode_image(jpeg.data, settings.max_input_pixels, settings.min_input_side)
-        out.append(image)
-    return out
