@@ -36,7 +36,8 @@ def _pool_bytes() -> tuple[int, int]:
 def measure(precision: str, canvases: str, max_batch: int) -> None:
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
-    from exporters.repository import canvas_key
+    from exporters.repository import RepositoryOptions, canvas_key, python_step_config
+    from python_backend import names
     from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions
 
     dev = torch.device("cuda")
@@ -49,9 +50,10 @@ def measure(precision: str, canvases: str, max_batch: int) -> None:
     paths = torch_export.export_torch(model, settings, tmp, device="gpu", precision=precision)
     del model
     torch.cuda.empty_cache()
-    fp16 = precision == "fp16"
-    # the torch runner's options for the rpn as exporters/repository.py writes them for a GPU
-    options = RuntimeOptions(channels_last=fp16, cuda_graphs=True, optimize_for_inference=fp16)
+    # the torch runner's options for the rpn, from the config exporters/repository.py writes for a GPU
+    cfg = python_step_config(names.RPN, settings, RepositoryOptions(target="torch", device="gpu",
+                                                                    torch_precision=precision))
+    options = RuntimeOptions.from_parameters({k: v.string_value for k, v in cfg.parameters.items()})
     rows = []
 
     def row(stage: str) -> None:
@@ -71,10 +73,11 @@ def measure(precision: str, canvases: str, max_batch: int) -> None:
         memory = net._memory
         row(f"{canvas[0]}x{canvas[1]} warmed up, graphs {sorted(net._graphs)}")
     peak = torch.cuda.max_memory_reserved(dev)
+    shared = (f"shared buffers: inputs {memory.inputs.nbytes / GIB:.2f} GiB, outputs {memory.outputs.nbytes / GIB:.2f} "
+              "GiB" if memory else "no CUDA graphs")
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}: rpn {precision}, canvases "
           f"{', '.join(f'{h}x{w}' for h, w in settings.canvases)}, max batch {max_batch}; options {options}; "
-          f"shared buffers: inputs {memory.inputs.nbytes / GIB:.2f} GiB, outputs {memory.outputs.nbytes / GIB:.2f} GiB; "
-          f"peak reserved {peak / GIB:.2f} GiB")
+          f"{shared}; peak reserved {peak / GIB:.2f} GiB")
     print("| stage | allocated GiB | reserved GiB | graph pool GiB | default pool GiB | process on the card GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for stage, alloc, reserved, graphs, default, used in rows:
