@@ -5,16 +5,28 @@ the way the torch runner does (python_backend/torch_runtime.py ``CanvasNetworks`
 the exporter writes for the precision) and warms them up canvas by canvas, printing after each
 stage: torch's allocated and reserved bytes, the CUDA-graph pool's share of them, and the
 process's whole use of the card (``cudaMemGetInfo`` before and after, which counts the CUDA
-context and cuDNN's libraries as well).  One precision per process, so that each starts clean.
+context and cuDNN's libraries as well).  Then it serves: three rounds of every canvas at every
+batch size in a shuffled order, as mixed traffic does, and prints the same columns again, with
+the time per image of a batch of ``--max-batch`` on each canvas.  One configuration per process,
+so that each starts clean.
 
     python -m benchmarks.rpn_memory [--precisions fp16,fp32] [--canvases auto] [--max-batch 8]
+        [--configs fp32/1024/on/off,...]
+
+A configuration is precision/workspace/autotuner/graphs: the cap on each cuDNN convolution's
+workspace in MiB (PyTorch's ``CUDNN_CONV_WSCAP_DBG``; ``default``: the exporter's choice), cuDNN's
+autotuner (``torch.backends.cudnn.benchmark``) and CUDA graphs, each ``on``, ``off`` or ``auto``
+(the exporter's choice for the precision).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import random
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +45,7 @@ def _pool_bytes() -> tuple[int, int]:
     return graphs, default
 
 
-def measure(precision: str, canvases: str, max_batch: int) -> None:
+def measure(precision: str, canvases: str, max_batch: int, autotuner: str = "auto", graphs: str = "auto") -> None:
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
     from exporters.repository import RepositoryOptions, canvas_key, python_step_config
@@ -42,7 +54,8 @@ def measure(precision: str, canvases: str, max_batch: int) -> None:
 
     dev = torch.device("cuda")
     free0, total = torch.cuda.mem_get_info(dev)
-    torch.backends.cudnn.benchmark = precision == "fp16"  # as the torch runner sets it
+    # as the torch runner sets it, unless overridden
+    torch.backends.cudnn.benchmark = precision == "fp16" if autotuner == "auto" else autotuner == "on"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model = random_model(num_classes=91, seed=0)
     settings = settings_from_model(model, canvases=canvases)
@@ -53,7 +66,10 @@ def measure(precision: str, canvases: str, max_batch: int) -> None:
     # the torch runner's options for the rpn, from the config exporters/repository.py writes for a GPU
     cfg = python_step_config(names.RPN, settings, RepositoryOptions(target="torch", device="gpu",
                                                                     torch_precision=precision))
-    options = RuntimeOptions.from_parameters({k: v.string_value for k, v in cfg.parameters.items()})
+    params = {k: v.string_value for k, v in cfg.parameters.items()}
+    if graphs != "auto":
+        params["cuda_graphs"] = str(graphs == "on").lower()
+    options = RuntimeOptions.from_parameters(params)
     rows = []
 
     def row(stage: str) -> None:
@@ -72,17 +88,43 @@ def measure(precision: str, canvases: str, max_batch: int) -> None:
         net.warm_up(memory=memory)
         memory = net._memory
         row(f"{canvas[0]}x{canvas[1]} warmed up, graphs {sorted(net._graphs)}")
+    per_image = {}
+    order = [(c, b) for c in settings.canvases for b in range(1, max_batch + 1)] * 3
+    random.Random(0).shuffle(order)
+    for canvas, b in order:
+        nets(_example(canvas, b, dev))
+    row("served: 3 rounds of every canvas and batch size, shuffled")
+    for canvas in settings.canvases:
+        args = _example(canvas, max_batch, dev)
+        nets(args)
+        torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(10):
+            nets(args)
+        torch.cuda.synchronize(dev)
+        per_image[canvas] = (time.perf_counter() - t0) / 10 / max_batch * 1e3
     peak = torch.cuda.max_memory_reserved(dev)
     shared = (f"shared buffers: inputs {memory.inputs.nbytes / GIB:.2f} GiB, outputs {memory.outputs.nbytes / GIB:.2f} "
               "GiB" if memory else "no CUDA graphs")
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}: rpn {precision}, canvases "
           f"{', '.join(f'{h}x{w}' for h, w in settings.canvases)}, max batch {max_batch}; options {options}; "
-          f"{shared}; peak reserved {peak / GIB:.2f} GiB")
+          f"{shared}; cuDNN autotuner {torch.backends.cudnn.benchmark}; CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}; "
+          f"peak reserved {peak / GIB:.2f} GiB")
     print("| stage | allocated GiB | reserved GiB | graph pool GiB | default pool GiB | process on the card GiB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for stage, alloc, reserved, graphs, default, used in rows:
         print(f"| {stage} | {alloc / GIB:.2f} | {reserved / GIB:.2f} | {graphs / GIB:.2f} | {default / GIB:.2f} | "
               f"{used / GIB:.2f} |", flush=True)
+    print(f"ms per image at batch {max_batch}: " + ", ".join(f"{h}x{w} {ms:.2f}" for (h, w), ms in per_image.items()),
+          flush=True)
+
+
+def _example(canvas: tuple[int, int], batch: int, dev: torch.device) -> list[torch.Tensor]:
+    """A batch filling the canvas (the normal path; values do not change the work)."""
+    h, w = canvas
+    images = torch.rand([batch, 3, h, w], device=dev)
+    sizes = torch.tensor([[h, w]] * batch, dtype=torch.float32, device=dev)
+    return [images, sizes]
 
 
 def main(argv=None) -> int:
@@ -91,15 +133,31 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp16,fp32")
     ap.add_argument("--canvases", default="auto", help="as fasterrcnn export --canvases")
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one precision
+    ap.add_argument("--configs", help="comma-separated precision/workspace/autotuner/graphs, e.g. "
+                    "fp32/1024/on/off (workspace: MiB or 'default'; autotuner and graphs: on, off or auto, the "
+                    "exporter's choice); default: each of --precisions with the exporter's choices")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one configuration
     args = ap.parse_args(argv)
     if args.one:
-        measure(args.one, args.canvases, args.max_batch)
+        precision, autotuner, graphs = args.one.split("/")
+        measure(precision, args.canvases, args.max_batch, autotuner, graphs)
         return 0
+    configs = args.configs.split(",") if args.configs else [f"{p}/default/auto/auto" for p in args.precisions.split(",")]
     rc = 0
-    for precision in args.precisions.split(","):
-        rc |= subprocess.run([sys.executable, "-m", "benchmarks.rpn_memory", "--one", precision, "--canvases",
-                              args.canvases, "--max-batch", str(args.max_batch)]).returncode
+    for config in configs:
+        precision, workspace, autotuner, graphs = config.split("/")
+        env = dict(os.environ)
+        if workspace != "default":
+            env["CUDNN_CONV_WSCAP_DBG"] = workspace
+        print(f"\n## {config}", flush=True)
+        try:
+            rc |= subprocess.run([sys.executable, "-m", "benchmarks.rpn_memory", "--one",
+                                  f"{precision}/{autotuner}/{graphs}", "--canvases", args.canvases,
+                                  "--max-batch", str(args.max_batch)], env=env, timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            print(f"{config}: over {args.timeout} s", flush=True)
+            rc |= 1
     return rc
 
 
