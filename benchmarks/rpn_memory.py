@@ -16,7 +16,8 @@ so that each starts clean.
 A configuration is precision/workspace/autotuner/graphs: the cap on each cuDNN convolution's
 workspace in MiB (PyTorch's ``CUDNN_CONV_WSCAP_DBG``; ``default``: the exporter's choice), cuDNN's
 autotuner (``torch.backends.cudnn.benchmark``) and CUDA graphs, each ``on``, ``off`` or ``auto``
-(the exporter's choice for the precision).
+(the exporter's choice for the precision), and optionally the process's cap in GiB (the model
+parameter ``gpu_memory_gib``; ``none`` or ``auto``, the exporter's).
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _pool_bytes() -> tuple[int, int]:
     return graphs, default
 
 
-def measure(precision: str, canvases: str, max_batch: int, autotuner: str = "auto", graphs: str = "auto") -> None:
+def measure(precision: str, canvases: str, max_batch: int, autotuner: str = "auto", graphs: str = "auto",
+            cap: str = "auto") -> None:
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
     from exporters.repository import RepositoryOptions, canvas_key, python_step_config
@@ -67,17 +69,24 @@ def measure(precision: str, canvases: str, max_batch: int, autotuner: str = "aut
     cfg = python_step_config(names.RPN, settings, RepositoryOptions(target="torch", device="gpu",
                                                                     torch_precision=precision))
     params = {k: v.string_value for k, v in cfg.parameters.items()}
+    if cap != "auto":
+        params["gpu_memory_gib"] = cap
+    if params.get("gpu_memory_gib", "none") != "none":  # as the torch runner's adapter sets it
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(params["gpu_memory_gib"]) * GIB / total), dev)
     if graphs != "auto":
         params["cuda_graphs"] = str(graphs == "on").lower()
     options = RuntimeOptions.from_parameters(params)
     rows = []
+    clock = [time.perf_counter()]
 
     def row(stage: str) -> None:
         torch.cuda.synchronize(dev)
         graphs, default = _pool_bytes()
         free, _ = torch.cuda.mem_get_info(dev)
+        now = time.perf_counter()
         rows.append((stage, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev), graphs, default,
-                     free0 - free))
+                     free0 - free, now - clock[0]))
+        clock[0] = now
 
     torch.cuda.reset_peak_memory_stats(dev)
     nets = CanvasNetworks.load({c: str(paths[canvas_key(*c)]) for c in settings.canvases}, dev, max_batch, options)
@@ -108,13 +117,14 @@ def measure(precision: str, canvases: str, max_batch: int, autotuner: str = "aut
               "GiB" if memory else "no CUDA graphs")
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}: rpn {precision}, canvases "
           f"{', '.join(f'{h}x{w}' for h, w in settings.canvases)}, max batch {max_batch}; options {options}; "
-          f"{shared}; cuDNN autotuner {torch.backends.cudnn.benchmark}; CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}; "
+          f"{shared}; cap {params.get('gpu_memory_gib', 'none')} GiB; cuDNN autotuner {torch.backends.cudnn.benchmark}; CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}; "
           f"peak reserved {peak / GIB:.2f} GiB")
-    print("| stage | allocated GiB | reserved GiB | graph pool GiB | default pool GiB | process on the card GiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for stage, alloc, reserved, graphs, default, used in rows:
+    print("| stage | allocated GiB | reserved GiB | graph pool GiB | default pool GiB | process on the card GiB | "
+          "seconds |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for stage, alloc, reserved, graphs, default, used, seconds in rows:
         print(f"| {stage} | {alloc / GIB:.2f} | {reserved / GIB:.2f} | {graphs / GIB:.2f} | {default / GIB:.2f} | "
-              f"{used / GIB:.2f} |", flush=True)
+              f"{used / GIB:.2f} | {seconds:.1f} |", flush=True)
     print(f"ms per image at batch {max_batch}: " + ", ".join(f"{h}x{w} {ms:.2f}" for (h, w), ms in per_image.items()),
           flush=True)
 
@@ -133,27 +143,27 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp16,fp32")
     ap.add_argument("--canvases", default="auto", help="as fasterrcnn export --canvases")
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--configs", help="comma-separated precision/workspace/autotuner/graphs, e.g. "
-                    "fp32/1024/on/off (workspace: MiB or 'default'; autotuner and graphs: on, off or auto, the "
-                    "exporter's choice); default: each of --precisions with the exporter's choices")
+    ap.add_argument("--configs", help="comma-separated precision/workspace/autotuner/graphs[/cap], e.g. "
+                    "fp32/1024/on/off/8 (workspace: MiB or 'default'; autotuner and graphs: on, off or auto, the "
+                    "exporter's choice; cap: GiB, 'none' or 'auto'); default: each of --precisions with the "
+                    "exporter's choices")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one configuration
     args = ap.parse_args(argv)
     if args.one:
-        precision, autotuner, graphs = args.one.split("/")
-        measure(precision, args.canvases, args.max_batch, autotuner, graphs)
+        measure(*args.one.split("/")[:1], args.canvases, args.max_batch, *args.one.split("/")[1:])
         return 0
     configs = args.configs.split(",") if args.configs else [f"{p}/default/auto/auto" for p in args.precisions.split(",")]
     rc = 0
     for config in configs:
-        precision, workspace, autotuner, graphs = config.split("/")
+        precision, workspace, autotuner, graphs, *cap = config.split("/")
         env = dict(os.environ)
         if workspace != "default":
             env["CUDNN_CONV_WSCAP_DBG"] = workspace
         print(f"\n## {config}", flush=True)
         try:
             rc |= subprocess.run([sys.executable, "-m", "benchmarks.rpn_memory", "--one",
-                                  f"{precision}/{autotuner}/{graphs}", "--canvases", args.canvases,
+                                  "/".join([precision, autotuner, graphs, *cap]), "--canvases", args.canvases,
                                   "--max-batch", str(args.max_batch)], env=env, timeout=args.timeout).returncode
         except subprocess.TimeoutExpired:
             print(f"{config}: over {args.timeout} s", flush=True)

@@ -77,6 +77,13 @@ class RepositoryOptions:
     torch_channels_last: bool = True
     torch_cuda_graphs: bool = True
     torch_optimize_for_inference: bool = True
+    # torch target on GPU instances: the caching allocator's cap per process in GiB (model parameter
+    # gpu_memory_gib).  cuDNN's float32 heuristics otherwise pick plans with workspaces of tens
+    # of GiB, and the allocator keeps them; under the cap a plan whose workspace does not fit is
+    # passed over for the next (docs/benchmarks.md, session 14, has the rpn's memory and speed
+    # under each cap).  The header's batch is RoIs, its work small
+    torch_rpn_memory_gib: float = 8.0
+    torch_header_memory_gib: float = 4.0
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
     # always use Pillow); written as preprocess's parameter jpeg_decoder
     jpeg_decoder: str = "gpu"
@@ -165,6 +172,9 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     if name in (names.RPN, names.HEADER):
         if options.target == "torch":
             params["precision"] = options.torch_precision
+            if gpu:  # the caching allocator's cap for this process (RepositoryOptions says why)
+                gib = options.torch_rpn_memory_gib if name == names.RPN else options.torch_header_memory_gib
+                params["gpu_memory_gib"] = f"{gib:g}"
             if name == names.HEADER:
                 params["torch_file"] = TORCH_FILE
             else:  # one trace per canvas (settings.canvases), each named by canvas_file
@@ -177,9 +187,6 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu and options.torch_precision == "fp16").lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
                                                        and options.torch_precision == "fp16").lower()
-                # the caching allocator's cap for this process (torch_runner.py): cuDNN's autotuner
-                # tries workspaces of many GiB at warm-up (docs/benchmarks.md has the peaks measured)
-                params["gpu_memory_fraction"] = "0.5" if len(settings.canvases) > 1 else "0.3"
         else:
             params["onnx_file"] = "model.onnx"
     if name == names.PREPROCESS:  # (preprocess_raw takes decoded pixels)

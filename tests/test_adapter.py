@@ -149,12 +149,14 @@ def test_each_step_model_picks_its_instances_gpu(monkeypatch, backend_calls, mod
 
 
 def test_torch_arrays_make_the_instances_gpu_current(monkeypatch):
-    """torch on a GPU instance: its device current, TF32 off, the allocator capped on that device."""
+    """torch on a GPU instance: its device current, TF32 off, the allocator capped on that device
+    at the parameter's GiB (as a fraction of the card, which is what torch takes)."""
     current, caps = [], []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: caps.append((f, d)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=24 << 30))
     cfg = _double_config("gpu")
-    cfg.parameters["gpu_memory_fraction"].string_value = "0.25"
+    cfg.parameters["gpu_memory_gib"].string_value = "6"  # of a 24 GiB card
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -310,6 +312,7 @@ def test_request_canvas_is_read_from_the_shapes_and_checked():
 def test_torch_arrays_turn_tf32_on_only_for_the_tf32_precision(monkeypatch, precision, tf32):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=24 << 30))
     cfg = _double_config("gpu")
     cfg.parameters["precision"].string_value = precision
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

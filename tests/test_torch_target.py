@@ -190,6 +190,8 @@ def test_torch_network_configs(torch_repo, model):
     assert (params.get("torch_file"), params.get("torch_per_canvas")) == (
         (None, "true") if model == names.RPN else ("model.pt", None))
     assert params.get("FORCE_CPU_ONLY_INPUT_TENSORS") == ("no" if device == "gpu" else None)
+    # the caching allocator's cap (GiB) of each torch process on a GPU; none on the CPU
+    assert params.get("gpu_memory_gib") == ({names.RPN: "8", names.HEADER: "4"}[model] if device == "gpu" else None)
     assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds == 0  # the default
     assert cfg.max_batch_size == (4 * settings.rpn_post_nms_top_n if model == names.HEADER else 4)
     # run-time options of the rpn runner (python_backend/torch_runtime.py); the header has none
@@ -199,7 +201,6 @@ def test_torch_network_configs(torch_repo, model):
         fused = device == "gpu" and params["precision"] == "fp16"
         assert params["optimize_for_inference"] == ("true" if fused else "false")
         assert params["canvases"] == "[[256, 256], [256, 320], [320, 256]]"
-        assert params["gpu_memory_fraction"] == "0.5"  # room for every canvas's graphs
     else:
         assert "channels_last" not in params and "cuda_graphs" not in params
     version = out / model / "1"
@@ -357,7 +358,6 @@ def test_cli_canvases(tmp_path, arg, want):
     assert rc == 0
     params = read_config(repo / names.RPN / "config.pbtxt").parameters
     assert DetectorSettings.from_parameters({k: v.string_value for k, v in params.items()}).canvases == want
-    assert params["gpu_memory_fraction"].string_value == ("0.5" if len(want) > 1 else "0.3")
     assert sorted(p.name for p in (repo / names.RPN / "1").glob("model*.pt")) == [canvas_file(h, w) for h, w in want]
 
 

@@ -189,12 +189,12 @@ class _TorchArrays:
 
     On a GPU: fp32 means fp32 (no TF32 in convolutions or matmuls; cuDNN's default is TF32 on) and
     the ``tf32`` precision turns TF32 on for both,
-    and this process's caching allocator is capped at ``memory_fraction`` of the card: the steps
-    of the ensemble share the GPU, each in its own process, and cuDNN's autotuner otherwise grabs
-    most of the card, leaving the CuPy steps beside it out of memory.
+    and this process's caching allocator is capped at ``memory_gib`` GiB (or the whole card, if
+    smaller): the steps of the ensemble share the GPU, each in its own process, and cuDNN's plans
+    otherwise take workspaces of tens of GiB, which the allocator keeps.
     """
 
-    def __init__(self, device: str, device_id: int, memory_fraction: float, tf32: bool = False):
+    def __init__(self, device: str, device_id: int, memory_gib: float, tf32: bool = False):
         import torch
 
         self.torch = torch
@@ -204,7 +204,8 @@ class _TorchArrays:
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
-            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, memory_gib * 2**30 / total), self.device)
         else:
             self.device = torch.device("cpu")
 
@@ -238,7 +239,7 @@ class StepAdapter:
         arrays: what the step computes on: "backend" (NumPy or CuPy by the instance's kind, through
             the step backend), "numpy" (always the host: ONNX Runtime on the CPU) or "torch"
             (torch tensors on the instance's device; on a GPU, the model parameter
-            ``gpu_memory_fraction``, default 0.3, caps this process's share of the card).
+            ``gpu_memory_gib``, default 4, caps this process's memory on the card).
     """
 
     def __init__(self, args: dict, pb_utils, arrays: str = "backend"):
@@ -261,7 +262,7 @@ class StepAdapter:
                              f"KIND_{args['model_instance_kind']}; expected the two to agree")
         if arrays == "torch":
             self.backend = None
-            self.arrays = _TorchArrays(self.device, self.device_id, float(self.params.get("gpu_memory_fraction", "0.3")),
+            self.arrays = _TorchArrays(self.device, self.device_id, float(self.params.get("gpu_memory_gib", "4")),
                                        tf32=self.params.get("precision") == "tf32")
         elif arrays == "numpy":
             self.backend = backends.get_backend("cpu")
