@@ -41,8 +41,8 @@ from evaluation.accuracy import eager_reference
 from evaluation.bench import Check, Plan, Record, Sweep, Target, measure_server
 from evaluation.eager_bench import eager_rows
 from evaluation.parity import FP16, PARITY
-from evaluation.repositories import (ROOT, WEIGHTS_FILE, baseline_name, encoded_input_type, export_ensemble,
-                                     exported_settings, parse_variants, save_random_weights,
+from evaluation.repositories import (BASELINE_MEMORY_GIB, ROOT, WEIGHTS_FILE, baseline_name, encoded_input_type,
+                                     export_ensemble, exported_settings, parse_variants, save_random_weights,
                                      write_baseline_repository)
 from python_backend import names
 
@@ -157,9 +157,9 @@ def run_stages(args, rec: Record, save) -> None:
         try:
             rec.eager_rows = eager_rows(weights, payloads.perf_payloads("raw", photos), args.precisions,
                                         args.eager_batches, "cuda" if args.device == "gpu" else "cpu",
-                                        repeat=args.eager_repeat)
+                                        repeat=args.eager_repeat, memory_caps=(None, BASELINE_MEMORY_GIB))
             log.info("torchvision eager alone: %s", [(r["precision"], r["batch"], r["cudnn_benchmark"],
-                                                      r["images_per_s"]) for r in rec.eager_rows])
+                                                      r["memory_cap_gib"], r["images_per_s"]) for r in rec.eager_rows])
         except Exception as e:  # noqa: BLE001 - the served measurements still run
             rec.fail(f"torchvision eager alone: {e}")
     else:

@@ -54,7 +54,7 @@ def measure(precision: str, canvases: str, max_batch: int, autotuner: str = "aut
     from python_backend import names
     from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions
 
-    dev = torch.device("cuda")
+    dev = torch.device("cuda", torch.cuda.current_device())
     free0, total = torch.cuda.mem_get_info(dev)
     # as the torch runner sets it, unless overridden
     torch.backends.cudnn.benchmark = precision == "fp16" if autotuner == "auto" else autotuner == "on"
@@ -117,7 +117,8 @@ def measure(precision: str, canvases: str, max_batch: int, autotuner: str = "aut
               "GiB" if memory else "no CUDA graphs")
     print(f"\n{torch.cuda.get_device_name(dev)}, torch {torch.__version__}: rpn {precision}, canvases "
           f"{', '.join(f'{h}x{w}' for h, w in settings.canvases)}, max batch {max_batch}; options {options}; "
-          f"{shared}; cap {params.get('gpu_memory_gib', 'none')} GiB; cuDNN autotuner {torch.backends.cudnn.benchmark}; CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}; "
+          f"{shared}; cap {params.get('gpu_memory_gib', 'none')} GiB; cuDNN autotuner {torch.backends.cudnn.benchmark}; "
+          f"CUDNN_CONV_WSCAP_DBG={os.environ.get('CUDNN_CONV_WSCAP_DBG', 'unset')}; "
           f"peak reserved {peak / GIB:.2f} GiB")
     print("| stage | allocated GiB | reserved GiB | graph pool GiB | default pool GiB | process on the card GiB | "
           "seconds |")

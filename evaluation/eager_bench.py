@@ -11,12 +11,19 @@ setting as the ensemble's:
 - ``fp16``: ``torch.autocast`` float16 around the call (torchvision's usual mixed precision), TF32 off.
 
 Each precision and batch size is timed with cuDNN's autotuner off and on (every input has the same
-size, where autotuning pays); the goals take the best row.
+size, where autotuning pays), and under each of ``memory_caps`` (the caching allocator's cap in
+GiB, or none: under a cap cuDNN passes over plans whose workspace does not fit, which in fp32
+changes which plans run; the served steps run under caps, so torchvision gets them too); the goals
+take the best row.  On a GPU each (precision, autotuner, cap) runs in a process of its own: cuDNN
+keeps the plan it chose for a shape for the rest of the process, so a variant run after another
+would reuse the other's plans.
 """
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -69,37 +76,56 @@ def median_ms(fn, device, warmup: int, repeat: int) -> float:
 
 
 def eager_rows(weights: Path, images: list[np.ndarray], precisions=("fp32", "fp16"), batches=(8, 16),
-               device: str = "cuda", warmup: int = 3, repeat: int = 10) -> list[dict]:
-    """One row per precision, batch size and cuDNN autotuner setting: ``precision``, ``batch``,
-    ``cudnn_benchmark``, ``ms_per_call``, ``ms_per_image``, ``images_per_s``.  ``weights``: a
-    state_dict (``exporters.loading.checkpoint_model``); ``images``: decoded ``[H, W, 3]`` uint8.
-    On a CPU device the autotuner rows are left out (cuDNN is a GPU library) and fp16 runs in fp32."""
+               device: str = "cuda", warmup: int = 3, repeat: int = 10, memory_caps=(None,)) -> list[dict]:
+    """One row per precision, cuDNN autotuner setting, memory cap and batch size: ``precision``,
+    ``batch``, ``cudnn_benchmark``, ``memory_cap_gib`` (None: no cap), ``ms_per_call``,
+    ``ms_per_image``, ``images_per_s``.  ``weights``: a state_dict
+    (``exporters.loading.checkpoint_model``); ``images``: decoded ``[H, W, 3]`` uint8.  On a CPU
+    device the autotuner and cap rows are left out (cuDNN is a GPU library), fp16 runs in fp32 and
+    everything runs in this process."""
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ValueError(f"eager precision must be one of {PRECISIONS}, got {p!r}")
+    if device == "cpu":
+        return _variant_rows(weights, images, "fp32", precisions, False, None, batches, device, warmup, repeat)
+    rows = []
+    for precision in precisions:
+        for cudnn_benchmark in (False, True):
+            for cap in memory_caps:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    rows += pool.submit(_variant_rows, weights, images, precision, (precision,), cudnn_benchmark, cap,
+                                        batches, device, warmup, repeat).result()
+    return rows
+
+
+def _variant_rows(weights, images, precision, labels, cudnn_benchmark, cap_gib, batches, device, warmup,
+                  repeat) -> list[dict]:
+    """The rows of one variant, computed in ``precision`` and labelled with each of ``labels``."""
     import torch
 
     from exporters.loading import checkpoint_model
 
-    for p in precisions:
-        if p not in PRECISIONS:
-            raise ValueError(f"eager precision must be one of {PRECISIONS}, got {p!r}")
     dev = torch.device(device)
+    if cap_gib is not None:
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), dev)
     model = checkpoint_model(weights).to(dev).eval()
     rows = []
     try:
-        for precision in precisions:
-            fp16 = precision == "fp16" and dev.type == "cuda"
-            for cudnn_benchmark in ((False, True) if dev.type == "cuda" else (False,)):
-                with torch_flags(precision == "tf32", cudnn_benchmark):
-                    for batch in batches:
-                        xs = batch_tensors(images, batch, dev)
+        fp16 = precision == "fp16" and dev.type == "cuda"
+        with torch_flags(precision == "tf32", cudnn_benchmark):
+            for batch in batches:
+                xs = batch_tensors(images, batch, dev)
 
-                        def call():
-                            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
-                                model(xs)
+                def call():
+                    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16, enabled=fp16):
+                        model(xs)
 
-                        ms = median_ms(call, dev, warmup, repeat)
-                        rows.append({"model": "torchvision_eager", "precision": precision, "batch": batch,
-                                     "cudnn_benchmark": cudnn_benchmark, "ms_per_call": round(ms, 3),
-                                     "ms_per_image": round(ms / batch, 3), "images_per_s": round(1e3 * batch / ms, 3)})
+                ms = median_ms(call, dev, warmup, repeat)
+                rows += [{"model": "torchvision_eager", "precision": label, "batch": batch,
+                          "cudnn_benchmark": cudnn_benchmark, "memory_cap_gib": cap_gib, "ms_per_call": round(ms, 3),
+                          "ms_per_image": round(ms / batch, 3), "images_per_s": round(1e3 * batch / ms, 3)}
+                         for label in labels]
     finally:
         del model
         if dev.type == "cuda":

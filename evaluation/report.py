@@ -96,8 +96,9 @@ def perf_section(perf_rows: list[dict], eager_rows: list[dict], kinds: dict[str,
         best.append([run, top["input"], top["infer_per_s"], top["concurrency"], one[0] if one else "-"])
     lines += _table(["run", "input", "best images/s", "at concurrency", "p99 ms at concurrency 1"], best)
     lines += ["", "torchvision eager alone (no server; only `model(images)` timed, images already on the GPU):", ""]
-    lines += _table(["precision", "batch", "cuDNN autotuner", "ms per image", "images/s"],
-                    [[r["precision"], r["batch"], "on" if r["cudnn_benchmark"] else "off", r["ms_per_image"],
+    lines += _table(["precision", "batch", "cuDNN autotuner", "memory cap GiB", "ms per image", "images/s"],
+                    [[r["precision"], r["batch"], "on" if r["cudnn_benchmark"] else "off",
+                      "none" if r.get("memory_cap_gib") is None else r["memory_cap_gib"], r["ms_per_image"],
                       r["images_per_s"]] for r in eager_rows])
     lines += ["", "Every perf_analyzer row:", ""]
     lines += _table(["run", "concurrency", "images/s", "p50 ms", "p99 ms"],

@@ -24,6 +24,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from exporters.repository import RepositoryOptions
 from python_backend import names
 from python_backend.settings import DetectorSettings
 
@@ -33,6 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository root: where ``pytho
 BASELINE_MODEL = Path(__file__).resolve().parent / "baseline" / "model.py"
 WEIGHTS_FILE = "weights.pt"
 BASELINE_PRECISIONS = ("fp32", "fp16")  # evaluation.baseline.eager.PRECISIONS
+# The caching allocator's cap of a served baseline process, and of torchvision eager's capped rows:
+# what the ensemble's torch processes (rpn and header) may take together.  Under a cap cuDNN's
+# float32 plans change, so the baselines get the ensemble's knob
+BASELINE_MEMORY_GIB = RepositoryOptions().torch_rpn_memory_gib + RepositoryOptions().torch_header_memory_gib
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def baseline_config(name: str, settings: DetectorSettings, precision: str,
     kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     cfg.instance_group.add(count=variant.instances, kind=kind)
     params = settings.to_parameters()
-    params.update(precision=precision, weights_file=WEIGHTS_FILE)
+    params.update(precision=precision, weights_file=WEIGHTS_FILE, gpu_memory_gib=f"{BASELINE_MEMORY_GIB:g}")
     for k, v in params.items():
         cfg.parameters[k].string_value = v
     return cfg

@@ -9,8 +9,8 @@ HWC image); same outputs (``boxes``, ``scores``, ``labels``, ``num_detections``)
 good requests of one ``execute`` go through one model call.  A bad image fails only its own request.
 
 Parameters (config.pbtxt): the export's DetectorSettings, ``weights_file`` (a state_dict next to
-this file), ``precision`` ("fp32" with TF32 off, or "fp16" autocast) and ``gpu_memory_fraction``
-(the share of the card this process may take, as the ensemble's torch runner does).
+this file), ``precision`` ("fp32" with TF32 off, or "fp16" autocast) and ``gpu_memory_gib``
+(the caching allocator's cap, as the ensemble's torch runner has: evaluation/repositories.py).
 """
 import os
 
