@@ -106,6 +106,8 @@ def _variant_rows(weights, images, precision, labels, cudnn_benchmark, cap_gib, 
     from exporters.loading import checkpoint_model
 
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:  # the allocator's cap takes an indexed device
+        dev = torch.device("cuda", torch.cuda.current_device())
     if cap_gib is not None:
         total = torch.cuda.get_device_properties(dev).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total), dev)
