@@ -339,6 +339,13 @@ def test_baseline_config(raw):
     params = {k: v.string_value for k, v in parsed.parameters.items()}
     assert params["precision"] == "fp16" and params["weights_file"] == WEIGHTS_FILE
     assert DetectorSettings.from_parameters(params) == SETTINGS
+    # the same allocator cap as the ensemble's torch processes on a GPU together (rpn + header)
+    from exporters.repository import RepositoryOptions, python_step_config
+
+    ensemble = RepositoryOptions(target="torch", device="gpu")
+    caps = [float(python_step_config(n, SETTINGS, ensemble).parameters["gpu_memory_gib"].string_value)
+            for n in (names.RPN, names.HEADER)]
+    assert float(params["gpu_memory_gib"]) == sum(caps) == 12
     with pytest.raises(ValueError, match="baseline precision must be one of"):
         baseline_config("b", SETTINGS, "tf32")
 

@@ -2,6 +2,8 @@
 and torchvision eager's timing helpers (evaluation/eager_bench.py) on the CPU."""
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from evaluation import goals
@@ -193,3 +195,40 @@ def test_eager_rows_on_the_cpu(small_model, monkeypatch, tmp_path):
     assert rows[0]["images_per_s"] == pytest.approx(3000 / rows[0]["ms_per_call"], rel=0.01)
     with pytest.raises(ValueError, match="eager precision must be one of"):
         eager_bench.eager_rows(tmp_path / "w.pt", images, ["int8"], device="cpu")
+
+
+def test_eager_rows_on_a_gpu_run_each_variant_in_a_process_of_its_own(monkeypatch, tmp_path):
+    """cuDNN keeps a shape's plan for the rest of the process: every (precision, autotuner, cap)
+    gets a fresh process (a new pool of one worker), and its rows come back as it labelled them."""
+    from evaluation import eager_bench
+
+    pools = []
+
+    class Pool:
+        def __init__(self, workers, mp_context=None):
+            assert workers == 1 and mp_context.get_start_method() == "spawn"
+            self.jobs = []
+            pools.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            self.jobs.append(args)
+            weights, images, precision, labels, autotuner, cap, batches = args[:7]
+            rows = [{"precision": label, "cudnn_benchmark": autotuner, "memory_cap_gib": cap, "batch": b}
+                    for label in labels for b in batches]
+            return types.SimpleNamespace(result=lambda: rows)
+
+    monkeypatch.setattr(eager_bench, "ProcessPoolExecutor", Pool)
+    rows = eager_bench.eager_rows(tmp_path / "w.pt", [], ["fp32", "fp16"], batches=(8, 16), device="cuda",
+                                  memory_caps=(None, 12.0))
+    assert [len(p.jobs) for p in pools] == [1] * 8
+    assert [p.jobs[0][2:6] for p in pools] == [
+        (precision, (precision,), autotuner, cap)
+        for precision in ("fp32", "fp16") for autotuner in (False, True) for cap in (None, 12.0)]
+    assert len(rows) == 16 and {(r["precision"], r["cudnn_benchmark"], r["memory_cap_gib"]) for r in rows} == {
+        (p, a, c) for p in ("fp32", "fp16") for a in (False, True) for c in (None, 12.0)}
