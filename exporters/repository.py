@@ -107,6 +107,9 @@ class RepositoryOptions:
             raise ValueError(f"torch_precision must be one of {ENGINE_PRECISIONS}, got {self.torch_precision!r}")
         if self.jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
+        if not (self.torch_rpn_memory_gib > 0 and self.torch_header_memory_gib > 0):
+            raise ValueError(f"torch memory caps must be positive GiB, got rpn {self.torch_rpn_memory_gib} and header "
+                             f"{self.torch_header_memory_gib}")
         if self.trt_workspace_bytes < 1:
             raise ValueError(f"trt_workspace_bytes must be positive, got {self.trt_workspace_bytes}")
         if len(set(self.gpus)) != len(self.gpus) or any(not isinstance(g, int) or g < 0 for g in self.gpus):

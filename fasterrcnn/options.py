@@ -134,6 +134,10 @@ class Options:
     optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
                                         help="torch target, --device gpu, fp16: freeze the rpn and let "
                                              "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
+    rpn_memory_gib: float = _opt(8.0, "repository", parse=float, env="RPN_MEMORY_GIB",
+                                 help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
+                                      "caching allocator; cuDNN passes over plans whose workspace does not fit; the "
+                                      "header's is 4)")
     jpeg_decoder: str = _opt("gpu", "repository", env="JPEG_DECODER", choices=JPEG_DECODERS,
                              help="--device gpu: who decodes JPEG requests: gpu (nvJPEG through "
                                   "torchvision.io.decode_jpeg, one call per batch; other formats and JPEGs it "
@@ -192,7 +196,8 @@ class Options:
                   trt_workspace_bytes=int(self.workspace_gib * 2**30),
                   torch_precision=self.precision if self.target == "torch" else "fp32",
                   torch_channels_last=self.channels_last, torch_cuda_graphs=self.cuda_graphs,
-                  torch_optimize_for_inference=self.optimize_for_inference, jpeg_decoder=self.jpeg_decoder)
+                  torch_optimize_for_inference=self.optimize_for_inference, torch_rpn_memory_gib=self.rpn_memory_gib,
+                  jpeg_decoder=self.jpeg_decoder)
         kw.update(overrides)
         return RepositoryOptions(**kw)
 

@@ -93,6 +93,7 @@ def test_unwritable_output(tmp_path, capsys):
     (["--gpus", "0,1"], "with device 'cpu' and target 'python' every step runs on the CPU"),
     (["--peaky", "50"], "unrecognized arguments: --peaky"),  # a test knob, not a product option
     (["--jpeg-decoder", "nvdec"], "invalid choice: 'nvdec'"),
+    (["--target", "torch", "--rpn-memory-gib", "0"], "torch memory caps must be positive GiB, got rpn 0.0"),
 ])
 def test_bad_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -118,6 +119,21 @@ def test_environment_and_flags_build_the_same_options():
     assert (repo.target, repo.trt_precision, repo.gpus, repo.instances) == ("tensorrt", "tf32", (0, 1), 3)
     assert repo.trt_workspace_bytes == 2 << 30 and repo.jpeg_decoder == "pillow"
     assert from_env.model_options().canvases == ((256, 320), (320, 320))
+
+
+def test_rpn_memory_cap_reaches_the_rpn_config():
+    """--rpn-memory-gib is the rpn process's cap (model parameter gpu_memory_gib); the header keeps its own."""
+    from exporters.repository import python_step_config
+    from python_backend import names
+    from python_backend.settings import DetectorSettings
+
+    opts = Options.from_args(build_parser().parse_args(["export", "--target", "torch", "--device", "gpu",
+                                                        "--precision", "fp16", "--rpn-memory-gib", "6.5"]))
+    repo = opts.repository_options()
+    settings = DetectorSettings(num_classes=3, canvases=((800, 800),))
+    caps = {n: python_step_config(n, settings, repo).parameters["gpu_memory_gib"].string_value
+            for n in (names.RPN, names.HEADER)}
+    assert caps == {names.RPN: "6.5", names.HEADER: "4"}
 
 
 def test_canvas_of_older_deployments_is_a_set_of_one():
