@@ -80,8 +80,8 @@ class RepositoryOptions:
     # torch target on GPU instances: the caching allocator's cap per process in GiB (model parameter
     # gpu_memory_gib).  cuDNN's float32 heuristics otherwise pick plans with workspaces of tens
     # of GiB, and the allocator keeps them; under the cap a plan whose workspace does not fit is
-    # passed over for the next (docs/benchmarks.md, session 14, has the rpn's memory and speed
-    # under each cap).  The header's batch is RoIs, its work small
+    # passed over for the next (docs/benchmarks.md, session 14, has the fp32 rpn's memory and speed
+    # without a cap and under 8 GiB).  The header's batch is RoIs, its work small
     torch_rpn_memory_gib: float = 8.0
     torch_header_memory_gib: float = 4.0
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
