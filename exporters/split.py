@@ -175,6 +175,11 @@ class RpnNetwork(nn.Module):
             self.register_buffer(f"cell_anchors_{i}", c.to(torch.float32).clone(), persistent=False)
         self.level_topk = settings.rpn_level_topk()
 
+    def anchor_sizes(self) -> list[float]:
+        """The longest side of each level's anchors (torchvision's AnchorGenerator sizes: 32..512)."""
+        cells = [getattr(self, f"cell_anchors_{level}") for level in range(len(RPN_STRIDES))]
+        return [float((c[:, 2:] - c[:, :2]).max()) for c in cells]
+
     def _anchors(self, level: int, rows: Tensor, cols: Tensor, padded: Tensor) -> Tensor:
         """``[B, gh, gw, A, 4]`` anchors of one level, torchvision AnchorGenerator order (y, x, a).
 

@@ -134,7 +134,7 @@ class Options:
     optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
                                         help="torch target, --device gpu, fp16: freeze the rpn and let "
                                              "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
-    rpn_memory_gib: float = _opt(8.0, "repository", parse=float, env="RPN_MEMORY_GIB",
+    rpn_memory_gib: float = _opt(8.0, "repository", parse=float,
                                  help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
                                       "caching allocator; cuDNN passes over plans whose workspace does not fit; the "
                                       "header's is 4)")

@@ -16,7 +16,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from exporters.loading import random_model, settings_from_model
 from exporters.split import RpnNetwork
-from exporters.tensorrt.compare import proposal_mismatches
+from exporters.tensorrt.compare import anchor_scaled_atol, proposal_mismatches
 from python_backend import names
 from python_backend.reference.image import BadImageError, batch_canvas, batch_sizes
 from python_backend.settings import FPN_STRIDES, DetectorSettings
@@ -135,5 +135,6 @@ def test_one_onnx_export_serves_every_canvas(small_export, eager_rpn, canvas):
     for i, (ih, iw) in enumerate(sizes):  # every valid box inside its own image
         rows = got[0][i][valid[i]]
         assert (rows[:, 2] <= iw).all() and (rows[:, 3] <= ih).all()
-    problems = proposal_mismatches(got[0], want[0], atol=[1e-2] * 4 + [1e-4, 0.0], rtol=1e-4, score_atol=1e-4)
+    problems = proposal_mismatches(got[0], want[0], atol=anchor_scaled_atol(eager_rpn.anchor_sizes(), 1e-2, 1e-4, 1e-4),
+                                   rtol=1e-4, score_atol=1e-4)
     assert problems == [], "\n".join(problems[:10])

@@ -842,6 +842,18 @@ def test_a_moved_box_or_a_lost_top_row_is_a_mismatch():
         compare.proposal_mismatches(ref[:, :2], ref, BOX_TOL)
 
 
+def test_box_tolerance_grows_with_the_levels_anchor():
+    """A box off by 0.03 px is within tolerance on the 512-pixel anchors of level 1 here and a
+    mismatch on the 32-pixel anchors of level 0."""
+    tol = compare.anchor_scaled_atol([32, 512], box_atol=0.01, anchor_rtol=1e-4, score_atol=1e-4)
+    assert tol[0] == pytest.approx([0.0132] * 4 + [1e-4, 0.0]) and tol[1][0] == pytest.approx(0.0612)
+    ref = _proposals([[(0, 0, 10, 10, 0.9), (5, 5, 20, 20, 0.5)], [(0, 0, 400, 300, 0.7), (9, 9, 99, 99, 0.6)]])
+    moved = ref.copy()
+    moved[0, [0, 2], 3] += 0.03  # each level's top row (a row at the cutoff could be a tie kept instead)
+    problems = compare.proposal_mismatches(moved, ref, tol, score_atol=1e-4)
+    assert len(problems) == 2 and all(p.startswith("image 0 level 0:") for p in problems)
+
+
 def test_output_diff():
     d = compare.output_diff("x", np.array([1.0, 2.5, 0.0]), np.array([1.0, 2.0, 1e-4]))
     assert (d.name, d.max_abs, d.shape) == ("x", 0.5, (3,))

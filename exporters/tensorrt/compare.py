@@ -89,6 +89,18 @@ def unmatched_rows(a: np.ndarray, b: np.ndarray, atol, rtol: float = 0.0) -> tup
     return np.asarray(lone_a, dtype=np.int64), np.flatnonzero(~used)
 
 
+def anchor_scaled_atol(anchor_sizes: Sequence[float], box_atol: float, anchor_rtol: float,
+                       score_atol: float) -> dict[int, list[float]]:
+    """{level: atol per proposals column}: box corners within ``box_atol + anchor_rtol *`` the
+    level's anchor size, the score within ``score_atol``, the level exact.  A proposal is its
+    anchor moved and scaled by the regression deltas (``exp(dw) * anchor``), so a delta that two
+    runtimes sum in another order moves a box in proportion to its anchor; level -1 (padding
+    rows) gets the smallest anchor's."""
+    tol = {level: [box_atol + anchor_rtol * size] * 4 + [score_atol, 0.0] for level, size in enumerate(anchor_sizes)}
+    tol[-1] = tol[0]
+    return tol
+
+
 def proposal_mismatches(engine: np.ndarray, reference: np.ndarray, atol, rtol: float = 0.0,
                         score_atol: float = 0.0) -> list[str]:
     """Differences between two ``proposals [B, K, 6]`` outputs, compared as sets of rows.
@@ -96,7 +108,8 @@ def proposal_mismatches(engine: np.ndarray, reference: np.ndarray, atol, rtol: f
     TopK returns near-equal scores in either order, and at its cutoff keeps either of two rows
     that tie, so rows are compared as sets per image and FPN level, as torchvision's
     ``test_nms_gpu`` accepts different indices only where their scores are equal.  A row without
-    a partner within ``atol``/``rtol`` is a mismatch, unless its score is within ``score_atol``
+    a partner within ``atol``/``rtol`` (``atol`` may be {level: atol}, as
+    :func:`anchor_scaled_atol` gives) is a mismatch, unless its score is within ``score_atol``
     of the other output's lowest score of that level: a tie at the cutoff (where a box that
     moved can't be told from a tied row kept instead, so the cutoff row's box is not checked).
     """
@@ -111,7 +124,8 @@ def proposal_mismatches(engine: np.ndarray, reference: np.ndarray, atol, rtol: f
         for level in levels:
             e = e_rows[np.rint(e_rows[:, LEVEL]) == level]
             r = r_rows[np.rint(r_rows[:, LEVEL]) == level]
-            lone_e, lone_r = unmatched_rows(e, r, atol, rtol)
+            level_atol = atol[int(level)] if isinstance(atol, Mapping) else atol
+            lone_e, lone_r = unmatched_rows(e, r, level_atol, rtol)
             for side, rows, lone, other in (("engine", e, lone_e, r), ("reference", r, lone_r, e)):
                 cutoff = other[:, SCORE].min() if len(other) else np.inf
                 for i in lone:
