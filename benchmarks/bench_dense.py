@@ -13,7 +13,7 @@ Median of CUDA-event timings after warm-up.  Reports ms per image and the share 
 floor: torchvision's FLOPs for one 800x1066 image (torch's flop counter) at this card's fp16
 matmul rate, both measured first (evaluation/timing.py).
 
-    python -m benchmarks.bench_dense [--profile-only]
+    python -m benchmarks.bench_dense [--profile-only | --compile]
 """
 from __future__ import annotations
 
@@ -67,6 +67,51 @@ def print_profile(rows, batch: int) -> None:
     print(flush=True)
 
 
+def compare_compiled(model, settings, trace_path: str, x, sizes, floor_ms: float) -> int:
+    """The fp16 rpn at ``x``'s batch, channels last: eager, the served trace (optimize_for_inference,
+    CUDA graphs) and torch.compile (inductor: element-wise chains such as the extent masks and the
+    bias adds cuDNN leaves apart fused into generated kernels), with the wall time of each one's
+    preparation.  A variant that fails prints its error and the others still run."""
+    import time
+
+    from exporters.torch_export import rpn_module
+    from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
+
+    batch, _, h, w = x.shape
+    dev = x.device
+    print("\n| fp16 rpn, channels last | batch | preparation s | ms per image | floor / ms per image |")
+    print("| --- | ---: | ---: | ---: | ---: |", flush=True)
+    eager = rpn_module(model, settings, "fp16").to(dev).eval().to(memory_format=torch.channels_last)
+    xs = x.contiguous(memory_format=torch.channels_last)
+
+    def served():
+        net = TorchNetwork(trace_path, dev, [[3, h, w], [2]], batch,
+                           RuntimeOptions(channels_last=True, cuda_graphs=True, optimize_for_inference=True))
+        net.warm_up()
+        return lambda: net([x, sizes])
+
+    def compiled(mode: str):
+        fn = torch.compile(eager, mode=mode)
+        return lambda: fn(xs, sizes)
+
+    variants = {"eager": lambda: (lambda: eager(xs, sizes)), "served trace (optimized, CUDA graphs)": served}
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        variants[f"torch.compile mode={mode}"] = lambda mode=mode: compiled(mode)
+    for name, make in variants.items():
+        try:
+            start = time.perf_counter()
+            with torch.no_grad():
+                call = make()
+                call()  # compiles where it compiles
+                torch.cuda.synchronize()
+                prepared = time.perf_counter() - start
+                ms = cuda_event_ms(call) / batch
+            print(f"| {name} | {batch} | {prepared:.0f} | {ms:.2f} | {floor_ms / ms:.0%} |", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next variant
+            print(f"| {name} | {batch} | failed: {type(e).__name__}: {str(e)[:200]} | | |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     from exporters import torch_export
     from exporters.loading import random_model, settings_from_model
@@ -78,6 +123,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_dense", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile-only", action="store_true", help="only the fp16 rpn's kernel profile")
+    ap.add_argument("--compile", action="store_true",
+                    help="after the profile, only the fp16 rpn (channels last) at batch 8: eager, the served "
+                         "trace and torch.compile's inductor, each with its compile time")
     args = ap.parse_args(argv)
     variants = _variants()
 
@@ -88,7 +136,7 @@ def main(argv=None) -> int:
     model = random_model(num_classes=91, seed=0)
     settings = settings_from_model(model, canvases=(CANVAS,))
     tmp = Path(tempfile.mkdtemp(prefix="bench_dense_"))
-    precisions = ("fp16",) if args.profile_only else ("fp32", "fp16")
+    precisions = ("fp16",) if args.profile_only or args.compile else ("fp32", "fp16")
     paths = {p: torch_export.export_torch(model, settings, tmp / p, device="gpu", precision=p) for p in precisions}
     h, w = CANVAS
     gflop, tflops = model_gflop(model.to(dev), (h, 1066)), fp16_matmul_tflops()
@@ -105,6 +153,8 @@ def main(argv=None) -> int:
         print_profile(profile_rpn(str(paths["fp16"][canvas_key(h, w)]), [[3, h, w], [2]], batch, served, x, sizes), batch)
     if args.profile_only:
         return 0
+    if args.compile:
+        return compare_compiled(model, settings, str(paths["fp16"][canvas_key(h, w)]), x, sizes, floor_ms)
 
     print("| network | batch | ms per call | ms per image | floor / ms per image |")
     print("| --- | ---: | ---: | ---: | ---: |", flush=True)

@@ -113,3 +113,46 @@ def test_gpu_raw_entry_point_and_bad_input(gpu_server, small_model):
     assert not isinstance(bad[1], Exception)
     assert isinstance(bad[2], InferenceServerException) and "resizes to 0x320" in bad[2].message()
     assert client.is_server_ready()
+
+
+# every shape #14 names, on the default export (800/1333, its five canvases), sent as PNG so that
+# torchvision sees the very pixels the server decodes
+DEFAULT_SHAPES = {"landscape photo": skimage.data.coffee(), "square photo": skimage.data.astronaut(),
+                  "portrait photo": np.ascontiguousarray(skimage.data.coffee().transpose(1, 0, 2)),
+                  "portrait 3:4": textured_image(640, 480, seed=11), "1:16": textured_image(100, 1600, seed=12),
+                  "16:1": textured_image(1600, 100, seed=13), "tiny": textured_image(20, 20, seed=14),
+                  "1xN": textured_image(1, 300, seed=15),
+                  "large 6000x4000": np.repeat(np.repeat(skimage.data.astronaut(), 8, 0), 12, 1)[:4000, :6000]}
+
+
+def test_default_torch_export_on_the_gpu_serves_every_shape(tmp_path):
+    """``fasterrcnn export --target torch --device gpu`` with every default (random weights, fp32,
+    the auto canvases) in a real tritonserver: each image of DEFAULT_SHAPES, sent together and then
+    one at a time, gets torchvision's detections on the same GPU with TF32 off."""
+    import torch
+
+    from exporters import torch_export
+    from exporters.loading import random_model
+    from fasterrcnn.__main__ import main as cli_main
+
+    repo = tmp_path / "repo"
+    assert cli_main(["export", "--target", "torch", "--device", "gpu", "--repository", str(repo)]) == 0
+    srv = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                       cuda_pool_bytes=4 << 30)
+    srv.start(timeout=300)
+    try:
+        model = random_model(num_classes=91, seed=0).cuda().eval()
+        with torch_export._tf32_off():
+            want = {name: torchvision_detect(model, image) for name, image in DEFAULT_SHAPES.items()}
+        client = detect.connect(srv.grpc_url)
+        order = list(DEFAULT_SHAPES)
+        payloads = [encode(DEFAULT_SHAPES[name]) for name in order]
+        for concurrency in (len(order), 1):
+            results = detect.infer_many(client, payloads, concurrency=concurrency)
+            for name, res in zip(order, results):
+                assert not isinstance(res, Exception), f"{name}: {res}\n--- server log ---\n{srv.log_text()[-6000:]}"
+                assert_parity(want[name], _dets(res), f"default torch export on the GPU, {name}, "
+                                                      f"concurrency {concurrency}")
+        assert sum(len(w.scores) for w in want.values()) >= 100  # the comparison is about detections
+    finally:
+        srv.stop()
