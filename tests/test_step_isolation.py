@@ -170,8 +170,8 @@ def test_preprocess(client, small_export):
 def _assert_rpn_outputs(got, want, what, anchor_sizes):
     """Maps to float32 summation order.  Proposals as sets per image and level (random weights
     give near-tied objectness, so two runtimes may order top-k rows differently or keep another
-    of two rows tied at the cutoff), boxes to a tolerance that grows with the level's anchor; rows
-    of level -1 are padding, whose content no step reads."""
+    of two rows tied at the cutoff), boxes to a tolerance that grows with the level's anchor
+    (padding rows, level -1, with the smallest anchor's)."""
     for name, a, b in zip(names.FEATURES, want[1:], got[1:]):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5 * np.abs(a).max(), err_msg=f"{what} {name}")
     atol = anchor_scaled_atol(anchor_sizes, box_atol=1e-2, anchor_rtol=1e-4, score_atol=1e-4)
