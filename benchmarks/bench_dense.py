@@ -69,9 +69,10 @@ def print_profile(rows, batch: int) -> None:
 
 def compare_compiled(model, settings, trace_path: str, x, sizes, floor_ms: float) -> int:
     """The fp16 rpn at ``x``'s batch, channels last: eager, the served trace (optimize_for_inference,
-    CUDA graphs) and torch.compile (inductor: element-wise chains such as the extent masks and the
-    bias adds cuDNN leaves apart fused into generated kernels), with the wall time of each one's
-    preparation.  A variant that fails prints its error and the others still run."""
+    CUDA graphs), torch.compile (inductor: element-wise chains such as the extent masks and the
+    bias adds cuDNN leaves apart fused into generated kernels) and an AOTInductor package (the form
+    a served compiled rpn would take), with the wall time of each one's preparation.  A variant
+    that fails prints its error and the others still run."""
     import time
 
     from exporters.torch_export import rpn_module
@@ -94,9 +95,18 @@ def compare_compiled(model, settings, trace_path: str, x, sizes, floor_ms: float
         fn = torch.compile(eager, mode=mode)
         return lambda: fn(xs, sizes)
 
+    def aot_inductor():
+        """What a served compiled rpn would load: torch.export, then an AOTInductor package."""
+        program = torch.export.export(eager, (xs, sizes), strict=False)
+        target = Path(tempfile.mkdtemp(prefix="bench_dense_aoti_")) / "rpn.pt2"
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(target))
+        fn = torch._inductor.aoti_load_package(package)
+        return lambda: fn(xs, sizes)
+
     variants = {"eager": lambda: (lambda: eager(xs, sizes)), "served trace (optimized, CUDA graphs)": served}
     for mode in ("default", "max-autotune-no-cudagraphs"):
         variants[f"torch.compile mode={mode}"] = lambda mode=mode: compiled(mode)
+    variants["torch.export + AOTInductor package"] = aot_inductor
     for name, make in variants.items():
         try:
             start = time.perf_counter()
