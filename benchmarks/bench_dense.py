@@ -92,6 +92,7 @@ def compare_compiled(model, settings, trace_path: str, x, sizes, floor_ms: float
         return lambda: net([x, sizes])
 
     def compiled(mode: str):
+        torch._dynamo.reset()  # no graph compiled under another mode is reused
         fn = torch.compile(eager, mode=mode)
         return lambda: fn(xs, sizes)
 
@@ -103,10 +104,11 @@ def compare_compiled(model, settings, trace_path: str, x, sizes, floor_ms: float
         fn = torch._inductor.aoti_load_package(package)
         return lambda: fn(xs, sizes)
 
-    variants = {"eager": lambda: (lambda: eager(xs, sizes)), "served trace (optimized, CUDA graphs)": served}
-    for mode in ("default", "max-autotune-no-cudagraphs"):
-        variants[f"torch.compile mode={mode}"] = lambda mode=mode: compiled(mode)
-    variants["torch.export + AOTInductor package"] = aot_inductor
+    variants = {"eager": lambda: (lambda: eager(xs, sizes)), "served trace (optimized, CUDA graphs)": served,
+                "torch.compile mode=default": lambda: compiled("default"),
+                "torch.export + AOTInductor package": aot_inductor,
+                # last: autotuning every convolution and matmul may outlast the call
+                "torch.compile mode=max-autotune-no-cudagraphs": lambda: compiled("max-autotune-no-cudagraphs")}
     for name, make in variants.items():
         try:
             start = time.perf_counter()
