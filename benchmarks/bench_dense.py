@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-only", action="store_true", help="only the fp16 rpn's kernel profile")
     ap.add_argument("--compile", action="store_true",
                     help="after the profile, only the fp16 rpn (channels last) at batch 8: eager, the served "
-                         "trace and torch.compile's inductor, each with its compile time")
+                         "trace, torch.compile and an AOTInductor package, each with its preparation time")
     args = ap.parse_args(argv)
     variants = _variants()
 
