@@ -84,6 +84,10 @@ class RepositoryOptions:
     # without a cap and under 8 GiB).  The header's batch is RoIs, its work small
     torch_rpn_memory_gib: float = 8.0
     torch_header_memory_gib: float = 4.0
+    # torch target: a second rpn trace per canvas without the extent masks, run for batches whose
+    # every image's padded extent is the canvas (then the masks are all ones: same bits, fewer
+    # passes); model parameter unmasked_rpn.  Off until measured served (docs/benchmarks.md)
+    torch_unmasked_rpn: bool = False
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
     # always use Pillow); written as preprocess's parameter jpeg_decoder
     jpeg_decoder: str = "gpu"
@@ -119,9 +123,10 @@ class RepositoryOptions:
                              f"{self.target!r} every step runs on the CPU")
 
 
-def canvas_key(height: int, width: int) -> str:
-    """Key of the rpn trace at one canvas in the torch target's traces."""
-    return f"{names.RPN}_{height}x{width}"
+def canvas_key(height: int, width: int, unmasked: bool = False) -> str:
+    """Key of the rpn trace at one canvas in the torch target's traces (``unmasked``: the trace
+    without extent masks)."""
+    return f"{names.RPN}_{height}x{width}{'_unmasked' if unmasked else ''}"
 
 
 def _params(config: mc.ModelConfig, values: dict[str, str]) -> None:
@@ -182,6 +187,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
                 params["torch_file"] = TORCH_FILE
             else:  # one trace per canvas (settings.canvases), each named by canvas_file
                 params["torch_per_canvas"] = "true"
+                params["unmasked_rpn"] = str(options.torch_unmasked_rpn).lower()
                 # channels last speeds up fp16 convolutions (NHWC tensor-core kernels) but slows fp32
                 # ones (docs/benchmarks.md: the fp32 rows of the channels-last measurements)
                 params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16").lower()
@@ -326,8 +332,10 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
     if options.target == "tensorrt" and not plans:
         raise ValueError("the tensorrt target needs engines: build them with exporters.tensorrt.build.build_plans first")
     if options.target == "torch":
-        missing = [k for k in (names.HEADER, *(canvas_key(h, w) for h, w in settings.canvases))
-                   if k not in (torch_models or {})]
+        wanted = [names.HEADER, *(canvas_key(h, w) for h, w in settings.canvases)]
+        if options.torch_unmasked_rpn:
+            wanted += [canvas_key(h, w, unmasked=True) for h, w in settings.canvases]
+        missing = [k for k in wanted if k not in (torch_models or {})]
         if missing:
             raise ValueError(f"the torch target needs TorchScript traces of the header and of the rpn at every "
                              f"canvas; missing {missing}: make them with exporters.torch_export.export_torch")
@@ -350,6 +358,9 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
             elif torch_step:
                 for h, w in settings.canvases:
                     shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w))
+                    if options.torch_unmasked_rpn:
+                        shutil.copy(torch_models[canvas_key(h, w, unmasked=True)],
+                                    version / canvas_file(h, w, unmasked=True))
             elif cfg.platform == "tensorrt_plan":
                 files = plans[name] if isinstance(plans[name], dict) else {PLAN_FILE: plans[name]}
                 for filename, path in files.items():

@@ -144,6 +144,11 @@ class RpnNetwork(nn.Module):
     (``settings.rpn_level_topk()``): a level with fewer anchors on a small canvas is padded
     with rows of level -1.
 
+    ``extent_masks=False`` leaves the masks out (anchors outside an image still stay out of
+    top-k).  Where every image's padded extent (its size rounded up to 32) is the canvas, each
+    mask is all ones, so that network gives the same bits with fewer passes over the maps; the
+    torch target's runner picks it for such batches only (:func:`python_backend.settings.fills_canvas`).
+
     Inputs:
         images ``[B, 3, H, W]`` float32: normalized, resized images zero-padded onto the canvas.
         image_sizes ``[B, 2]`` float32: each image's resized (height, width).
@@ -156,7 +161,8 @@ class RpnNetwork(nn.Module):
             channels as one cache line.
     """
 
-    def __init__(self, model: FasterRCNN, settings: DetectorSettings, fold_norms: bool = True):
+    def __init__(self, model: FasterRCNN, settings: DetectorSettings, fold_norms: bool = True,
+                 extent_masks: bool = True):
         super().__init__()
         self.settings = settings
         self.backbone = copy.deepcopy(model.backbone).eval()
@@ -165,8 +171,9 @@ class RpnNetwork(nn.Module):
         self.head = copy.deepcopy(model.rpn.head).eval()
         self.box_coder = model.rpn.box_coder
         self.masks = _ExtentMasks()
-        _mask_spatial_inputs(self.backbone, self.masks)
-        _mask_spatial_inputs(self.head, self.masks)
+        if extent_masks:  # without: exact only where every image's padded extent is the canvas (fills_canvas)
+            _mask_spatial_inputs(self.backbone, self.masks)
+            _mask_spatial_inputs(self.head, self.masks)
         gen = model.rpn.anchor_generator
         cells = gen.cell_anchors if gen.cell_anchors is not None else []
         if len(cells) != len(RPN_STRIDES):

@@ -65,11 +65,11 @@ class _FloatOutputs(nn.Module):
         return _to_float(self.module(x))
 
 
-def rpn_module(model, settings: DetectorSettings, precision: str = "fp32") -> nn.Module:
+def rpn_module(model, settings: DetectorSettings, precision: str = "fp32", extent_masks: bool = True) -> nn.Module:
     """``RpnNetwork`` in the given precision; same inputs, float32 proposals, and FPN maps in the
     precision's float type (exporters/specs.py ``maps_type``)."""
     _check_precision(precision)
-    net = RpnNetwork(model, settings).eval()
+    net = RpnNetwork(model, settings, extent_masks=extent_masks).eval()
     if precision == "fp32":
         return net
     # Backbone takes float16 images; the RPN head returns float32 logits and deltas, so
@@ -149,22 +149,26 @@ def resolve_device(device: str) -> torch.device:
 
 
 def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str = "gpu",
-                 precision: str = "fp32") -> dict[str, Path]:
+                 precision: str = "fp32", unmasked: bool = False) -> dict[str, Path]:
     """Trace the rpn at every canvas of ``settings.canvases`` and the header, into ``out_dir``;
     returns {"header": path, :func:`~exporters.repository.canvas_key` (h, w): path, ...}.
 
     One trace per canvas: a trace records the map sizes of its example as constants (the
     arithmetic on them would otherwise be host reads that break CUDA-graph capture;
     exporters/split.py ``_size``), so each canvas gets its own, served by
-    ``python_backend.torch_runtime.CanvasNetworks``.
+    ``python_backend.torch_runtime.CanvasNetworks``.  ``unmasked``: also the rpn without extent
+    masks at every canvas (``canvas_key(h, w, unmasked=True)``), for batches that fill their canvas.
     """
     _check_precision(precision)
     dev = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rpn = rpn_module(model, settings, precision)
+    rpns = {False: rpn_module(model, settings, precision)}
+    if unmasked:
+        rpns[True] = rpn_module(model, settings, precision, extent_masks=False)
     jobs = [(names.HEADER, header_module(model, precision), example_inputs(settings, dev, settings.canvases[0])[1])]
-    jobs += [(canvas_key(h, w), rpn, example_inputs(settings, dev, (h, w))[0]) for h, w in settings.canvases]
+    jobs += [(canvas_key(h, w, unmasked=u), rpn, example_inputs(settings, dev, (h, w))[0])
+             for u, rpn in rpns.items() for h, w in settings.canvases]
     paths = {}
     for name, module, inputs in jobs:
         log.info("tracing %s (%s) on %s", name, precision, dev)

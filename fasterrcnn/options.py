@@ -134,6 +134,10 @@ class Options:
     optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
                                         help="torch target, --device gpu, fp16: freeze the rpn and let "
                                              "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
+    unmasked_rpn: bool = _opt(False, "repository", parse=parse_bool,
+                              help="torch target: also trace the rpn without extent masks at every canvas, and run "
+                                   "it for batches whose every image's padded size (rounded up to 32) is the canvas "
+                                   "(the masks are all ones there: the same detections, fewer passes)")
     rpn_memory_gib: float = _opt(8.0, "repository", parse=float,
                                  help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
                                       "caching allocator; cuDNN passes over plans whose workspace does not fit; the "
@@ -197,6 +201,7 @@ class Options:
                   torch_precision=self.precision if self.target == "torch" else "fp32",
                   torch_channels_last=self.channels_last, torch_cuda_graphs=self.cuda_graphs,
                   torch_optimize_for_inference=self.optimize_for_inference, torch_rpn_memory_gib=self.rpn_memory_gib,
+                  torch_unmasked_rpn=self.unmasked_rpn,
                   jpeg_decoder=self.jpeg_decoder)
         kw.update(overrides)
         return RepositoryOptions(**kw)

@@ -222,9 +222,21 @@ def parse_canvases(text: str) -> tuple[tuple[int, int], ...]:
     return check_canvases(out)
 
 
-def canvas_file(height: int, width: int) -> str:
-    """The torch target's rpn trace at one canvas, in the rpn's version folder."""
-    return f"model_{height}x{width}.pt"
+def canvas_file(height: int, width: int, unmasked: bool = False) -> str:
+    """The torch target's rpn trace at one canvas, in the rpn's version folder (``unmasked``: the
+    trace without extent masks, for batches that fill the canvas)."""
+    return f"model_{height}x{width}{'_unmasked' if unmasked else ''}.pt"
+
+
+def fills_canvas(image_sizes, canvas: tuple[int, int]) -> bool:
+    """Whether every image's padded extent (its resized ``(h, w)`` rounded up to
+    ``SIZE_DIVISIBLE``, as the rpn's extent masks compute it in float32) is the whole ``canvas``:
+    then every extent mask is all ones and the rpn without masks gives the same bits."""
+    import numpy as np
+
+    sizes = np.asarray(image_sizes, dtype=np.float32).reshape(-1, 2)
+    padded = np.ceil(sizes / np.float32(SIZE_DIVISIBLE)) * np.float32(SIZE_DIVISIBLE)
+    return bool(sizes.shape[0] > 0 and (padded == np.asarray(canvas, np.float32)).all())
 
 
 def _lists(value):

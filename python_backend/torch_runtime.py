@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from python_backend.settings import parse_flag
+from python_backend.settings import fills_canvas, parse_flag
 
 log = logging.getLogger(__name__)
 
@@ -265,37 +265,57 @@ class CanvasNetworks:
 
     Args:
         networks: {(height, width): the rpn traced on that canvas}.
+        unmasked: {(height, width): the rpn without extent masks on that canvas} (none, or every
+            canvas of ``networks``): run instead for a batch that fills its canvas
+            (:func:`~python_backend.settings.fills_canvas`), where it gives the same bits.
     """
 
-    def __init__(self, networks: dict[tuple[int, int], TorchNetwork]):
+    def __init__(self, networks: dict[tuple[int, int], TorchNetwork],
+                 unmasked: dict[tuple[int, int], TorchNetwork] | None = None):
         if not networks:
             raise ValueError("expected a network for at least one canvas, got none")
         self.networks = dict(networks)
+        self.unmasked = dict(unmasked or {})
+        if self.unmasked and set(self.unmasked) != set(self.networks):
+            raise ValueError(f"unmasked rpn traces for the canvases {sorted(self.unmasked)}, expected every canvas "
+                             f"{sorted(self.networks)}")
         self.device = next(iter(self.networks.values())).device
         self.calls: dict[tuple[int, int], int] = {}  # canvas -> calls run on it
+        self.unmasked_calls: dict[tuple[int, int], int] = {}  # canvas -> of those, calls on its unmasked trace
 
     @classmethod
     def load(cls, paths: dict[tuple[int, int], str], device: torch.device, max_batch: int,
-             options: RuntimeOptions) -> "CanvasNetworks":
-        """The rpn's traces ({(height, width): path}) as :class:`TorchNetwork` objects on ``device``."""
-        return cls({(h, w): TorchNetwork(str(path), device, [[3, h, w], [2]], max_batch, options)
-                    for (h, w), path in paths.items()})
+             options: RuntimeOptions, unmasked_paths: dict[tuple[int, int], str] | None = None) -> "CanvasNetworks":
+        """The rpn's traces ({(height, width): path}, and the unmasked ones where given) as
+        :class:`TorchNetwork` objects on ``device``."""
+        def load_all(files):
+            return {(h, w): TorchNetwork(str(path), device, [[3, h, w], [2]], max_batch, options)
+                    for (h, w), path in (files or {}).items()}
 
-    def __call__(self, args: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return cls(load_all(paths), load_all(unmasked_paths))
+
+    def __call__(self, args: list[torch.Tensor], image_sizes=None) -> tuple[torch.Tensor, ...]:
+        """``image_sizes``: the batch's sizes on the host (read already to check them), which
+        choose the unmasked trace where there is one and the batch fills its canvas."""
         canvas = tuple(int(d) for d in args[0].shape[-2:])
         net = self.networks.get(canvas)
         if net is None:
             raise ValueError(f"images on a {canvas[0]}x{canvas[1]} canvas (height x width); this rpn is traced for "
                              f"{', '.join(f'{h}x{w}' for h, w in self.networks)}")
         self.calls[canvas] = self.calls.get(canvas, 0) + 1
+        if self.unmasked and image_sizes is not None and fills_canvas(image_sizes, canvas):
+            self.unmasked_calls[canvas] = self.unmasked_calls.get(canvas, 0) + 1
+            net = self.unmasked[canvas]
         return net(args)
 
     def warm_up(self) -> None:
-        """Each canvas's warm-up, the largest (by area) first; on a GPU with CUDA graphs, every
-        canvas's graphs share one :class:`GraphMemory`, which the largest canvas's capture sized."""
+        """Each canvas's warm-up (its unmasked trace's after it), the largest (by area) first; on a
+        GPU with CUDA graphs, every graph shares one :class:`GraphMemory`, which the largest
+        canvas's capture sized (one instance runs one call at a time)."""
         order = sorted(self.networks, key=lambda c: c[0] * c[1], reverse=True)
         memory = None
         for canvas in order:
-            net = self.networks[canvas]
-            net.warm_up(memory=memory)
-            memory = net._memory
+            for net in (self.networks[canvas], self.unmasked.get(canvas)):
+                if net is not None:
+                    net.warm_up(memory=memory)
+                    memory = net._memory

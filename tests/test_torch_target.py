@@ -20,7 +20,7 @@ from evaluation.payloads import encode, textured_image
 import triton_fake as fake
 from python_backend import names
 from python_backend.reference.image import preprocess_batch
-from python_backend.settings import DetectorSettings, canvas_file
+from python_backend.settings import DetectorSettings, canvas_file, fills_canvas
 from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions, TorchNetwork
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -201,6 +201,7 @@ def test_torch_network_configs(torch_repo, model):
         fused = device == "gpu" and params["precision"] == "fp16"
         assert params["optimize_for_inference"] == ("true" if fused else "false")
         assert params["canvases"] == "[[256, 256], [256, 320], [320, 256]]"
+        assert params["unmasked_rpn"] == "false"  # RepositoryOptions.torch_unmasked_rpn: off by default
     else:
         assert "channels_last" not in params and "cuda_graphs" not in params
     version = out / model / "1"
@@ -529,6 +530,101 @@ def test_canvas_networks_run_each_batch_on_its_canvas_s_trace(small_model, trace
         nets([torch.zeros(1, 3, 320, 320), torch.tensor([[320.0, 320.0]])])
 
 
+# --- the rpn without extent masks, for batches that fill their canvas -----------------------------
+
+def test_fills_canvas_rounds_each_size_up_to_32():
+    assert fills_canvas([[256.0, 320.0], [230.0, 300.0]], (256, 320))  # 230 -> 256, 300 -> 320
+    assert not fills_canvas([[256.0, 320.0], [224.0, 320.0]], (256, 320))  # 224 stays 224
+    assert not fills_canvas([[256.0, 288.0]], (256, 320))
+    assert not fills_canvas(np.zeros((0, 2), np.float32), (256, 320))
+
+
+def _masked_inputs(canvas, sizes, seed=0):
+    """Noise images zero beyond each size (as preprocess pads) and their sizes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(sizes), 3, *canvas, generator=g)
+    for i, (h, w) in enumerate(sizes):
+        x[i, :, h:] = 0
+        x[i, :, :, w:] = 0
+    return x, torch.tensor(sizes, dtype=torch.float32)
+
+
+def test_unmasked_rpn_gives_the_same_bits_where_every_image_fills_its_canvas(small_model, small_export):
+    """Without the extent masks the rpn is exact where each image's padded extent is the canvas
+    (every mask is ones), and wrong where one is not (the masks matter there)."""
+    settings, _ = small_export
+    masked = RpnNetwork(small_model, settings).eval()
+    unmasked = RpnNetwork(small_model, settings, extent_masks=False).eval()
+    canvas = (256, 320)
+    with torch.no_grad():
+        args = _masked_inputs(canvas, [(256, 320), (230, 300)])
+        assert fills_canvas(args[1], canvas)
+        for a, b in zip(masked(*args), unmasked(*args)):
+            assert torch.equal(a, b)
+        args = _masked_inputs(canvas, [(256, 320), (200, 320)])  # the second pads to 224 rows, not 256
+        assert not fills_canvas(args[1], canvas)
+        want, got = masked(*args), unmasked(*args)
+        assert torch.equal(want[1][0], got[1][0])  # the image that fills is unchanged
+        assert not torch.equal(want[1][1, :200 // 4], got[1][1, :200 // 4])  # the other's own rows differ
+
+
+@pytest.fixture(scope="module")
+def unmasked_traces(small_model, small_export, tmp_path_factory):
+    """The fp32 CPU traces with the rpn's unmasked traces too."""
+    settings, _ = small_export
+    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch_unmasked"),
+                                               device="cpu", unmasked=True)
+
+
+def test_canvas_networks_run_the_unmasked_trace_for_batches_that_fill_their_canvas(unmasked_traces):
+    settings, paths = unmasked_traces
+    nets = CanvasNetworks.load({c: paths[canvas_key(*c)] for c in settings.canvases}, torch.device("cpu"), 4,
+                               RuntimeOptions(), {c: paths[canvas_key(*c, unmasked=True)] for c in settings.canvases})
+    canvas = (256, 320)
+    filling = _masked_inputs(canvas, [(256, 320), (230, 300)])
+    short = _masked_inputs(canvas, [(256, 320), (200, 320)])
+    with torch.no_grad():
+        for got, want in zip(nets(list(filling), filling[1].numpy()), nets.networks[canvas](list(filling))):
+            assert torch.equal(got, want)  # the unmasked trace's bits are the masked trace's there
+        assert nets.unmasked_calls == {canvas: 1}
+        for got, want in zip(nets(list(short), short[1].numpy()), nets.networks[canvas](list(short))):
+            assert torch.equal(got, want)  # the masked trace ran
+        nets(list(filling))  # no sizes given: the masked trace
+    assert nets.unmasked_calls == {canvas: 1} and nets.calls == {canvas: 3}
+    with pytest.raises(ValueError, match=r"unmasked rpn traces for the canvases \[\(256, 320\)\], expected every canvas"):
+        CanvasNetworks(nets.networks, {canvas: nets.unmasked[canvas]})
+
+
+def test_unmasked_rpn_repository_and_runner(small_model, unmasked_traces, tmp_path, monkeypatch):
+    """``torch_unmasked_rpn``: the rpn folder holds both traces per canvas, the config says
+    ``unmasked_rpn``, and the runner (model.py over triton_fake) answers a request that fills its
+    canvas with the unmasked trace and one that does not with the masked, each as the eager network."""
+    settings, paths = unmasked_traces
+    options = RepositoryOptions(target="torch", max_batch_size=4, torch_unmasked_rpn=True)
+    repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths)
+    cfg = read_config(repo / names.RPN / "config.pbtxt")
+    assert cfg.parameters["unmasked_rpn"].string_value == "true"
+    assert sorted(p.name for p in (repo / names.RPN / "1").glob("*.pt")) == sorted(
+        [canvas_file(*c) for c in settings.canvases] + [canvas_file(*c, unmasked=True) for c in settings.canvases])
+    with pytest.raises(ValueError, match="missing .*rpn_256x256_unmasked"):
+        write_repository(tmp_path / "repo2", settings, {}, options,
+                         torch_models={k: v for k, v in paths.items() if not k.endswith("_unmasked")})
+    instance = fake.load_model(repo / names.RPN / "1" / "model.py", monkeypatch)()
+    instance.initialize(fake.model_args(cfg, kind="CPU", repository=repo / names.RPN))
+    eager = RpnNetwork(small_model, settings).eval()
+    canvas = (256, 320)
+    for shape, unmasked_calls in (((230, 320), 1), ((200, 300), 1), ((400, 500), 2)):  # 230->256; 213->224; 256
+        x, sizes, _ = preprocess_batch([textured_image(*shape, seed=7)], settings)
+        assert tuple(x.shape[-2:]) == canvas
+        (response,) = instance.execute([fake.Request(**{names.IMAGES: x, names.IMAGE_SIZES: sizes})])
+        assert not response.has_error(), response.error().message()
+        assert instance.net.unmasked_calls == {canvas: unmasked_calls}, shape
+        with torch.no_grad():
+            want = eager(torch.from_numpy(x), torch.from_numpy(sizes))
+        got = [torch.from_numpy(response.output(n)) for n in (names.PROPOSALS, *names.FEATURES)]
+        assert_same_rpn_outputs(want, got, torch.from_numpy(sizes), dict(rtol=1e-4, atol=1e-3))
+
+
 def assert_same_rpn_outputs(want, got, image_sizes, tol):
     """Outputs of one batch on two canvases: each image's proposals of each level, and its map cells
     inside its padded extent.  Convolutions at another width sum in another order, so values agree
@@ -586,6 +682,32 @@ def test_canvas_networks_with_graphs_equal_eager_calls(small_model, small_export
                 args = _rpn_inputs(settings, batch, "cuda", canvas)
                 assert_same_rpn_outputs(plain(args), nets(args), args[1], tol)
     assert nets.calls == {c: 2 for c in settings.canvases}
+
+
+@pytest.mark.gpu
+def test_unmasked_fp16_rpn_with_graphs_as_served(small_model, small_export, tmp_path):
+    """The fp16 rpn as served on the GPU with unmasked traces: both traces of every canvas capture
+    their graphs in one shared memory, and a batch that fills its canvas replays the unmasked
+    graph, giving what the masked trace gives eagerly (to the fp16 graphs' tolerance)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    settings, _ = small_export
+    paths = torch_export.export_torch(small_model, settings, tmp_path, device="gpu", precision="fp16", unmasked=True)
+    options = RuntimeOptions(channels_last=True, cuda_graphs=True, optimize_for_inference=True)
+    canvases = settings.canvases
+    with torch_export._tf32_off():
+        nets = CanvasNetworks.load({c: paths[canvas_key(*c)] for c in canvases}, torch.device("cuda"), 3, options,
+                                   {c: paths[canvas_key(*c, unmasked=True)] for c in canvases})
+        nets.warm_up()
+        all_nets = [*nets.networks.values(), *nets.unmasked.values()]
+        assert len({id(n._memory) for n in all_nets}) == 1 and all(sorted(n._graphs) == [1, 2, 3] for n in all_nets)
+        plain = _canvas_networks(settings, paths, "cuda", RuntimeOptions(channels_last=True,
+                                                                          optimize_for_inference=True), max_batch=3)
+        canvas = (256, 320)
+        x, sizes = (t.cuda() for t in _masked_inputs(canvas, [(256, 320), (230, 300), (250, 320)]))
+        assert_same_rpn_outputs(plain([x, sizes]), nets([x, sizes], sizes.cpu().numpy()), sizes,
+                                dict(rtol=1e-2, atol=5e-2))
+    assert nets.unmasked_calls == {canvas: 1}
 
 
 @pytest.mark.gpu
@@ -780,6 +902,15 @@ def test_gpu_path_matches_torchvision_on_a_flat_logo(tmp_path):
                                        sizes, originals, settings)
     assert len(ref.scores) >= 50
     assert_parity(ref, from_packed(*(cp.asnumpy(p[0]) for p in packed)), "flat logo on the GPU path")
+
+
+def test_cli_unmasked_rpn_writes_both_traces_per_canvas(tmp_path):
+    out = tmp_path / "repo"
+    assert cli_main(["export", "--target", "torch", "--unmasked-rpn", "--canvases", "256x256,256x320",
+                     "--min-size", "256", "--max-size", "320", "--num-classes", "5", "--repository", str(out)]) == 0
+    assert read_config(out / names.RPN / "config.pbtxt").parameters["unmasked_rpn"].string_value == "true"
+    assert sorted(p.name for p in (out / names.RPN / "1").glob("*.pt")) == [
+        "model_256x256.pt", "model_256x256_unmasked.pt", "model_256x320.pt", "model_256x320_unmasked.pt"]
 
 
 def test_tf32_torch_target_serves_float32_traces_with_tf32_on(tmp_path):

@@ -6,14 +6,17 @@ DLPack, so GPU tensors stay on the GPU.  The requests of one ``execute`` run as 
 back per request along the batch axis (images for rpn, RoIs for header).  Memory format and
 CUDA graphs: :mod:`python_backend.torch_runtime` (model parameters ``channels_last``, ``cuda_graphs``).
 With the parameter ``torch_per_canvas`` (the rpn), the folder holds one trace per canvas of the
-settings (``model_<h>x<w>.pt``), and each batch runs on its own canvas's (``CanvasNetworks``).
+settings (``model_<h>x<w>.pt``), and each batch runs on its own canvas's (``CanvasNetworks``);
+with ``unmasked_rpn`` also one without extent masks (``model_<h>x<w>_unmasked.pt``), run for
+batches that fill their canvas.
 """
 import os
 
 import torch
 import triton_python_backend_utils as pb_utils
 
-from python_backend.settings import canvas_file
+from python_backend import names
+from python_backend.settings import canvas_file, parse_flag
 from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions, TorchNetwork
 from python_backend.triton_models.adapter import StepAdapter, rows, split
 
@@ -30,9 +33,12 @@ class TritonPythonModel:
             torch.backends.cudnn.benchmark = a.params.get("precision") == "fp16"
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = RuntimeOptions.from_parameters(a.params)
-        if a.params.get("torch_per_canvas") == "true":  # the rpn: a trace per canvas
+        self.per_canvas = a.params.get("torch_per_canvas") == "true"
+        if self.per_canvas:  # the rpn: a trace per canvas (and one without extent masks with unmasked_rpn)
             paths = {c: os.path.join(folder, canvas_file(*c)) for c in a.settings.canvases}
-            self.net = CanvasNetworks.load(paths, device, a.max_batch, options)
+            unmasked = ({c: os.path.join(folder, canvas_file(*c, unmasked=True)) for c in a.settings.canvases}
+                        if parse_flag(a.params.get("unmasked_rpn", "false")) else None)
+            self.net = CanvasNetworks.load(paths, device, a.max_batch, options, unmasked)
         else:
             path = os.path.join(folder, a.params.get("torch_file", "model.pt"))
             self.net = TorchNetwork(path, device, [list(s.shape[1:]) for s in a.inputs], a.max_batch, options)
@@ -47,8 +53,12 @@ class TritonPythonModel:
     def _run(self, items):
         a = self.adapter
         args = [a.join(items, n) for n in a.input_names]
-        a.check_values(dict(zip(a.input_names, args)))
-        results = self.net(args)
+        inputs = dict(zip(a.input_names, args))
+        a.check_values(inputs)
+        if self.per_canvas and self.net.unmasked:  # the sizes choose the trace (CanvasNetworks)
+            results = self.net(args, a.to_host(inputs[names.IMAGE_SIZES]))
+        else:
+            results = self.net(args)
         self.calls += 1
         if self.calls % 1000 == 0:
             self._log_allocator("while serving")
