@@ -293,15 +293,19 @@ class StepAdapter:
     def to_host(self, array) -> np.ndarray:
         return self.arrays.to_host(array)
 
-    def check_values(self, inputs: dict) -> None:
+    def check_values(self, inputs: dict):
         """Checks of the inputs, on a joined batch: the canvas of the images or maps
         (:func:`request_canvas`) and ``image_sizes`` within it, ``rois`` ordered finite boxes
-        (whichever of these ``inputs`` holds)."""
+        (whichever of these ``inputs`` holds).  Returns the host copy of ``image_sizes`` it
+        checked (None where it checked none), for a caller that needs them on the host too."""
         canvas = request_canvas(inputs, self.settings)
+        sizes = None
         if canvas is not None and names.IMAGE_SIZES in inputs:
-            check_image_sizes(self.to_host(inputs[names.IMAGE_SIZES]), canvas)
+            sizes = self.to_host(inputs[names.IMAGE_SIZES])
+            check_image_sizes(sizes, canvas)
         if names.ROIS in inputs:
             check_boxes(names.ROIS, self.to_host(inputs[names.ROIS]))
+        return sizes
 
     # --- per execute -------------------------------------------------------------------------------
 

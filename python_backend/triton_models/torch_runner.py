@@ -15,7 +15,6 @@ import os
 import torch
 import triton_python_backend_utils as pb_utils
 
-from python_backend import names
 from python_backend.settings import canvas_file, parse_flag
 from python_backend.torch_runtime import CanvasNetworks, RuntimeOptions, TorchNetwork
 from python_backend.triton_models.adapter import StepAdapter, rows, split
@@ -33,8 +32,7 @@ class TritonPythonModel:
             torch.backends.cudnn.benchmark = a.params.get("precision") == "fp16"
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = RuntimeOptions.from_parameters(a.params)
-        self.per_canvas = a.params.get("torch_per_canvas") == "true"
-        if self.per_canvas:  # the rpn: a trace per canvas (and one without extent masks with unmasked_rpn)
+        if a.params.get("torch_per_canvas") == "true":  # the rpn: a trace per canvas (and one without extent masks with unmasked_rpn)
             paths = {c: os.path.join(folder, canvas_file(*c)) for c in a.settings.canvases}
             unmasked = ({c: os.path.join(folder, canvas_file(*c, unmasked=True)) for c in a.settings.canvases}
                         if parse_flag(a.params.get("unmasked_rpn", "false")) else None)
@@ -53,10 +51,9 @@ class TritonPythonModel:
     def _run(self, items):
         a = self.adapter
         args = [a.join(items, n) for n in a.input_names]
-        inputs = dict(zip(a.input_names, args))
-        a.check_values(inputs)
-        if self.per_canvas and self.net.unmasked:  # the sizes choose the trace (CanvasNetworks)
-            results = self.net(args, a.to_host(inputs[names.IMAGE_SIZES]))
+        sizes = a.check_values(dict(zip(a.input_names, args)))
+        if isinstance(self.net, CanvasNetworks):  # the rpn: the host sizes may choose its unmasked trace
+            results = self.net(args, sizes)
         else:
             results = self.net(args)
         self.calls += 1
