@@ -2,21 +2,38 @@
 
 The python backend of Triton 24.10 was built against numpy 1: under numpy 2 its numpy path
 (``as_numpy()``, ``Tensor(name, ndarray)``) reads or sends garbage, and under numpy 1 its
-DLPack import of a numpy capsule fails ("PyCapsule_GetPointer called with incorrect name").
+DLPack import of a numpy capsule failed ("PyCapsule_GetPointer called with incorrect name": the
+capsule naming below; numpy 1's destructor then crashes the process, tests/test_adapter.py).
 So host arrays use the numpy path under numpy 1 and DLPack under numpy 2; GPU (CuPy) arrays
 always use DLPack, which keeps them on the GPU.  No input is a string tensor (which DLPack can't
 carry, and which this stub garbles under numpy 2): encoded images come as uint8 bytes.
+
+The stub (``Tensor.from_dlpack``) marks a DLPack capsule it took as "used_dlpack", where the
+DLPack protocol says "used_dltensor".  NumPy's and CuPy's capsule destructors then take it for an
+unconsumed capsule, fail to read it, and print a "PyCapsule_GetPointer called with incorrect name"
+traceback for every output tensor (seen on the GPU machine: docs/benchmarks.md, session 16).  :func:`output` hands the stub a
+capsule and gives it the protocol's name after the stub has taken it.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 
 import numpy as np
 
 NUMPY2 = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
 
+# private function objects (``pythonapi[name]`` makes a new one), so no one else's argtypes change
+_capsule_is_valid = ctypes.pythonapi["PyCapsule_IsValid"]
+_capsule_is_valid.argtypes, _capsule_is_valid.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_int
+_capsule_set_name = ctypes.pythonapi["PyCapsule_SetName"]
+_capsule_set_name.argtypes, _capsule_set_name.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_int
+# capsule names; PyCapsule_SetName keeps the pointer, so a name given must outlive the capsule
+# (module constants do)
+STUB_USED, DLPACK_USED = b"used_dlpack", b"used_dltensor"
 
-class _HostCapsule:
+
+class HostCapsule:
     """Lets ``np.from_dlpack`` take a CPU capsule from ``Tensor.to_dlpack()``."""
 
     def __init__(self, capsule):
@@ -32,7 +49,7 @@ class _HostCapsule:
 def to_numpy(tensor) -> np.ndarray:
     """A Triton input tensor as a NumPy array (copied to host if it lives on the GPU)."""
     if tensor.is_cpu():
-        return np.from_dlpack(_HostCapsule(tensor.to_dlpack())) if NUMPY2 else tensor.as_numpy()
+        return np.from_dlpack(HostCapsule(tensor.to_dlpack())) if NUMPY2 else tensor.as_numpy()
     import cupy as cp
 
     return cp.asnumpy(cp.from_dlpack(tensor.to_dlpack()))
@@ -48,12 +65,32 @@ def to_device_array(tensor):
 
 
 def output(pb_utils, name: str, array):
-    """A Triton output tensor from a NumPy or CuPy array."""
+    """A Triton output tensor from a NumPy or CuPy array (a CuPy array's kernels must have
+    finished: the stub takes a capsule as it is, without waiting on a stream)."""
     if isinstance(array, np.ndarray):
         array = np.ascontiguousarray(array)
         if not NUMPY2:
             return pb_utils.Tensor(name, array)
-    return pb_utils.Tensor.from_dlpack(name, array)
+    capsule = array.__dlpack__()
+    tensor = pb_utils.Tensor.from_dlpack(name, capsule)
+    mark_consumed(capsule)
+    return tensor
+
+
+def mark_consumed(capsule) -> None:
+    """Give a capsule the stub took ("used_dlpack") DLPack's name for a consumed one, so that
+    its producer's destructor leaves it alone (the stub's tensor frees it)."""
+    rename_capsule(capsule, STUB_USED, DLPACK_USED)
+
+
+def rename_capsule(capsule, old: bytes, new: bytes) -> bool:
+    """Rename a capsule named ``old`` to ``new`` (a module constant: the capsule keeps the
+    pointer); whether it was named ``old``."""
+    if not _capsule_is_valid(capsule, old):
+        return False
+    if _capsule_set_name(capsule, new) != 0:
+        raise RuntimeError(f"could not rename a DLPack capsule to {new!r}")
+    return True
 
 
 def encoded_image(array: np.ndarray) -> bytes:

@@ -8,6 +8,8 @@ own device id; numpy 1 and numpy 2 tensor paths.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -116,6 +118,41 @@ def test_tensors_go_through_the_path_of_the_numpy_version(monkeypatch, numpy2):
         (out,) = response.output_tensors()
         assert out.via == ("dlpack" if numpy2 else "numpy")
         np.testing.assert_array_equal(response.output("y"), 2 * request.tensors["x"].as_numpy())
+
+
+_OUTPUTS_CHILD = """
+import sys
+import numpy as np
+import triton_fake as fake
+from python_backend import triton_io
+triton_io.NUMPY2 = True  # outputs through DLPack, as under numpy 2
+if sys.argv[1] == "stub-name-left":
+    triton_io.mark_consumed = lambda capsule: None
+pb_utils = fake.pb_utils_module()
+for array in (np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(4, dtype=np.int64), np.zeros((0, 4), np.float32)):
+    out = triton_io.output(pb_utils, "y", array)
+    assert out.via == "dlpack" and out.as_numpy().dtype == array.dtype, out.via
+    np.testing.assert_array_equal(out.as_numpy(), array)
+print("outputs equal")
+"""
+
+
+@pytest.mark.parametrize("mode", ["as-served", "stub-name-left"])
+def test_an_output_capsule_is_left_named_as_dlpack_says(mode):
+    """Under numpy 2 outputs go through DLPack, and the stub names a capsule it took "used_dlpack"
+    (the fake does as the stub).  ``output`` renames it "used_dltensor", so numpy's capsule
+    destructor is silent.  Left as the stub names it, the destructor prints a "PyCapsule_GetPointer
+    called with incorrect name" traceback for every output tensor (seen in the GPU server's logs,
+    numpy 2), and under numpy 1 it then crashes the interpreter: hence a child process."""
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    child = subprocess.run([sys.executable, "-c", _OUTPUTS_CHILD, mode], capture_output=True, text=True,
+                           env=env, timeout=120)
+    if mode == "as-served":
+        assert (child.returncode, child.stdout.strip()) == (0, "outputs equal"), child.stderr
+        assert "PyCapsule" not in child.stderr
+    else:
+        assert "PyCapsule_GetPointer called with incorrect name" in child.stderr, child.stderr
 
 
 # --- device selection ----------------------------------------------------------------------------

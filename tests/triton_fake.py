@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from google.protobuf import json_format
 
+from python_backend import triton_io
+
 
 class Tensor:
     """A host tensor; ``via`` records how it was made ("numpy" or "dlpack")."""
@@ -26,6 +28,10 @@ class Tensor:
 
     @classmethod
     def from_dlpack(cls, name: str, obj):
+        if type(obj).__name__ == "PyCapsule":  # a host capsule, taken and named as the stub does
+            array = np.from_dlpack(triton_io.HostCapsule(obj)).copy()
+            triton_io.rename_capsule(obj, triton_io.DLPACK_USED, triton_io.STUB_USED)
+            return cls(name, array, via="dlpack")
         if hasattr(obj, "get"):  # CuPy: kept on the host here
             obj = obj.get()
         elif hasattr(obj, "cpu"):  # torch
