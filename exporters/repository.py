@@ -86,8 +86,9 @@ class RepositoryOptions:
     torch_header_memory_gib: float = 4.0
     # torch target: a second rpn trace per canvas without the extent masks, run for batches whose
     # every image's padded extent is the canvas (then the masks are all ones: same bits, fewer
-    # passes); model parameter unmasked_rpn.  Off until measured served (docs/benchmarks.md)
-    torch_unmasked_rpn: bool = False
+    # passes); model parameter unmasked_rpn.  On: 12% more images/s served in fp16 on an H200
+    # (docs/benchmarks.md, session 16) for 0.6 GiB more GPU memory
+    torch_unmasked_rpn: bool = True
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
     # always use Pillow); written as preprocess's parameter jpeg_decoder
     jpeg_decoder: str = "gpu"

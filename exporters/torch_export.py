@@ -149,15 +149,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str = "gpu",
-                 precision: str = "fp32", unmasked: bool = False) -> dict[str, Path]:
+                 precision: str = "fp32", unmasked: bool = True) -> dict[str, Path]:
     """Trace the rpn at every canvas of ``settings.canvases`` and the header, into ``out_dir``;
     returns {"header": path, :func:`~exporters.repository.canvas_key` (h, w): path, ...}.
 
     One trace per canvas: a trace records the map sizes of its example as constants (the
     arithmetic on them would otherwise be host reads that break CUDA-graph capture;
     exporters/split.py ``_size``), so each canvas gets its own, served by
-    ``python_backend.torch_runtime.CanvasNetworks``.  ``unmasked``: also the rpn without extent
-    masks at every canvas (``canvas_key(h, w, unmasked=True)``), for batches that fill their canvas.
+    ``python_backend.torch_runtime.CanvasNetworks``.  ``unmasked`` (as
+    ``RepositoryOptions.torch_unmasked_rpn``, on by default): also the rpn without extent masks at
+    every canvas (``canvas_key(h, w, unmasked=True)``), for batches that fill their canvas.
     """
     _check_precision(precision)
     dev = resolve_device(device)

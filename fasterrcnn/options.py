@@ -134,7 +134,7 @@ class Options:
     optimize_for_inference: bool = _opt(True, "repository", parse=parse_bool,
                                         help="torch target, --device gpu, fp16: freeze the rpn and let "
                                              "torch.jit.optimize_for_inference fuse convolution + bias + ReLU")
-    unmasked_rpn: bool = _opt(False, "repository", parse=parse_bool,
+    unmasked_rpn: bool = _opt(True, "repository", parse=parse_bool,
                               help="torch target: also trace the rpn without extent masks at every canvas, and run "
                                    "it for batches whose every image's padded size (rounded up to 32) is the canvas "
                                    "(the masks are all ones there: the same detections, fewer passes)")

@@ -29,8 +29,9 @@ TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.float16: mc.TYPE_FP16, torch.i
 
 @pytest.fixture(scope="module")
 def traces(small_model, small_export, tmp_path_factory):
-    """(settings, {"header": path, "rpn_<h>x<w>": path for each canvas}) traced on the CPU in fp32,
-    the rpn at each of the default canvases of the small resize (256x256, 256x320, 320x256)."""
+    """(settings, {"header": path, "rpn_<h>x<w>": path, "rpn_<h>x<w>_unmasked": path for each
+    canvas}) traced on the CPU in fp32, the rpn at each of the default canvases of the small resize
+    (256x256, 256x320, 320x256), with and without extent masks (export_torch's default)."""
     settings, _ = small_export
     return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu")
 
@@ -201,13 +202,13 @@ def test_torch_network_configs(torch_repo, model):
         fused = device == "gpu" and params["precision"] == "fp16"
         assert params["optimize_for_inference"] == ("true" if fused else "false")
         assert params["canvases"] == "[[256, 256], [256, 320], [320, 256]]"
-        assert params["unmasked_rpn"] == "false"  # RepositoryOptions.torch_unmasked_rpn: off by default
+        assert params["unmasked_rpn"] == "true"  # RepositoryOptions.torch_unmasked_rpn: on by default
     else:
         assert "channels_last" not in params and "cuda_graphs" not in params
     version = out / model / "1"
     assert sorted(p.name for p in version.iterdir()) == (
-        ["model.py", "model_256x256.pt", "model_256x320.pt", "model_320x256.pt"] if model == names.RPN
-        else ["model.pt", "model.py"])
+        ["model.py", "model_256x256.pt", "model_256x256_unmasked.pt", "model_256x320.pt", "model_256x320_unmasked.pt",
+         "model_320x256.pt", "model_320x256_unmasked.pt"] if model == names.RPN else ["model.pt", "model.py"])
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -328,7 +329,8 @@ def test_torch_ensemble_maps_agree_with_step_configs(torch_repo):
 def test_torch_target_needs_traces(traces, tmp_path):
     settings, paths = traces
     with pytest.raises(ValueError, match=r"needs TorchScript traces of the header and of the rpn at every canvas; "
-                                         r"missing \['header', 'rpn_256x256', 'rpn_256x320', 'rpn_320x256'\]"):
+                                         r"missing \['header', 'rpn_256x256', 'rpn_256x320', 'rpn_320x256', "
+                                         r"'rpn_256x256_unmasked', 'rpn_256x320_unmasked', 'rpn_320x256_unmasked'\]"):
         write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"))
     partial = {k: v for k, v in paths.items() if k != canvas_key(320, 256)}
     with pytest.raises(ValueError, match=r"missing \['rpn_320x256'\]"):
@@ -344,9 +346,11 @@ def test_cli_exports_the_torch_target(tmp_path):
     for model in (names.RPN, names.HEADER):
         params = read_config(repo / model / "config.pbtxt").parameters
         assert params["precision"].string_value == "fp32"
-    # --canvases auto (the default): the rpn traced at each default canvas of this resize
+    # --canvases auto (the default): the rpn traced at each default canvas of this resize, with and
+    # without extent masks (--unmasked-rpn, the default)
     assert sorted(p.name for p in (repo / names.RPN / "1").glob("model*.pt")) == [
-        "model_256x256.pt", "model_256x320.pt", "model_320x256.pt"]
+        "model_256x256.pt", "model_256x256_unmasked.pt", "model_256x320.pt", "model_256x320_unmasked.pt",
+        "model_320x256.pt", "model_320x256_unmasked.pt"]
     assert [g.count for g in read_config(repo / names.POSTPROCESS / "config.pbtxt").instance_group] == [3]
     assert [g.count for g in read_config(repo / names.RPN / "config.pbtxt").instance_group] == [1]
 
@@ -359,7 +363,8 @@ def test_cli_canvases(tmp_path, arg, want):
     assert rc == 0
     params = read_config(repo / names.RPN / "config.pbtxt").parameters
     assert DetectorSettings.from_parameters({k: v.string_value for k, v in params.items()}).canvases == want
-    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model*.pt")) == [canvas_file(h, w) for h, w in want]
+    assert sorted(p.name for p in (repo / names.RPN / "1").glob("model*.pt")) == sorted(
+        canvas_file(h, w, unmasked) for h, w in want for unmasked in (False, True))
 
 
 @pytest.mark.parametrize("arg, error", [("320", "not HEIGHTxWIDTH"), ("300x320", "multiple of 32")])
@@ -568,16 +573,8 @@ def test_unmasked_rpn_gives_the_same_bits_where_every_image_fills_its_canvas(sma
         assert not torch.equal(want[1][1, :200 // 4], got[1][1, :200 // 4])  # the other's own rows differ
 
 
-@pytest.fixture(scope="module")
-def unmasked_traces(small_model, small_export, tmp_path_factory):
-    """The fp32 CPU traces with the rpn's unmasked traces too."""
-    settings, _ = small_export
-    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch_unmasked"),
-                                               device="cpu", unmasked=True)
-
-
-def test_canvas_networks_run_the_unmasked_trace_for_batches_that_fill_their_canvas(unmasked_traces):
-    settings, paths = unmasked_traces
+def test_canvas_networks_run_the_unmasked_trace_for_batches_that_fill_their_canvas(traces):
+    settings, paths = traces
     nets = CanvasNetworks.load({c: paths[canvas_key(*c)] for c in settings.canvases}, torch.device("cpu"), 4,
                                RuntimeOptions(), {c: paths[canvas_key(*c, unmasked=True)] for c in settings.canvases})
     canvas = (256, 320)
@@ -595,11 +592,11 @@ def test_canvas_networks_run_the_unmasked_trace_for_batches_that_fill_their_canv
         CanvasNetworks(nets.networks, {canvas: nets.unmasked[canvas]})
 
 
-def test_unmasked_rpn_repository_and_runner(small_model, unmasked_traces, tmp_path, monkeypatch):
+def test_unmasked_rpn_repository_and_runner(small_model, traces, tmp_path, monkeypatch):
     """``torch_unmasked_rpn``: the rpn folder holds both traces per canvas, the config says
     ``unmasked_rpn``, and the runner (model.py over triton_fake) answers a request that fills its
     canvas with the unmasked trace and one that does not with the masked, each as the eager network."""
-    settings, paths = unmasked_traces
+    settings, paths = traces
     options = RepositoryOptions(target="torch", max_batch_size=4, torch_unmasked_rpn=True)
     repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths)
     cfg = read_config(repo / names.RPN / "config.pbtxt")
@@ -904,13 +901,15 @@ def test_gpu_path_matches_torchvision_on_a_flat_logo(tmp_path):
     assert_parity(ref, from_packed(*(cp.asnumpy(p[0]) for p in packed)), "flat logo on the GPU path")
 
 
-def test_cli_unmasked_rpn_writes_both_traces_per_canvas(tmp_path):
+@pytest.mark.parametrize("flag, unmasked", [("--unmasked-rpn", True), ("--no-unmasked-rpn", False)])
+def test_cli_unmasked_rpn_writes_both_traces_per_canvas(tmp_path, flag, unmasked):
     out = tmp_path / "repo"
-    assert cli_main(["export", "--target", "torch", "--unmasked-rpn", "--canvases", "256x256,256x320",
+    assert cli_main(["export", "--target", "torch", flag, "--canvases", "256x256,256x320",
                      "--min-size", "256", "--max-size", "320", "--num-classes", "5", "--repository", str(out)]) == 0
-    assert read_config(out / names.RPN / "config.pbtxt").parameters["unmasked_rpn"].string_value == "true"
-    assert sorted(p.name for p in (out / names.RPN / "1").glob("*.pt")) == [
-        "model_256x256.pt", "model_256x256_unmasked.pt", "model_256x320.pt", "model_256x320_unmasked.pt"]
+    assert read_config(out / names.RPN / "config.pbtxt").parameters["unmasked_rpn"].string_value == str(unmasked).lower()
+    assert sorted(p.name for p in (out / names.RPN / "1").glob("*.pt")) == (
+        ["model_256x256.pt", "model_256x256_unmasked.pt", "model_256x320.pt", "model_256x320_unmasked.pt"] if unmasked
+        else ["model_256x256.pt", "model_256x320.pt"])
 
 
 def test_tf32_torch_target_serves_float32_traces_with_tf32_on(tmp_path):
