@@ -8,8 +8,9 @@
 # mps_nographs = MPS, no CUDA graphs; mps_i2 = MPS and 2 instances of every step; mps_optimize = MPS
 # and --optimize-for-inference; mps_fullcanvases = MPS and --canvases 800x1344,1344x800 (the full
 # landscape and portrait canvases only, none of the smaller default ones); mps_pp1 = MPS and one postprocess instance (--postprocess-instances 1; the GPU
-# default is 2); mps_unmasked = MPS and --unmasked-rpn (batches that fill their canvas, as the
-# 640x480 inputs fill 800x1088, run the rpn without extent masks); trained_optimize = MPS and --optimize-for-inference, fp16 accuracy only (no speed
+# default is 2); mps_masked = MPS and --no-unmasked-rpn (every batch runs the rpn with its extent
+# masks; by default batches that fill their canvas, as the 640x480 inputs fill 800x1088, run it
+# without); trained_optimize = MPS and --optimize-for-inference, fp16 accuracy only (no speed
 # sweep), with a checkpoint trained by benchmarks.train_synthetic (90 s), on its held-out scenes.
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (benchmarks.perf's summary of each variant).
 set -uo pipefail
@@ -45,7 +46,7 @@ perf() {  # name, work folder, extra benchmarks.perf arguments...
       mps_optimize) perf mps_optimize "$WORK/optimize" --mps --export-args=--optimize-for-inference ;;
       mps_fullcanvases) perf mps_fullcanvases "$WORK/fullcanvases" --mps --export-args=--canvases=800x1344,1344x800 ;;
       mps_pp1) perf mps_pp1 "$WORK/pp1" --mps --export-args=--postprocess-instances=1 ;;
-      mps_unmasked) perf mps_unmasked "$WORK/unmasked" --mps --export-args=--unmasked-rpn ;;
+      mps_masked) perf mps_masked "$WORK/masked" --mps --export-args=--no-unmasked-rpn ;;
       trained_optimize)
         [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" -m benchmarks.train_synthetic --out "$WORK/synthetic.pt" --seconds 90
         perf trained_optimize "$WORK/trained_optimize" --mps --export-args=--optimize-for-inference \
