@@ -151,17 +151,22 @@ def measure_target(rec: Record, client, url: str, target: Target, plan: Plan) ->
         if kind not in warmed:
             continue
         name = target.run_name(kind)
+        models = (sweep.model, *sweep.steps)
         before = triton_stats.stats_snapshot(client)
         ps = dataclasses.replace(plan.perf, url=url, input_data=plan.input_data[kind])
         for c in sweep.concurrencies:
+            # concurrency 1 on its own too: where the latency goal's milliseconds go, step by step
+            alone = triton_stats.stats_snapshot(client) if c == 1 else None
             result = perf_analyzer.run_perf(ps, sweep.model, c, plan.work / f"pa_{name}_{c}.csv")
             if result is None:
                 rec.fail(f"perf_analyzer {name} at concurrency {c} failed (the log above says why)")
                 continue
+            if alone is not None:
+                rec.breakdown_rows += [dict(run=f"{name} at concurrency 1", **r) for r in
+                                       triton_stats.breakdown(alone, triton_stats.stats_snapshot(client), models)]
             row = perf_analyzer.perf_row({"run": name, **target.labels, "input": kind}, result)
             rec.perf_rows.append(row)
             log.info("%s c=%d: %.1f img/s, p50 %.1f ms, p99 %.1f ms", name, c, row["infer_per_s"], row["p50_ms"],
                      row["p99_ms"])
         after = triton_stats.stats_snapshot(client)
-        rec.breakdown_rows += [dict(run=name, **r) for r in triton_stats.breakdown(before, after,
-                                                                                 (sweep.model, *sweep.steps))]
+        rec.breakdown_rows += [dict(run=name, **r) for r in triton_stats.breakdown(before, after, models)]
