@@ -1,18 +1,17 @@
 """Tensor conversion between Triton's python backend and NumPy/CuPy.
 
 The python backend of Triton 24.10 was built against numpy 1: under numpy 2 its numpy path
-(``as_numpy()``, ``Tensor(name, ndarray)``) reads or sends garbage, and under numpy 1 its
-DLPack import of a numpy capsule failed ("PyCapsule_GetPointer called with incorrect name": the
-capsule naming below; numpy 1's destructor then crashes the process, tests/test_adapter.py).
-So host arrays use the numpy path under numpy 1 and DLPack under numpy 2; GPU (CuPy) arrays
-always use DLPack, which keeps them on the GPU.  No input is a string tensor (which DLPack can't
-carry, and which this stub garbles under numpy 2): encoded images come as uint8 bytes.
+(``as_numpy()``, ``Tensor(name, ndarray)``) reads or sends garbage.  So host arrays use the numpy
+path under numpy 1 and DLPack under numpy 2; GPU (CuPy) arrays always use DLPack, which keeps them
+on the GPU.  No input is a string tensor (which DLPack can't carry, and which this stub garbles
+under numpy 2): encoded images come as uint8 bytes.
 
 The stub (``Tensor.from_dlpack``) marks a DLPack capsule it took as "used_dlpack", where the
 DLPack protocol says "used_dltensor".  NumPy's and CuPy's capsule destructors then take it for an
 unconsumed capsule, fail to read it, and print a "PyCapsule_GetPointer called with incorrect name"
-traceback for every output tensor (seen on the GPU machine: docs/benchmarks.md, session 16).  :func:`output` hands the stub a
-capsule and gives it the protocol's name after the stub has taken it.
+traceback for every output tensor (seen on the GPU machine, numpy 2: docs/benchmarks.md, session
+16); numpy 1's destructor then crashes the process (tests/test_adapter.py, with a stand-in stub).
+:func:`output` hands the stub a capsule and gives it the protocol's name after the stub took it.
 """
 from __future__ import annotations
 
