@@ -154,15 +154,18 @@ def measure_target(rec: Record, client, url: str, target: Target, plan: Plan) ->
         models = (sweep.model, *sweep.steps)
         before = triton_stats.stats_snapshot(client)
         ps = dataclasses.replace(plan.perf, url=url, input_data=plan.input_data[kind])
+        # the lowest and highest concurrency on their own too: where the latency goal's milliseconds
+        # go (concurrency 1), and the batches and queues under the most load (the whole sweep's
+        # averages mix every concurrency's)
+        apart = {min(sweep.concurrencies), max(sweep.concurrencies)}
         for c in sweep.concurrencies:
-            # concurrency 1 on its own too: where the latency goal's milliseconds go, step by step
-            alone = triton_stats.stats_snapshot(client) if c == 1 else None
+            alone = triton_stats.stats_snapshot(client) if c in apart else None
             result = perf_analyzer.run_perf(ps, sweep.model, c, plan.work / f"pa_{name}_{c}.csv")
             if result is None:
                 rec.fail(f"perf_analyzer {name} at concurrency {c} failed (the log above says why)")
                 continue
             if alone is not None:
-                rec.breakdown_rows += [dict(run=f"{name} at concurrency 1", **r) for r in
+                rec.breakdown_rows += [dict(run=f"{name} at concurrency {c}", **r) for r in
                                        triton_stats.breakdown(alone, triton_stats.stats_snapshot(client), models)]
             row = perf_analyzer.perf_row({"run": name, **target.labels, "input": kind}, result)
             rec.perf_rows.append(row)

@@ -114,7 +114,8 @@ def summary_markdown(env: str, goals_table: str, rec, kinds: dict[str, str]) -> 
     lines = ["# fasterrcnn on Triton: torch-target ensemble vs torchvision", "", env, "", "## Goals", "",
              goals_table, *failed, *perf_section(rec.perf_rows, rec.eager_rows, kinds),
              "## Per-step breakdown (Triton statistics over each run's sweep)", "",
-             "Each run's whole sweep, and its concurrency-1 run alone (the latency goal's).", ""]
+             "Each run's whole sweep (its averages mix every concurrency's), and its lowest and highest "
+             "concurrency alone.", ""]
     lines += _table(["run", "step", "requests", "avg batch", "queue ms/req", "compute in ms/req", "infer ms/exec",
                      "compute out ms/req"],
                     [[r["run"], r["model"], r["requests"], r["avg_batch"], r["queue_ms_per_request"],

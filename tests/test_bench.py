@@ -75,13 +75,17 @@ def test_a_target_is_warmed_checked_swept_and_labelled(stand_ins, tmp_path):
     assert all(r["model"] == "ensemble" and r["precision"] == "fp16" for r in rec.perf_rows)
     # 9 of 10 detections served on each image: 90% < the FP16 criterion's 97%
     assert [(r["image"], r["matched"], r["reference"]) for r in rec.acc_rows] == [("a", 9, 10), ("b", 9, 10)]
-    # one breakdown per sweep, over the sweep's model and steps, and one of its concurrency-1 run
-    # alone: the stand-in's statistics grow by 8 requests in 2 executions per snapshot, so the sweep
-    # (snapshots 1 and 4: concurrency 1 took 2 and 3) counts 24 requests, its concurrency-1 run 8
+    # one breakdown per sweep, over the sweep's model and steps, and one each of its lowest and
+    # highest concurrency alone: the stand-in's statistics grow by 8 requests in 2 executions per
+    # snapshot, so each concurrency alone counts 8 requests and the sweep (the first snapshot and the
+    # last, with four between) 40
     assert [(r["run"], r["model"]) for r in rec.breakdown_rows] == [
         ("ensemble_fp16 at concurrency 1", "fasterrcnn_raw"), ("ensemble_fp16 at concurrency 1", "rpn"),
-        ("ensemble_fp16", "fasterrcnn_raw"), ("ensemble_fp16", "rpn"), ("ensemble_fp16_jpeg", "fasterrcnn")]
-    assert [(r["requests"], r["avg_batch"]) for r in rec.breakdown_rows if r["model"] == "rpn"] == [(8, 4.0), (24, 4.0)]
+        ("ensemble_fp16 at concurrency 4", "fasterrcnn_raw"), ("ensemble_fp16 at concurrency 4", "rpn"),
+        ("ensemble_fp16", "fasterrcnn_raw"), ("ensemble_fp16", "rpn"),
+        ("ensemble_fp16_jpeg at concurrency 2", "fasterrcnn"), ("ensemble_fp16_jpeg", "fasterrcnn")]
+    assert [(r["requests"], r["avg_batch"]) for r in rec.breakdown_rows if r["model"] == "rpn"] == [
+        (8, 4.0), (8, 4.0), (40, 4.0)]
     assert rec.failures == []
 
 
