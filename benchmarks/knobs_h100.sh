@@ -11,7 +11,11 @@
 # default is 2); mps_masked = MPS and --no-unmasked-rpn (every batch runs the rpn with its extent
 # masks; by default batches that fill their canvas, as the 640x480 inputs fill 800x1088, run it
 # without); trained_optimize = MPS and --optimize-for-inference, fp16 accuracy only (no speed
-# sweep), with a checkpoint trained by benchmarks.train_synthetic (90 s), on its held-out scenes.
+# sweep), with a checkpoint trained by benchmarks.train_synthetic (90 s), on its held-out scenes;
+# mps_1088 = MPS and --canvases 800x1088 (the one canvas the 640x480 inputs use: a short export);
+# mps_aot1088 = the same with --aot-rpn --no-unmasked-rpn (the rpn compiled by AOTInductor, one
+# package per canvas: its fusions take the extent masks in, so no unmasked variant is compiled).
+# KNOB_TIMEOUT: seconds per variant, export included (240; the AOTInductor variant gets 420).
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (benchmarks.perf's summary of each variant).
 set -uo pipefail
 # shellcheck source=benchmarks/device_env.sh
@@ -21,9 +25,10 @@ CONC="${CONC:-1,4,16,64}"
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=(plain mps)
 perf() {  # name, work folder, extra benchmarks.perf arguments...
-  local name=$1 work=$2
+  local name=$1 work=$2 limit=${KNOB_TIMEOUT:-240}
   shift 2
-  timeout 240 "$PY" -m benchmarks.perf --precisions fp16 --skip-baseline --inputs raw --eager-batches= \
+  [[ $name == *aot* ]] && limit=${KNOB_TIMEOUT:-420}
+  timeout "$limit" "$PY" -m benchmarks.perf --precisions fp16 --skip-baseline --inputs raw --eager-batches= \
     --concurrency "$CONC" --window-ms 1000 --max-trials 3 --out "/tmp/knobs_$name" --work "$work" "$@"
   echo "variant $name rc=$?"
   cp "/tmp/knobs_$name/summary.md" "$OUT/$name.md" 2>/dev/null
@@ -47,6 +52,8 @@ perf() {  # name, work folder, extra benchmarks.perf arguments...
       mps_fullcanvases) perf mps_fullcanvases "$WORK/fullcanvases" --mps --export-args=--canvases=800x1344,1344x800 ;;
       mps_pp1) perf mps_pp1 "$WORK/pp1" --mps --export-args=--postprocess-instances=1 ;;
       mps_masked) perf mps_masked "$WORK/masked" --mps --export-args=--no-unmasked-rpn ;;
+      mps_1088) perf mps_1088 "$WORK/c1088" --mps --export-args="--canvases=800x1088" ;;
+      mps_aot1088) perf mps_aot1088 "$WORK/aot1088" --mps --export-args="--canvases=800x1088 --aot-rpn --no-unmasked-rpn" ;;
       trained_optimize)
         [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" -m benchmarks.train_synthetic --out "$WORK/synthetic.pt" --seconds 90
         perf trained_optimize "$WORK/trained_optimize" --mps --export-args=--optimize-for-inference \

@@ -89,6 +89,10 @@ class RepositoryOptions:
     # passes); model parameter unmasked_rpn.  On: 12% more images/s served in fp16 on an H200
     # (docs/benchmarks.md, session 16) for 0.6 GiB more GPU memory
     torch_unmasked_rpn: bool = True
+    # torch target: the rpn compiled ahead of time by AOTInductor (a .pt2 package per canvas and
+    # variant, exporters/torch_export.py) instead of TorchScript traces; model parameter aot_rpn.
+    # Off by default: compiling takes a minute or more per package (docs/benchmarks.md, session 17)
+    torch_aot_rpn: bool = False
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
     # always use Pillow); written as preprocess's parameter jpeg_decoder
     jpeg_decoder: str = "gpu"
@@ -110,6 +114,8 @@ class RepositoryOptions:
             raise ValueError(f"trt_precision must be one of {allowed}, got {self.trt_precision!r}")
         if self.torch_precision not in ENGINE_PRECISIONS:
             raise ValueError(f"torch_precision must be one of {ENGINE_PRECISIONS}, got {self.torch_precision!r}")
+        if self.torch_aot_rpn and self.target != "torch":
+            raise ValueError(f"torch_aot_rpn (--aot-rpn) applies to the torch target only, got target {self.target!r}")
         if self.jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
         if not (self.torch_rpn_memory_gib > 0 and self.torch_header_memory_gib > 0):
@@ -189,14 +195,18 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
             else:  # one trace per canvas (settings.canvases), each named by canvas_file
                 params["torch_per_canvas"] = "true"
                 params["unmasked_rpn"] = str(options.torch_unmasked_rpn).lower()
+                aot = options.torch_aot_rpn
+                params["aot_rpn"] = str(aot).lower()
                 # channels last speeds up fp16 convolutions (NHWC tensor-core kernels) but slows fp32
                 # ones (docs/benchmarks.md: the fp32 rows of the channels-last measurements)
-                params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16").lower()
+                # (an AOTInductor package chooses its layouts itself when it is compiled)
+                params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16"
+                                              and not aot).lower()
                 # fp16 only: fp32's graphs of every batch size and canvas filled the rpn's cap at
                 # warm-up on the H200 (docs/benchmarks.md, session 13); fp32 runs eagerly
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu and options.torch_precision == "fp16").lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
-                                                       and options.torch_precision == "fp16").lower()
+                                                       and options.torch_precision == "fp16" and not aot).lower()
         else:
             params["onnx_file"] = "model.onnx"
     if name == names.PREPROCESS:  # (preprocess_raw takes decoded pixels)
@@ -340,6 +350,11 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         if missing:
             raise ValueError(f"the torch target needs TorchScript traces of the header and of the rpn at every "
                              f"canvas; missing {missing}: make them with exporters.torch_export.export_torch")
+        suffix = ".pt2" if options.torch_aot_rpn else ".pt"
+        wrong = [k for k in wanted if k != names.HEADER and Path(torch_models[k]).suffix != suffix]
+        if wrong:
+            raise ValueError(f"torch_aot_rpn={options.torch_aot_rpn} wants the rpn's networks as {suffix} files, but "
+                             f"{wrong} are not: export them with export_torch(aot={options.torch_aot_rpn})")
     for name, cfg in all_configs(settings, options).items():
         folder = out / name
         if folder.exists():
@@ -358,10 +373,11 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
                 shutil.copy(torch_models[name], version / TORCH_FILE)
             elif torch_step:
                 for h, w in settings.canvases:
-                    shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w))
+                    aot = options.torch_aot_rpn
+                    shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w, aot=aot))
                     if options.torch_unmasked_rpn:
                         shutil.copy(torch_models[canvas_key(h, w, unmasked=True)],
-                                    version / canvas_file(h, w, unmasked=True))
+                                    version / canvas_file(h, w, unmasked=True, aot=aot))
             elif cfg.platform == "tensorrt_plan":
                 files = plans[name] if isinstance(plans[name], dict) else {PLAN_FILE: plans[name]}
                 for filename, path in files.items():

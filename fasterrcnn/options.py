@@ -138,6 +138,10 @@ class Options:
                               help="torch target: also trace the rpn without extent masks at every canvas, and run "
                                    "it for batches whose every image's padded size (rounded up to 32) is the canvas "
                                    "(the masks are all ones there: the same detections, fewer passes)")
+    aot_rpn: bool = _opt(False, "repository", parse=parse_bool,
+                         help="torch target: compile the rpn ahead of time with AOTInductor (torch.export, then one "
+                              ".pt2 package per canvas, for the GPU and torch version of the export) instead of "
+                              "tracing it; the export then takes minutes")
     rpn_memory_gib: float = _opt(8.0, "repository", parse=float,
                                  help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
                                       "caching allocator; cuDNN passes over plans whose workspace does not fit; the "
@@ -201,7 +205,7 @@ class Options:
                   torch_precision=self.precision if self.target == "torch" else "fp32",
                   torch_channels_last=self.channels_last, torch_cuda_graphs=self.cuda_graphs,
                   torch_optimize_for_inference=self.optimize_for_inference, torch_rpn_memory_gib=self.rpn_memory_gib,
-                  torch_unmasked_rpn=self.unmasked_rpn,
+                  torch_unmasked_rpn=self.unmasked_rpn, torch_aot_rpn=self.aot_rpn,
                   jpeg_decoder=self.jpeg_decoder)
         kw.update(overrides)
         return RepositoryOptions(**kw)
