@@ -12,8 +12,9 @@
 #   PRECISIONS=tf32 INPUTS=raw OUT=... bash benchmarks/run_h100.sh     # where asked: tf32 on both sides
 # Knobs (environment): PRECISIONS (fp32,fp16; tf32 as well), INPUTS (raw,jpeg,jpeg12mp),
 # BASELINE_VARIANTS (i1b8,i2b8,i2b16,i2b16d2000: instances, max batch, queue delay us),
-# WEIGHTS (a state_dict to use instead of training one), TRAIN_SECONDS (75), RETRAIN=1 (train again
-# even where $WORK/synthetic.pt exists), SOAK_SECONDS (0: no soak), NO_MPS=1 (servers without CUDA
+# WEIGHTS (a state_dict to use instead of training one), TRAIN_STEPS (480: a step budget trains the
+# same checkpoint on any card; docs/benchmarks.md, session 17, says why), TRAIN_SECONDS (150: a cap),
+# RETRAIN=1 (train again even where $WORK/synthetic.pt exists), SOAK_SECONDS (0: no soak), NO_MPS=1 (servers without CUDA
 # MPS), WORK (/tmp/fasterrcnn_bench), PERF_TIMEOUT (seconds; 150 + 300 per precision).
 # Writes to $OUT: summary.md (goals, throughput, breakdown, memory, accuracy), perf.csv, accuracy.csv,
 # run.log, perf.png where matplotlib is installed; soak.csv and soak.png with a soak.
@@ -25,7 +26,8 @@ WORK="${WORK:-/tmp/fasterrcnn_bench}"
 PRECISIONS="${PRECISIONS:-fp32,fp16}"
 INPUTS="${INPUTS:-raw,jpeg,jpeg12mp}"
 BASELINE_VARIANTS="${BASELINE_VARIANTS:-i1b8,i2b8,i2b16,i2b16d2000}"
-TRAIN_SECONDS="${TRAIN_SECONDS:-75}"
+TRAIN_STEPS="${TRAIN_STEPS:-480}"
+TRAIN_SECONDS="${TRAIN_SECONDS:-150}"
 SOAK_SECONDS="${SOAK_SECONDS:-0}"
 n_precisions=$(tr ',' '\n' <<<"$PRECISIONS" | grep -c .)
 PERF_TIMEOUT="${PERF_TIMEOUT:-$((150 + 300 * n_precisions))}"
@@ -46,8 +48,8 @@ mkdir -p "$WORK"
     if [ -f "$weights" ] && [ -z "${RETRAIN:-}" ]; then
       echo "reusing the checkpoint $weights (RETRAIN=1 trains a new one)"
     else
-      timeout $((TRAIN_SECONDS + 90)) "$PY" -m benchmarks.train_synthetic --out "$weights" --seconds "$TRAIN_SECONDS" \
-        --check-images 0
+      timeout $((TRAIN_SECONDS + 90)) "$PY" -m benchmarks.train_synthetic --out "$weights" --steps "$TRAIN_STEPS" \
+        --seconds "$TRAIN_SECONDS" --check-images 0
       train_rc=$?
     fi
   fi

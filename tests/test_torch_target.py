@@ -1005,40 +1005,33 @@ def test_aot_rpn_repository_and_runner(small_model, aot_cpu, traces, tmp_path, m
 
 @pytest.mark.gpu
 def test_aot_fp16_rpn_with_graphs_as_served(small_model, small_export, tmp_path):
-    """The fp16 rpn as ``--aot-rpn`` serves it on the GPU: packages (masked and unmasked) compiled
-    on the GPU, CUDA graphs of batch 1..3 captured over them in one shared memory; each replay
-    gives the package's own eager call exactly, and the fp16 trace's outputs to the fp16 tolerance."""
+    """The fp16 rpn as ``--aot-rpn --no-unmasked-rpn`` serves it on the GPU: a package compiled on
+    the GPU, CUDA graphs of batch 1..3 captured over it; each replay gives the package's own eager
+    call exactly, and the fp16 trace's outputs to the fp16 tolerance, with and without padding."""
     import dataclasses
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     settings = dataclasses.replace(small_export[0], canvases=(LANDSCAPE,))
     dev = torch.device("cuda")
+    c = LANDSCAPE
     with torch_export._tf32_off():
         packages = torch_export.export_torch(small_model, settings, tmp_path / "aot", device="gpu",
-                                             precision="fp16", aot=True, max_batch=3)
+                                             precision="fp16", unmasked=False, aot=True, max_batch=3)
         traced = torch_export.export_torch(small_model, settings, tmp_path / "trace", device="gpu",
                                            precision="fp16", unmasked=False)
-        c = LANDSCAPE
-        nets = CanvasNetworks.load({c: packages[canvas_key(*c)]}, dev, 3, RuntimeOptions(cuda_graphs=True),
-                                   {c: packages[canvas_key(*c, unmasked=True)]})
+        nets = CanvasNetworks.load({c: packages[canvas_key(*c)]}, dev, 3, RuntimeOptions(cuda_graphs=True))
         nets.warm_up()
-        all_nets = [*nets.networks.values(), *nets.unmasked.values()]
-        assert len({id(n._memory) for n in all_nets}) == 1 and all(sorted(n._graphs) == [1, 2, 3] for n in all_nets)
+        assert sorted(nets.networks[c]._graphs) == [1, 2, 3]
         plain = TorchNetwork(str(packages[canvas_key(*c)]), dev, [[3, *c], [2]], 3)
         trace = TorchNetwork(str(traced[canvas_key(*c)]), dev, [[3, *c], [2]], 3,
                              RuntimeOptions(channels_last=True, optimize_for_inference=True))
         for batch in (3, 1, 2):
             args = _rpn_inputs(settings, batch, "cuda")
-            got = nets(args, args[1].cpu().numpy())
+            got = nets(args)
             for name, a, b in zip((names.PROPOSALS, *names.FEATURES), plain(args), got):
                 torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m: f"batch {batch} {name}: {m}")
             assert_same_rpn_outputs(trace(args), got, args[1], dict(rtol=1e-2, atol=5e-2), few=AOT_FEW)
         x, sizes = (t.cuda() for t in _masked_inputs(c, [(256, 320), (230, 300), (250, 320)]))
-        assert_same_rpn_outputs(trace([x, sizes]), nets([x, sizes], sizes.cpu().numpy()), sizes,
-                                dict(rtol=1e-2, atol=5e-2), few=AOT_FEW)
-        before = nets.unmasked_calls.get(c, 0)
-        x, sizes = (t.cuda() for t in _masked_inputs(c, [(256, 320), (256, 320)], seed=1))  # fills: unmasked
-        assert_same_rpn_outputs(trace([x, sizes]), nets([x, sizes], sizes.cpu().numpy()), sizes,
-                                dict(rtol=1e-2, atol=5e-2), few=AOT_FEW)
-    assert nets.unmasked_calls[c] == before + 1 and nets.calls[c] == 5
+        assert_same_rpn_outputs(trace([x, sizes]), nets([x, sizes]), sizes, dict(rtol=1e-2, atol=5e-2), few=AOT_FEW)
+    assert nets.calls[c] == 4
