@@ -67,27 +67,39 @@ def print_profile(rows, batch: int) -> None:
     print(flush=True)
 
 
-def compare_compiled(model, settings, trace_path: str, x, sizes, floor_ms: float) -> int:
-    """The fp16 rpn at ``x``'s batch, channels last: eager, the served trace (optimize_for_inference,
-    CUDA graphs), torch.compile (inductor: element-wise chains such as the extent masks and the
-    bias adds cuDNN leaves apart fused into generated kernels) and an AOTInductor package (the form
-    a served compiled rpn would take), with the wall time of each one's preparation.  A variant
-    that fails prints its error and the others still run."""
+def compare_compiled(model, settings, traces, x, sizes, floor_ms: float) -> int:
+    """The fp16 rpn at ``x``'s batch: eager (channels last); as served, each with its CUDA graphs: the
+    trace with extent masks, the trace without (``unmasked``, what a batch that fills its canvas
+    runs), and the AOTInductor package of ``--aot-rpn`` (exporters/torch_export.py ``aot_compile``);
+    then torch.compile (inductor: element-wise chains such as the extent masks and the bias adds
+    cuDNN leaves apart fused into generated kernels), each with the wall time of its preparation
+    (export or compile included).  A variant that fails prints its error and the others still run;
+    the package comes before torch.compile, so that no compiled graph of the same process is in play.
+    ``traces``: the fp16 export (:func:`~exporters.torch_export.export_torch`, masked and unmasked)."""
     import time
 
-    from exporters.torch_export import rpn_module
+    from exporters.repository import canvas_key
+    from exporters.torch_export import aot_compile, example_inputs, rpn_module
     from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
 
     batch, _, h, w = x.shape
     dev = x.device
-    print("\n| fp16 rpn, channels last | batch | preparation s | ms per image | floor / ms per image |")
+    print("\n| fp16 rpn | batch | preparation s | ms per image | floor / ms per image |")
     print("| --- | ---: | ---: | ---: | ---: |", flush=True)
     eager = rpn_module(model, settings, "fp16").to(dev).eval().to(memory_format=torch.channels_last)
     xs = x.contiguous(memory_format=torch.channels_last)
+    work = Path(tempfile.mkdtemp(prefix="bench_dense_compiled_"))
+    graphs = RuntimeOptions(channels_last=True, cuda_graphs=True, optimize_for_inference=True)
 
-    def served():
-        net = TorchNetwork(trace_path, dev, [[3, h, w], [2]], batch,
-                           RuntimeOptions(channels_last=True, cuda_graphs=True, optimize_for_inference=True))
+    def served(unmasked: bool):
+        net = TorchNetwork(str(traces[canvas_key(h, w, unmasked=unmasked)]), dev, [[3, h, w], [2]], batch, graphs)
+        net.warm_up()
+        return lambda: net([x, sizes])
+
+    def package():
+        module = rpn_module(model, settings, "fp16")
+        path = aot_compile(module, example_inputs(settings, dev, (h, w))[0], dev, work / "rpn.pt2", batch)
+        net = TorchNetwork(str(path), dev, [[3, h, w], [2]], batch, RuntimeOptions(cuda_graphs=True))
         net.warm_up()
         return lambda: net([x, sizes])
 
@@ -96,17 +108,11 @@ def compare_compiled(model, settings, trace_path: str, x, sizes, floor_ms: float
         fn = torch.compile(eager, mode=mode)
         return lambda: fn(xs, sizes)
 
-    def aot_inductor():
-        """What a served compiled rpn would load: torch.export, then an AOTInductor package."""
-        program = torch.export.export(eager, (xs, sizes), strict=False)
-        target = Path(tempfile.mkdtemp(prefix="bench_dense_aoti_")) / "rpn.pt2"
-        package = torch._inductor.aoti_compile_and_package(program, package_path=str(target))
-        fn = torch._inductor.aoti_load_package(package)
-        return lambda: fn(xs, sizes)
-
-    variants = {"eager": lambda: (lambda: eager(xs, sizes)), "served trace (optimized, CUDA graphs)": served,
-                "torch.compile mode=default": lambda: compiled("default"),
-                "torch.export + AOTInductor package": aot_inductor,
+    variants = {"eager (channels last)": lambda: (lambda: eager(xs, sizes)),
+                "served trace, extent masks (CUDA graphs)": lambda: served(False),
+                "served trace, no masks (CUDA graphs; batches that fill their canvas)": lambda: served(True),
+                "served --aot-rpn package, extent masks (CUDA graphs)": package,
+                "torch.compile mode=default, extent masks": lambda: compiled("default"),
                 # last: autotuning every convolution and matmul may outlast the call
                 "torch.compile mode=max-autotune-no-cudagraphs": lambda: compiled("max-autotune-no-cudagraphs")}
     for name, make in variants.items():
@@ -136,8 +142,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile-only", action="store_true", help="only the fp16 rpn's kernel profile")
     ap.add_argument("--compile", action="store_true",
-                    help="after the profile, only the fp16 rpn (channels last) at batch 8: eager, the served "
-                         "trace, torch.compile and an AOTInductor package, each with its preparation time")
+                    help="after the profile, only the fp16 rpn at batch 8: eager, the served traces (with and "
+                         "without extent masks), the --aot-rpn package and torch.compile, each with its "
+                         "preparation time")
     args = ap.parse_args(argv)
     variants = _variants()
 
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
     if args.profile_only:
         return 0
     if args.compile:
-        return compare_compiled(model, settings, str(paths["fp16"][canvas_key(h, w)]), x, sizes, floor_ms)
+        return compare_compiled(model, settings, paths["fp16"], x, sizes, floor_ms)
 
     print("| network | batch | ms per call | ms per image | floor / ms per image |")
     print("| --- | ---: | ---: | ---: | ---: |", flush=True)
