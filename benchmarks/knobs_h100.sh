@@ -15,6 +15,7 @@
 # mps_1088 = MPS and --canvases 800x1088 (the one canvas the 640x480 inputs use: a short export);
 # mps_aot1088 = the same with --aot-rpn --no-unmasked-rpn (the rpn compiled by AOTInductor, one
 # package per canvas: its fusions take the extent masks in, so no unmasked variant is compiled).
+# mps_rpn2 = MPS and --rpn-instances 2 (two rpn instances, one of every other step).
 # KNOB_TIMEOUT: seconds per variant, export included (240; the AOTInductor variant gets 420).
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (benchmarks.perf's summary of each variant).
 set -uo pipefail
@@ -50,6 +51,7 @@ perf() {  # name, work folder, extra benchmarks.perf arguments...
       mps_i2) perf mps_i2 "$WORK/i2" --mps --instances 2 ;;
       mps_optimize) perf mps_optimize "$WORK/optimize" --mps --export-args=--optimize-for-inference ;;
       mps_fullcanvases) perf mps_fullcanvases "$WORK/fullcanvases" --mps --export-args=--canvases=800x1344,1344x800 ;;
+      mps_rpn2) perf mps_rpn2 "$WORK/rpn2" --mps --export-args=--rpn-instances=2 ;;
       mps_pp1) perf mps_pp1 "$WORK/pp1" --mps --export-args=--postprocess-instances=1 ;;
       mps_masked) perf mps_masked "$WORK/masked" --mps --export-args=--no-unmasked-rpn ;;
       # (accuracy on the generated scenes: each fits 800x1088, which the photos do not)

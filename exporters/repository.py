@@ -55,6 +55,9 @@ class RepositoryOptions:
     # so more instances are its only way to take requests side by side.  0: automatic, 2 on the GPU
     # (docs/benchmarks.md, "Night": the A/B that chose two), and ``instances`` on the CPU
     postprocess_instances: int = 0
+    # the rpn's own instance count (0: ``instances``): under load its one instance runs full
+    # batches with the longest queue of the ensemble (docs/benchmarks.md, session 17)
+    rpn_instances: int = 0
     queue_delay_us: int = 0  # dynamic batcher max_queue_delay_microseconds (Triton's default; see docs/benchmarks.md)
     # GPU ids (CUDA ordinals) every KIND_GPU instance group is placed on: ``instance_group { gpus: [...] }``,
     # with ``count`` instances on each of them.  Empty: no list, which Triton reads as ``count``
@@ -102,9 +105,9 @@ class RepositoryOptions:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.instances < 1 or self.postprocess_instances < 0:
-            raise ValueError(f"instances must be >= 1 and postprocess_instances >= 0, got {self.instances} and "
-                             f"{self.postprocess_instances}")
+        if self.instances < 1 or self.postprocess_instances < 0 or self.rpn_instances < 0:
+            raise ValueError(f"instances must be >= 1, postprocess_instances and rpn_instances >= 0, got "
+                             f"{self.instances}, {self.postprocess_instances} and {self.rpn_instances}")
         if not 1 <= self.max_batch_size <= 64:
             raise ValueError(f"max_batch_size must be in 1..64, got {self.max_batch_size}")
         if self.ort_tensorrt and self.target != "onnxruntime":
@@ -168,6 +171,11 @@ def _instances(cfg: mc.ModelConfig, count: int, gpu: bool, options: RepositoryOp
         group.gpus.extend(options.gpus)
 
 
+def _step_instances(name: str, options: RepositoryOptions) -> int:
+    """Instances of a batching step: ``rpn_instances`` for the rpn where set, else ``instances``."""
+    return options.rpn_instances if name == names.RPN and options.rpn_instances else options.instances
+
+
 def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
     specs = tensor_specs(settings, maps_type(options.target, options.torch_precision))[name]
     batching = name != names.POSTPROCESS
@@ -179,8 +187,8 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
         _batching(cfg, options)
     gpu = options.device == "gpu"
     # the step without a batcher (postprocess) has its own count: see RepositoryOptions.postprocess_instances
-    count = options.instances if batching else (options.postprocess_instances
-                                                 or (max(2, options.instances) if gpu else options.instances))
+    count = _step_instances(name, options) if batching else (options.postprocess_instances
+                                                             or (max(2, options.instances) if gpu else options.instances))
     _instances(cfg, count, gpu, options)
     params = settings.to_parameters()
     params["device"] = options.device
@@ -231,7 +239,7 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
     platform = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}[options.target]
     cfg = _base(name, specs, max_batch, platform=platform)
     _batching(cfg, options)
-    _instances(cfg, options.instances, True, options)
+    _instances(cfg, _step_instances(name, options), True, options)
     if options.target == "tensorrt":
         # Triton's TensorRT backend makes an execution context only for the profiles an instance
         # group lists, and for profile 0 alone when it lists none (InitOptimizationProfiles in

@@ -117,6 +117,8 @@ class Options:
     postprocess_instances: int = _opt(0, "repository", parse=int, env="POSTPROCESS_INSTANCES",
                                       help="instances of postprocess, the one step without a batcher; 0: 2 with "
                                            "--device gpu, else as --instances")
+    rpn_instances: int = _opt(0, "repository", parse=int,
+                              help="instances of the rpn (on each GPU of --gpus); 0: as --instances")
     queue_delay_us: int = _opt(0, "repository", parse=int, env="QUEUE_DELAY_US",
                                help="dynamic batcher max_queue_delay_microseconds; 0 batches what is queued when "
                                     "an instance frees")
@@ -198,7 +200,8 @@ class Options:
         trt = self.target in ("tensorrt", "onnxruntime-trt")
         kw = dict(target="onnxruntime" if self.target == "onnxruntime-trt" else self.target, device=self.device,
                   max_batch_size=self.max_batch_size, instances=self.instances,
-                  postprocess_instances=self.postprocess_instances, queue_delay_us=self.queue_delay_us,
+                  postprocess_instances=self.postprocess_instances, rpn_instances=self.rpn_instances,
+                  queue_delay_us=self.queue_delay_us,
                   gpus=self.gpus or (), ort_tensorrt=self.target == "onnxruntime-trt",
                   trt_precision=self.precision if trt else "fp16",
                   trt_workspace_bytes=int(self.workspace_gib * 2**30),

@@ -163,9 +163,25 @@ def test_jpeg_decoder_parameter(small_export, tmp_path, device, decoder, want):
         RepositoryOptions(jpeg_decoder="nvdec")
 
 
+@pytest.mark.parametrize("target", ["python", "onnxruntime"])
+@pytest.mark.parametrize("instances, rpn, want", [(1, 0, 1), (2, 0, 2), (1, 2, 2), (3, 1, 1)])
+def test_rpn_instances(small_export, tmp_path, target, instances, rpn, want):
+    """The rpn gets its own instance count (0: ``instances``); every other batching step keeps
+    ``instances``, for a python-backend rpn and an engine's alike."""
+    settings, paths = small_export
+    write_repository(tmp_path, settings, paths, RepositoryOptions(target=target, device="gpu", instances=instances,
+                                                                  rpn_instances=rpn, postprocess_instances=5))
+    counts = {name: [g.count for g in cfg.instance_group] for name, cfg in _configs(tmp_path).items()
+              if name not in (names.ENSEMBLE, names.ENSEMBLE_RAW)}
+    assert counts.pop(names.RPN) == [want] and counts.pop(names.POSTPROCESS) == [5]
+    assert counts and all(c == [instances] for c in counts.values()), counts
+
+
 def test_instance_counts_are_checked():
-    with pytest.raises(ValueError, match="instances must be >= 1 and postprocess_instances >= 0"):
+    with pytest.raises(ValueError, match="instances must be >= 1, postprocess_instances and rpn_instances >= 0"):
         RepositoryOptions(postprocess_instances=-1)
+    with pytest.raises(ValueError, match="got 1, 0 and -1"):
+        RepositoryOptions(rpn_instances=-1)
     with pytest.raises(ValueError, match="instances must be >= 1"):
         RepositoryOptions(instances=0)
 
