@@ -94,7 +94,8 @@ class RepositoryOptions:
     torch_unmasked_rpn: bool = True
     # torch target: the rpn compiled ahead of time by AOTInductor (a .pt2 package per canvas and
     # variant, exporters/torch_export.py) instead of TorchScript traces; model parameter aot_rpn.
-    # Off by default: the export takes minutes, and served it was not faster (docs/benchmarks.md, session 17)
+    # Off by default: the export takes far longer, and served it was not faster (docs/benchmarks.md,
+    # session 17)
     torch_aot_rpn: bool = False
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
     # always use Pillow); written as preprocess's parameter jpeg_decoder

@@ -22,7 +22,7 @@ is ``torch.export``-ed with a dynamic batch (1..max batch) and compiled by AOTIn
 ``.pt2`` package (generated kernels that fuse the element-wise passes around the convolutions,
 and the weights), which the runner loads with ``torch._inductor.aoti_load_package``.  Like a
 TensorRT engine, a package is built for the GPU architecture and the torch version it was
-compiled with, and compiling one takes a minute or more per network.
+compiled with, and compiling one takes far longer than tracing.
 """
 from __future__ import annotations
 

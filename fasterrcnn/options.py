@@ -143,7 +143,7 @@ class Options:
     aot_rpn: bool = _opt(False, "repository", parse=parse_bool,
                          help="torch target: compile the rpn ahead of time with AOTInductor (torch.export, then one "
                               ".pt2 package per canvas, for the GPU and torch version of the export) instead of "
-                              "tracing it; the export then takes minutes")
+                              "tracing it; the export then takes far longer")
     rpn_memory_gib: float = _opt(8.0, "repository", parse=float,
                                  help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
                                       "caching allocator; cuDNN passes over plans whose workspace does not fit; the "

@@ -63,7 +63,8 @@ def load_package(path: str, device: torch.device, single_threaded: bool):
 
 
 class TorchNetwork:
-    """A TorchScript module (or an AOTInductor package, ``.pt2``) on one device, called with a batch of inputs, returning a tuple of outputs.
+    """A TorchScript module (or an AOTInductor package, ``.pt2``) on one device, called with a batch
+    of inputs, returning a tuple of outputs.
 
     Args:
         path: the ``model.pt`` trace, or a ``.pt2`` AOTInductor package.
