@@ -55,9 +55,7 @@ class RepositoryOptions:
     # so more instances are its only way to take requests side by side.  0: automatic, 2 on the GPU
     # (docs/benchmarks.md, "Night": the A/B that chose two), and ``instances`` on the CPU
     postprocess_instances: int = 0
-    # the rpn's own instance count (0: ``instances``): under load its one instance runs full
-    # batches with the longest queue of the ensemble (docs/benchmarks.md, session 17)
-    rpn_instances: int = 0
+    rpn_instances: int = 0  # the rpn's own instance count (0: ``instances``; docs/benchmarks.md, session 17)
     queue_delay_us: int = 0  # dynamic batcher max_queue_delay_microseconds (Triton's default; see docs/benchmarks.md)
     # GPU ids (CUDA ordinals) every KIND_GPU instance group is placed on: ``instance_group { gpus: [...] }``,
     # with ``count`` instances on each of them.  Empty: no list, which Triton reads as ``count``
@@ -92,10 +90,8 @@ class RepositoryOptions:
     # passes); model parameter unmasked_rpn.  On: 12% more images/s served in fp16 on an H200
     # (docs/benchmarks.md, session 16) for 0.6 GiB more GPU memory
     torch_unmasked_rpn: bool = True
-    # torch target: the rpn compiled ahead of time by AOTInductor (a .pt2 package per canvas and
-    # variant, exporters/torch_export.py) instead of TorchScript traces; model parameter aot_rpn.
-    # Off by default: the export takes far longer, and served it was not faster (docs/benchmarks.md,
-    # session 17)
+    # torch target: the rpn as AOTInductor packages (.pt2, exporters/torch_export.py) instead of traces;
+    # model parameter aot_rpn.  Off: far longer exports, not faster served (docs/benchmarks.md, session 17)
     torch_aot_rpn: bool = False
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
     # always use Pillow); written as preprocess's parameter jpeg_decoder
@@ -188,8 +184,8 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
         _batching(cfg, options)
     gpu = options.device == "gpu"
     # the step without a batcher (postprocess) has its own count: see RepositoryOptions.postprocess_instances
-    count = _step_instances(name, options) if batching else (options.postprocess_instances
-                                                             or (max(2, options.instances) if gpu else options.instances))
+    postprocess = options.postprocess_instances or (max(2, options.instances) if gpu else options.instances)
+    count = _step_instances(name, options) if batching else postprocess
     _instances(cfg, count, gpu, options)
     params = settings.to_parameters()
     params["device"] = options.device
@@ -385,8 +381,8 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
                     aot = options.torch_aot_rpn
                     shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w, aot=aot))
                     if options.torch_unmasked_rpn:
-                        shutil.copy(torch_models[canvas_key(h, w, unmasked=True)],
-                                    version / canvas_file(h, w, unmasked=True, aot=aot))
+                        key = canvas_key(h, w, unmasked=True)
+                        shutil.copy(torch_models[key], version / canvas_file(h, w, unmasked=True, aot=aot))
             elif cfg.platform == "tensorrt_plan":
                 files = plans[name] if isinstance(plans[name], dict) else {PLAN_FILE: plans[name]}
                 for filename, path in files.items():
