@@ -939,7 +939,7 @@ AOT_FEW = 2
 @pytest.fixture(scope="module")
 def aot_cpu(small_model, small_export, tmp_path_factory):
     """(settings with the one landscape canvas, {"header": trace, "rpn_256x320": package}): the
-    rpn compiled by AOTInductor on the CPU, masked only (one package: compiling takes a minute)."""
+    rpn compiled by AOTInductor on the CPU, masked only (one package: compiling is slow)."""
     import dataclasses
 
     settings = dataclasses.replace(small_export[0], canvases=(LANDSCAPE,))
