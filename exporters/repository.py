@@ -377,8 +377,8 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
             if torch_step and name == names.HEADER:
                 shutil.copy(torch_models[name], version / TORCH_FILE)
             elif torch_step:
+                aot = options.torch_aot_rpn
                 for h, w in settings.canvases:
-                    aot = options.torch_aot_rpn
                     shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w, aot=aot))
                     if options.torch_unmasked_rpn:
                         key = canvas_key(h, w, unmasked=True)

@@ -149,6 +149,7 @@ def aot_compile(module: nn.Module, inputs: tuple, device: torch.device, path: Pa
     from torch._inductor import aoti_compile_and_package
 
     module = module.to(device).eval()
+    # (the range must hold the example's batch, 2, even where the batcher forms batches of 1 only)
     batch = torch.export.Dim("batch", min=1, max=max(2, int(max_batch)))
     dynamic = tuple({0: batch} for _ in inputs)
     default = torch.device(device.type)
