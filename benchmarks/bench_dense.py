@@ -69,17 +69,15 @@ def print_profile(rows, batch: int) -> None:
 
 def compare_compiled(model, settings, traces, x, sizes, floor_ms: float) -> int:
     """The fp16 rpn at ``x``'s batch: eager (channels last); as served, each with its CUDA graphs: the
-    trace with extent masks, the trace without (``unmasked``, what a batch that fills its canvas
-    runs), and the AOTInductor package of ``--aot-rpn`` (exporters/torch_export.py ``aot_compile``);
-    then torch.compile (inductor: element-wise chains such as the extent masks and the bias adds
-    cuDNN leaves apart fused into generated kernels), each with the wall time of its preparation
-    (export or compile included).  A variant that fails prints its error and the others still run;
-    the package comes before torch.compile, so that no compiled graph of the same process is in play.
+    trace with extent masks and the trace without (``unmasked``, what a batch that fills its canvas
+    runs); then torch.compile (inductor: element-wise chains such as the extent masks and the bias
+    adds cuDNN leaves apart fused into generated kernels), each with the wall time of its preparation
+    (compile included).  A variant that fails prints its error and the others still run.
     ``traces``: the fp16 export (:func:`~exporters.torch_export.export_torch`, masked and unmasked)."""
     import time
 
     from exporters.repository import canvas_key
-    from exporters.torch_export import aot_compile, example_inputs, rpn_module
+    from exporters.torch_export import rpn_module
     from python_backend.torch_runtime import RuntimeOptions, TorchNetwork
 
     batch, _, h, w = x.shape
@@ -88,18 +86,10 @@ def compare_compiled(model, settings, traces, x, sizes, floor_ms: float) -> int:
     print("| --- | ---: | ---: | ---: | ---: |", flush=True)
     eager = rpn_module(model, settings, "fp16").to(dev).eval().to(memory_format=torch.channels_last)
     xs = x.contiguous(memory_format=torch.channels_last)
-    work = Path(tempfile.mkdtemp(prefix="bench_dense_compiled_"))
     graphs = RuntimeOptions(channels_last=True, cuda_graphs=True, optimize_for_inference=True)
 
     def served(unmasked: bool):
         net = TorchNetwork(str(traces[canvas_key(h, w, unmasked=unmasked)]), dev, [[3, h, w], [2]], batch, graphs)
-        net.warm_up()
-        return lambda: net([x, sizes])
-
-    def package():
-        module = rpn_module(model, settings, "fp16")
-        path = aot_compile(module, example_inputs(settings, dev, (h, w))[0], dev, work / "rpn.pt2", batch)
-        net = TorchNetwork(str(path), dev, [[3, h, w], [2]], batch, RuntimeOptions(cuda_graphs=True))
         net.warm_up()
         return lambda: net([x, sizes])
 
@@ -111,7 +101,6 @@ def compare_compiled(model, settings, traces, x, sizes, floor_ms: float) -> int:
     variants = {"eager (channels last)": lambda: (lambda: eager(xs, sizes)),
                 "served trace, extent masks (CUDA graphs)": lambda: served(False),
                 "served trace, no masks (CUDA graphs; batches that fill their canvas)": lambda: served(True),
-                "served --aot-rpn package, extent masks (CUDA graphs)": package,
                 "torch.compile mode=default, extent masks": lambda: compiled("default"),
                 # last: autotuning every convolution and matmul may outlast the call
                 "torch.compile mode=max-autotune-no-cudagraphs": lambda: compiled("max-autotune-no-cudagraphs")}
@@ -143,8 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-only", action="store_true", help="only the fp16 rpn's kernel profile")
     ap.add_argument("--compile", action="store_true",
                     help="after the profile, only the fp16 rpn at batch 8: eager, the served traces (with and "
-                         "without extent masks), the --aot-rpn package and torch.compile, each with its "
-                         "preparation time")
+                         "without extent masks) and torch.compile, each with its preparation time")
     args = ap.parse_args(argv)
     variants = _variants()
 

@@ -13,10 +13,9 @@
 # without); trained_optimize = MPS and --optimize-for-inference, fp16 accuracy only (no speed
 # sweep), with a checkpoint trained by benchmarks.train_synthetic (90 s), on its held-out scenes;
 # mps_1088 = MPS and --canvases 800x1088 (the one canvas the 640x480 inputs use: a short export);
-# mps_aot1088 = the same with --aot-rpn --no-unmasked-rpn (the rpn compiled by AOTInductor, one
-# package per canvas: its fusions take the extent masks in, so no unmasked variant is compiled).
-# mps_rpn2 = MPS and --rpn-instances 2 (two rpn instances, one of every other step).
-# KNOB_TIMEOUT: seconds per variant, export included (240; the AOTInductor variant gets 420).
+# mps_rpn2 = MPS and --rpn-instances 2 (two rpn instances, one of every other step); mps_rpn2_1088 = the
+# same on the one canvas 800x1088 (a short export and start; compare with mps_1088).
+# KNOB_TIMEOUT: seconds per variant, export included (240).
 # Writes $OUT/knobs.log, $OUT/dense.txt and $OUT/<variant>.md (benchmarks.perf's summary of each variant).
 set -uo pipefail
 # shellcheck source=benchmarks/device_env.sh
@@ -28,7 +27,6 @@ variants=("$@")
 perf() {  # name, work folder, extra benchmarks.perf arguments...
   local name=$1 work=$2 limit=${KNOB_TIMEOUT:-240}
   shift 2
-  [[ $name == *aot* ]] && limit=${KNOB_TIMEOUT:-420}
   timeout "$limit" "$PY" -m benchmarks.perf --precisions fp16 --skip-baseline --inputs raw --eager-batches= \
     --concurrency "$CONC" --window-ms 1000 --max-trials 3 --out "/tmp/knobs_$name" --work "$work" "$@"
   echo "variant $name rc=$?"
@@ -56,7 +54,7 @@ perf() {  # name, work folder, extra benchmarks.perf arguments...
       mps_masked) perf mps_masked "$WORK/masked" --mps --export-args=--no-unmasked-rpn ;;
       # (accuracy on the generated scenes: each fits 800x1088, which the photos do not)
       mps_1088) perf mps_1088 "$WORK/c1088" --mps --export-args="--canvases=800x1088" --accuracy-images synthetic ;;
-      mps_aot1088) perf mps_aot1088 "$WORK/aot1088" --mps --export-args="--canvases=800x1088 --aot-rpn --no-unmasked-rpn" \
+      mps_rpn2_1088) perf mps_rpn2_1088 "$WORK/rpn2_1088" --mps --export-args="--canvases=800x1088 --rpn-instances=2" \
         --accuracy-images synthetic ;;
       trained_optimize)
         [ -f "$WORK/synthetic.pt" ] || timeout 200 "$PY" -m benchmarks.train_synthetic --out "$WORK/synthetic.pt" --seconds 90

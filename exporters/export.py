@@ -138,8 +138,7 @@ def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, rep
                      canvases, repo.torch_precision, repo.device)
             traces = export_torch(detector, settings, work / "torch", device=repo.device,
                                   precision="fp32" if repo.torch_precision == "tf32" else repo.torch_precision,
-                                  unmasked=repo.torch_unmasked_rpn, aot=repo.torch_aot_rpn,
-                                  max_batch=repo.max_batch_size)
+                                  unmasked=repo.torch_unmasked_rpn)
             log.info("[3/3] writing the model repository to %s (target torch, device %s)", out, repo.device)
             write_repository(out, settings, {}, repo, torch_models=traces)
         else:

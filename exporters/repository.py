@@ -51,11 +51,11 @@ class RepositoryOptions:
     device: str = "cpu"  # where python-backend steps run (KIND_CPU / KIND_GPU)
     max_batch_size: int = 8  # images per batch
     instances: int = 1
-    # postprocess is the one step without a batcher (each request carries its own number of RoIs),
-    # so more instances are its only way to take requests side by side.  0: automatic, 2 on the GPU
-    # (docs/benchmarks.md, "Night": the A/B that chose two), and ``instances`` on the CPU
+    # 0: automatic (rpn_count, postprocess_count; docs/benchmarks.md, session 18, has the A/B).  The rpn
+    # gets its own count; postprocess is the one step without a batcher (each request carries its own
+    # number of RoIs), so more instances are its only way to take requests side by side
     postprocess_instances: int = 0
-    rpn_instances: int = 0  # the rpn's own instance count (0: ``instances``; docs/benchmarks.md, session 17)
+    rpn_instances: int = 0
     queue_delay_us: int = 0  # dynamic batcher max_queue_delay_microseconds (Triton's default; see docs/benchmarks.md)
     # GPU ids (CUDA ordinals) every KIND_GPU instance group is placed on: ``instance_group { gpus: [...] }``,
     # with ``count`` instances on each of them.  Empty: no list, which Triton reads as ``count``
@@ -90,9 +90,6 @@ class RepositoryOptions:
     # passes); model parameter unmasked_rpn.  On: 12% more images/s served in fp16 on an H200
     # (docs/benchmarks.md, session 16) for 0.6 GiB more GPU memory
     torch_unmasked_rpn: bool = True
-    # torch target: the rpn as AOTInductor packages (.pt2, exporters/torch_export.py) instead of traces;
-    # model parameter aot_rpn.  Off: far longer exports, not faster served (docs/benchmarks.md, session 17)
-    torch_aot_rpn: bool = False
     # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
     # always use Pillow); written as preprocess's parameter jpeg_decoder
     jpeg_decoder: str = "gpu"
@@ -114,8 +111,6 @@ class RepositoryOptions:
             raise ValueError(f"trt_precision must be one of {allowed}, got {self.trt_precision!r}")
         if self.torch_precision not in ENGINE_PRECISIONS:
             raise ValueError(f"torch_precision must be one of {ENGINE_PRECISIONS}, got {self.torch_precision!r}")
-        if self.torch_aot_rpn and self.target != "torch":
-            raise ValueError(f"torch_aot_rpn (--aot-rpn) applies to the torch target only, got target {self.target!r}")
         if self.jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
         if not (self.torch_rpn_memory_gib > 0 and self.torch_header_memory_gib > 0):
@@ -168,9 +163,23 @@ def _instances(cfg: mc.ModelConfig, count: int, gpu: bool, options: RepositoryOp
         group.gpus.extend(options.gpus)
 
 
+def rpn_count(options: RepositoryOptions) -> int:
+    """``rpn_instances``, or automatically ``instances``, and at least 2 for the torch target's fp16 rpn
+    on GPU instances (one saturates under load and a second fits a 24 GB card; fp32's does not)."""
+    fp16_torch_gpu = (options.target, options.torch_precision, options.device) == ("torch", "fp16", "gpu")
+    return options.rpn_instances or (max(2, options.instances) if fp16_torch_gpu else options.instances)
+
+
+def postprocess_count(options: RepositoryOptions) -> int:
+    """``postprocess_instances``, or automatically one more than the rpn's on the GPU, ``instances`` on the CPU."""
+    gpu = options.device == "gpu"
+    return options.postprocess_instances or (max(rpn_count(options) + 1, options.instances) if gpu
+                                             else options.instances)
+
+
 def _step_instances(name: str, options: RepositoryOptions) -> int:
-    """Instances of a batching step: ``rpn_instances`` for the rpn where set, else ``instances``."""
-    return options.rpn_instances if name == names.RPN and options.rpn_instances else options.instances
+    """Instances of a batching step: the rpn's own count, ``instances`` for the others."""
+    return rpn_count(options) if name == names.RPN else options.instances
 
 
 def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
@@ -183,9 +192,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     if batching:
         _batching(cfg, options)
     gpu = options.device == "gpu"
-    # the step without a batcher (postprocess) has its own count: see RepositoryOptions.postprocess_instances
-    postprocess = options.postprocess_instances or (max(2, options.instances) if gpu else options.instances)
-    count = _step_instances(name, options) if batching else postprocess
+    count = _step_instances(name, options) if batching else postprocess_count(options)
     _instances(cfg, count, gpu, options)
     params = settings.to_parameters()
     params["device"] = options.device
@@ -200,18 +207,14 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
             else:  # one trace per canvas (settings.canvases), each named by canvas_file
                 params["torch_per_canvas"] = "true"
                 params["unmasked_rpn"] = str(options.torch_unmasked_rpn).lower()
-                aot = options.torch_aot_rpn
-                params["aot_rpn"] = str(aot).lower()
                 # channels last speeds up fp16 convolutions (NHWC tensor-core kernels) but slows fp32
                 # ones (docs/benchmarks.md: the fp32 rows of the channels-last measurements)
-                # (an AOTInductor package chooses its layouts itself when it is compiled)
-                params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16"
-                                              and not aot).lower()
+                params["channels_last"] = str(options.torch_channels_last and options.torch_precision == "fp16").lower()
                 # fp16 only: fp32's graphs of every batch size and canvas filled the rpn's cap at
                 # warm-up on the H200 (docs/benchmarks.md, session 13); fp32 runs eagerly
                 params["cuda_graphs"] = str(options.torch_cuda_graphs and gpu and options.torch_precision == "fp16").lower()
                 params["optimize_for_inference"] = str(options.torch_optimize_for_inference and gpu
-                                                       and options.torch_precision == "fp16" and not aot).lower()
+                                                       and options.torch_precision == "fp16").lower()
         else:
             params["onnx_file"] = "model.onnx"
     if name == names.PREPROCESS:  # (preprocess_raw takes decoded pixels)
@@ -355,11 +358,6 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         if missing:
             raise ValueError(f"the torch target needs TorchScript traces of the header and of the rpn at every "
                              f"canvas; missing {missing}: make them with exporters.torch_export.export_torch")
-        suffix = ".pt2" if options.torch_aot_rpn else ".pt"
-        wrong = [k for k in wanted if k != names.HEADER and Path(torch_models[k]).suffix != suffix]
-        if wrong:
-            raise ValueError(f"torch_aot_rpn={options.torch_aot_rpn} wants the rpn's networks as {suffix} files, but "
-                             f"{wrong} are not: export them with export_torch(aot={options.torch_aot_rpn})")
     for name, cfg in all_configs(settings, options).items():
         folder = out / name
         if folder.exists():
@@ -377,12 +375,11 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
             if torch_step and name == names.HEADER:
                 shutil.copy(torch_models[name], version / TORCH_FILE)
             elif torch_step:
-                aot = options.torch_aot_rpn
                 for h, w in settings.canvases:
-                    shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w, aot=aot))
+                    shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w))
                     if options.torch_unmasked_rpn:
                         key = canvas_key(h, w, unmasked=True)
-                        shutil.copy(torch_models[key], version / canvas_file(h, w, unmasked=True, aot=aot))
+                        shutil.copy(torch_models[key], version / canvas_file(h, w, unmasked=True))
             elif cfg.platform == "tensorrt_plan":
                 files = plans[name] if isinstance(plans[name], dict) else {PLAN_FILE: plans[name]}
                 for filename, path in files.items():

@@ -16,13 +16,6 @@ Precisions (proposals, class scores and boxes are float32 in both):
         top-k, sigmoid/softmax, box decode and clipping in float32.  The FPN maps are float16
         outputs (the configs say TYPE_FP16; the roi step pools them in float32).  Box decode in float16 would
         put boxes ~0.5 px off at x ~ 1300 (float16 spacing there is 1 px).
-
-Ahead-of-time rpn (``aot=True``, the CLI's ``--aot-rpn``): instead of a trace, each canvas's rpn
-is ``torch.export``-ed with a dynamic batch (1..max batch) and compiled by AOTInductor into a
-``.pt2`` package (generated kernels that fuse the element-wise passes around the convolutions,
-and the weights), which the runner loads with ``torch._inductor.aoti_load_package``.  Like a
-TensorRT engine, a package is built for the GPU architecture and the torch version it was
-compiled with, and compiling one takes far longer than tracing.
 """
 from __future__ import annotations
 
@@ -143,21 +136,6 @@ class _tf32_off:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
 
 
-def aot_compile(module: nn.Module, inputs: tuple, device: torch.device, path: Path, max_batch: int) -> Path:
-    """``module`` (the rpn) exported with a dynamic batch of 1..``max_batch`` (its other dims as in
-    ``inputs``) and compiled by AOTInductor into the package ``path`` (a ``.pt2`` file)."""
-    from torch._inductor import aoti_compile_and_package
-
-    module = module.to(device).eval()
-    # (the range must hold the example's batch, 2, even where the batcher forms batches of 1 only)
-    batch = torch.export.Dim("batch", min=1, max=max(2, int(max_batch)))
-    dynamic = tuple({0: batch} for _ in inputs)
-    default = torch.device(device.type)
-    with torch.no_grad(), default, _tf32_off():
-        program = torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic, strict=False)
-        return Path(aoti_compile_and_package(program, package_path=str(path)))
-
-
 def resolve_device(device: str) -> torch.device:
     """``"gpu"``/``"cuda"`` -> cuda (raises if CUDA is absent), ``"cpu"`` -> cpu."""
     if device in ("gpu", "cuda"):
@@ -171,8 +149,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str = "gpu",
-                 precision: str = "fp32", unmasked: bool = True, aot: bool = False,
-                 max_batch: int = 8) -> dict[str, Path]:
+                 precision: str = "fp32", unmasked: bool = True) -> dict[str, Path]:
     """Trace the rpn at every canvas of ``settings.canvases`` and the header, into ``out_dir``;
     returns {"header": path, :func:`~exporters.repository.canvas_key` (h, w): path, ...}.
 
@@ -182,8 +159,6 @@ def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str =
     ``python_backend.torch_runtime.CanvasNetworks``.  ``unmasked`` (as
     ``RepositoryOptions.torch_unmasked_rpn``, on by default): also the rpn without extent masks at
     every canvas (``canvas_key(h, w, unmasked=True)``), for batches that fill their canvas.
-    ``aot``: the rpn's networks as AOTInductor packages (``.pt2``, batch 1..``max_batch``; see
-    the module doc) instead of traces; the header is traced either way (its batch is a RoI count).
     """
     _check_precision(precision)
     dev = resolve_device(device)
@@ -197,10 +172,6 @@ def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str =
              for u, rpn in rpns.items() for h, w in settings.canvases]
     paths = {}
     for name, module, inputs in jobs:
-        if aot and name != names.HEADER:
-            log.info("compiling %s (%s) ahead of time with AOTInductor on %s", name, precision, dev)
-            paths[name] = aot_compile(module, inputs, dev, out_dir / f"{name}.pt2", max_batch)
-            continue
         log.info("tracing %s (%s) on %s", name, precision, dev)
         traced = trace(module, inputs, dev)
         path = out_dir / f"{name}.pt"

@@ -115,10 +115,11 @@ class Options:
     instances: int = _opt(1, "repository", parse=int, env="INSTANCES",
                           help="instances of every step, on each GPU of --gpus for GPU steps")
     postprocess_instances: int = _opt(0, "repository", parse=int, env="POSTPROCESS_INSTANCES",
-                                      help="instances of postprocess, the one step without a batcher; 0: 2 with "
-                                           "--device gpu, else as --instances")
+                                      help="instances of postprocess, the one step without a batcher; 0: one "
+                                           "more than the rpn's with --device gpu, else as --instances")
     rpn_instances: int = _opt(0, "repository", parse=int,
-                              help="instances of the rpn (on each GPU of --gpus); 0: as --instances")
+                              help="instances of the rpn (on each GPU of --gpus); 0: as --instances, and at "
+                                   "least 2 for the torch target's fp16 rpn on the GPU")
     queue_delay_us: int = _opt(0, "repository", parse=int, env="QUEUE_DELAY_US",
                                help="dynamic batcher max_queue_delay_microseconds; 0 batches what is queued when "
                                     "an instance frees")
@@ -140,10 +141,6 @@ class Options:
                               help="torch target: also trace the rpn without extent masks at every canvas, and run "
                                    "it for batches whose every image's padded size (rounded up to 32) is the canvas "
                                    "(the masks are all ones there: the same detections, fewer passes)")
-    aot_rpn: bool = _opt(False, "repository", parse=parse_bool,
-                         help="torch target: compile the rpn ahead of time with AOTInductor (torch.export, then one "
-                              ".pt2 package per canvas, for the GPU and torch version of the export) instead of "
-                              "tracing it; the export then takes far longer")
     rpn_memory_gib: float = _opt(8.0, "repository", parse=float,
                                  help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
                                       "caching allocator; cuDNN passes over plans whose workspace does not fit; the "
@@ -208,7 +205,7 @@ class Options:
                   torch_precision=self.precision if self.target == "torch" else "fp32",
                   torch_channels_last=self.channels_last, torch_cuda_graphs=self.cuda_graphs,
                   torch_optimize_for_inference=self.optimize_for_inference, torch_rpn_memory_gib=self.rpn_memory_gib,
-                  torch_unmasked_rpn=self.unmasked_rpn, torch_aot_rpn=self.aot_rpn,
+                  torch_unmasked_rpn=self.unmasked_rpn,
                   jpeg_decoder=self.jpeg_decoder)
         kw.update(overrides)
         return RepositoryOptions(**kw)

@@ -222,11 +222,10 @@ def parse_canvases(text: str) -> tuple[tuple[int, int], ...]:
     return check_canvases(out)
 
 
-def canvas_file(height: int, width: int, unmasked: bool = False, aot: bool = False) -> str:
+def canvas_file(height: int, width: int, unmasked: bool = False) -> str:
     """The torch target's rpn trace at one canvas, in the rpn's version folder (``unmasked``: the
-    trace without extent masks, for batches that fill the canvas; ``aot``: the AOTInductor
-    package, ``.pt2``, instead of the trace)."""
-    return f"model_{height}x{width}{'_unmasked' if unmasked else ''}.pt{'2' if aot else ''}"
+    trace without extent masks, for batches that fill the canvas)."""
+    return f"model_{height}x{width}{'_unmasked' if unmasked else ''}.pt"
 
 
 def fills_canvas(image_sizes, canvas: tuple[int, int]) -> bool:

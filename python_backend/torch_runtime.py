@@ -53,21 +53,11 @@ class RuntimeOptions:
             raise ValueError(f"torch runner parameters: {e}") from None
 
 
-def load_package(path: str, device: torch.device, single_threaded: bool):
-    """An AOTInductor package (``.pt2``) on ``device``; ``single_threaded``: run without the
-    package's own thread synchronization, which CUDA-graph capture needs."""
-    from torch._inductor import aoti_load_package
-
-    index = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else -1)
-    return aoti_load_package(path, run_single_threaded=single_threaded, device_index=index)
-
-
 class TorchNetwork:
-    """A TorchScript module (or an AOTInductor package, ``.pt2``) on one device, called with a batch
-    of inputs, returning a tuple of outputs.
+    """A TorchScript module on one device, called with a batch of inputs, returning a tuple of outputs.
 
     Args:
-        path: the ``model.pt`` trace, or a ``.pt2`` AOTInductor package.
+        path: the ``model.pt`` trace.
         device: where it runs; the trace must have been made for that device type.
         input_dims: per input, its dims without the batch axis (from the model config).
         max_batch: largest batch the dynamic batcher forms (0: the model does not batch).
@@ -86,14 +76,7 @@ class TorchNetwork:
             raise ValueError("optimize_for_inference is for GPU instances (on the CPU it switches to MKL-DNN ops)")
         if options.cuda_graphs and not 0 < self.max_batch <= 64:
             raise ValueError(f"cuda_graphs needs a bounded batch (max_batch_size 1..64), got {self.max_batch}")
-        self.packaged = str(path).endswith(".pt2")
-        if self.packaged:
-            if options.channels_last or options.optimize_for_inference:
-                raise ValueError(f"{path} is an AOTInductor package, compiled with its own layouts and fusions: "
-                                 f"channels_last and optimize_for_inference do not apply to it")
-            self.module = load_package(str(path), self.device, single_threaded=options.cuda_graphs)
-        else:
-            self.module = torch.jit.load(path, map_location=self.device).eval()
+        self.module = torch.jit.load(path, map_location=self.device).eval()
         if options.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         if options.optimize_for_inference:

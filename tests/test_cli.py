@@ -233,7 +233,8 @@ def test_export_places_gpu_instances_on_the_chosen_gpus(tmp_path):
                  "--repository", str(repo), *SMALL]) == 0
     for name in (names.PREPROCESS, names.RPN, names.ROI, names.HEADER, names.POSTPROCESS):
         (group,) = read_config(repo / name / "config.pbtxt").instance_group
-        assert list(group.gpus) == [1, 0] and group.count == 2, name
+        # postprocess: one more than the rpn's (exporters/repository.py postprocess_count)
+        assert list(group.gpus) == [1, 0] and group.count == (3 if name == names.POSTPROCESS else 2), name
 
 
 # --- help ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from exporters.repository import RepositoryOptions, read_config, write_repository
+from exporters.repository import RepositoryOptions, postprocess_count, read_config, rpn_count, write_repository
 from python_backend import names
 
 ONNX_TYPES = {onnx.TensorProto.FLOAT: mc.TYPE_FP32, onnx.TensorProto.INT32: mc.TYPE_INT32}
@@ -136,10 +136,10 @@ def test_repository_errors_are_clear(small_export, tmp_path):
 
 
 @pytest.mark.parametrize("device, instances, postprocess, want", [
-    ("cpu", 1, 0, 1), ("cpu", 2, 0, 2), ("cpu", 1, 3, 3), ("gpu", 1, 0, 2), ("gpu", 3, 0, 3), ("gpu", 1, 1, 1)])
+    ("cpu", 1, 0, 1), ("cpu", 2, 0, 2), ("cpu", 1, 3, 3), ("gpu", 1, 0, 2), ("gpu", 3, 0, 4), ("gpu", 1, 1, 1)])
 def test_postprocess_instances(small_export, tmp_path, device, instances, postprocess, want):
-    """postprocess (no batcher) gets its own instance count (0: 2 on the GPU, else ``instances``);
-    every other step keeps ``instances``."""
+    """postprocess (no batcher) gets its own instance count (0: one more than the rpn's on the GPU,
+    else ``instances``); every other step keeps ``instances``."""
     settings, paths = small_export
     write_repository(tmp_path, settings, paths, RepositoryOptions(device=device, instances=instances,
                                                                   postprocess_instances=postprocess))
@@ -177,6 +177,19 @@ def test_rpn_instances(small_export, tmp_path, target, instances, rpn, want):
     assert counts and all(c == [instances] for c in counts.values()), counts
 
 
+@pytest.mark.parametrize("target, precision, device, instances, rpn, want_rpn, want_postprocess", [
+    ("torch", "fp16", "gpu", 1, 0, 2, 3),  # the automatic counts of the one measured case
+    ("torch", "fp16", "gpu", 3, 0, 3, 4), ("torch", "fp16", "gpu", 1, 1, 1, 2), ("torch", "fp16", "cpu", 1, 0, 1, 1),
+    ("torch", "fp32", "gpu", 1, 0, 1, 2), ("torch", "tf32", "gpu", 1, 0, 1, 2), ("tensorrt", "fp32", "gpu", 1, 0, 1, 2)])
+def test_automatic_instance_counts(target, precision, device, instances, rpn, want_rpn, want_postprocess):
+    """0 is automatic: two rpn instances for the torch target's fp16 rpn on the GPU (one saturates
+    under load; fp32's second would not fit 20 GiB), else ``instances``; on the GPU postprocess
+    gets one more than the rpn."""
+    options = RepositoryOptions(target=target, device=device, instances=instances, rpn_instances=rpn,
+                                torch_precision=precision)
+    assert (rpn_count(options), postprocess_count(options)) == (want_rpn, want_postprocess)
+
+
 def test_instance_counts_are_checked():
     with pytest.raises(ValueError, match="instances must be >= 1, postprocess_instances and rpn_instances >= 0"):
         RepositoryOptions(postprocess_instances=-1)
@@ -202,7 +215,7 @@ def test_gpu_instances_are_placed_on_the_chosen_gpus(small_export, tmp_path, gpu
         (group,) = cfgs[name].instance_group
         assert group.kind == mc.ModelInstanceGroup.KIND_GPU, name
         assert list(group.gpus) == list(gpus), name
-        assert group.count == 2, name
+        assert group.count == (3 if name == names.POSTPROCESS else 2), name  # postprocess: one more than the rpn
     assert not cfgs[names.ENSEMBLE].instance_group and not cfgs[names.ENSEMBLE_RAW].instance_group
 
 

@@ -8,8 +8,7 @@ CUDA graphs: :mod:`python_backend.torch_runtime` (model parameters ``channels_la
 With the parameter ``torch_per_canvas`` (the rpn), the folder holds one trace per canvas of the
 settings (``model_<h>x<w>.pt``), and each batch runs on its own canvas's (``CanvasNetworks``);
 with ``unmasked_rpn`` also one without extent masks (``model_<h>x<w>_unmasked.pt``), run for
-batches that fill their canvas; with ``aot_rpn`` these are AOTInductor packages
-(``model_<h>x<w>.pt2``) instead of traces.
+batches that fill their canvas.
 """
 import os
 
@@ -34,9 +33,8 @@ class TritonPythonModel:
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = RuntimeOptions.from_parameters(a.params)
         if a.params.get("torch_per_canvas") == "true":  # the rpn: a trace per canvas (and one without extent masks with unmasked_rpn)
-            aot = parse_flag(a.params.get("aot_rpn", "false"))
-            paths = {c: os.path.join(folder, canvas_file(*c, aot=aot)) for c in a.settings.canvases}
-            unmasked = ({c: os.path.join(folder, canvas_file(*c, unmasked=True, aot=aot)) for c in a.settings.canvases}
+            paths = {c: os.path.join(folder, canvas_file(*c)) for c in a.settings.canvases}
+            unmasked = ({c: os.path.join(folder, canvas_file(*c, unmasked=True)) for c in a.settings.canvases}
                         if parse_flag(a.params.get("unmasked_rpn", "false")) else None)
             self.net = CanvasNetworks.load(paths, device, a.max_batch, options, unmasked)
         else:
