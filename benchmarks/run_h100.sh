@@ -14,7 +14,8 @@
 # BASELINE_VARIANTS (i1b8,i2b8,i2b16,i2b16d2000: instances, max batch, queue delay us),
 # WEIGHTS (a state_dict to use instead of training one), TRAIN_STEPS (480: a step budget trains the
 # same checkpoint on any card; docs/benchmarks.md, session 17, says why), TRAIN_SECONDS (150: a cap),
-# EXPORT_ARGS (more arguments for the ensemble's export, e.g. "--rpn-instances=2"), RETRAIN=1 (train again even where $WORK/synthetic.pt exists), SOAK_SECONDS (0: no soak), NO_MPS=1 (servers without CUDA
+# EXPORT_ARGS (more arguments for the ensemble's export, e.g. "--rpn-instances=2"), RETRAIN=1 (train
+# again even where $WORK/synthetic.pt exists), SOAK_SECONDS (0: no soak), NO_MPS=1 (servers without CUDA
 # MPS), WORK (/tmp/fasterrcnn_bench), PERF_TIMEOUT (seconds; 150 + 300 per precision).
 # Writes to $OUT: summary.md (goals, throughput, breakdown, memory, accuracy), perf.csv, accuracy.csv,
 # run.log, perf.png where matplotlib is installed; soak.csv and soak.png with a soak.

@@ -178,8 +178,9 @@ def postprocess_count(options: RepositoryOptions) -> int:
 
 
 def _step_instances(name: str, options: RepositoryOptions) -> int:
-    """Instances of a batching step: the rpn's own count, ``instances`` for the others."""
-    return rpn_count(options) if name == names.RPN else options.instances
+    """Instances of a step: the rpn's and postprocess's own counts, ``instances`` for the others."""
+    counts = {names.RPN: rpn_count, names.POSTPROCESS: postprocess_count}
+    return counts[name](options) if name in counts else options.instances
 
 
 def python_step_config(name: str, settings: DetectorSettings, options: RepositoryOptions) -> mc.ModelConfig:
@@ -192,8 +193,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     if batching:
         _batching(cfg, options)
     gpu = options.device == "gpu"
-    count = _step_instances(name, options) if batching else postprocess_count(options)
-    _instances(cfg, count, gpu, options)
+    _instances(cfg, _step_instances(name, options), gpu, options)
     params = settings.to_parameters()
     params["device"] = options.device
     if name in (names.RPN, names.HEADER):
@@ -378,8 +378,8 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
                 for h, w in settings.canvases:
                     shutil.copy(torch_models[canvas_key(h, w)], version / canvas_file(h, w))
                     if options.torch_unmasked_rpn:
-                        key = canvas_key(h, w, unmasked=True)
-                        shutil.copy(torch_models[key], version / canvas_file(h, w, unmasked=True))
+                        shutil.copy(torch_models[canvas_key(h, w, unmasked=True)],
+                                    version / canvas_file(h, w, unmasked=True))
             elif cfg.platform == "tensorrt_plan":
                 files = plans[name] if isinstance(plans[name], dict) else {PLAN_FILE: plans[name]}
                 for filename, path in files.items():
