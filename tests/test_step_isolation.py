@@ -17,6 +17,7 @@ requests in one call.
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -92,8 +93,15 @@ def _together(client, model: str, requests: list[dict], batch: int | None = None
     with ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(lambda r: _infer(client, model, r), requests))
     if batch is not None:
-        after = _batch_counts(client, model)
-        grown = {b: n - before.get(b, 0) for b, n in after.items() if n > before.get(b, 0)}
+        # Triton may count an execution after its responses are out (a clean-clone run saw none
+        # counted yet): wait until the executions counted hold ``batch`` items, at most 5 s
+        deadline = time.monotonic() + 5
+        while True:
+            after = _batch_counts(client, model)
+            grown = {b: n - before.get(b, 0) for b, n in after.items() if n > before.get(b, 0)}
+            if sum(b * n for b, n in grown.items()) >= batch or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert grown == {batch: 1}, f"{model}: expected one execution of batch {batch}, got {grown}"
     return results
 
