@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from exporters.export import ModelOptions
-from exporters.repository import DEVICES, ENGINE_PRECISIONS, JPEG_DECODERS, TRT_PRECISIONS, RepositoryOptions
+from exporters.repository_options import DEVICES, ENGINE_PRECISIONS, JPEG_DECODERS, TRT_PRECISIONS, RepositoryOptions
 from python_backend.settings import parse_canvases, parse_flag
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,3 +27,14 @@ def small_export(small_model, tmp_path_factory):
     settings = settings_from_model(small_model, "auto", read_class_names(None, 91))
     assert settings.canvases == SMALL_CANVASES
     return settings, export_all(small_model, settings, tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="session")
+def small_traces(small_model, small_export, tmp_path_factory):
+    """(settings, {"header": path, "rpn_<h>x<w>": path, "rpn_<h>x<w>_unmasked": path for each
+    canvas}) traced on the CPU in fp32, the rpn at each of the default canvases of the small resize,
+    with and without extent masks (export_torch's default)."""
+    from exporters import torch_export
+
+    settings, _ = small_export
+    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu")

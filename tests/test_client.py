@@ -101,7 +101,7 @@ def server(small_export, tmp_path_factory):
 
     settings, paths = small_export
     repo = tmp_path_factory.mktemp("client_repo")
-    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=4))
+    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=4), link=True)
     srv = _start(repo)
     yield srv
     srv.stop()
@@ -242,7 +242,7 @@ def test_raw_checks_and_uses_fasterrcnn_raw(small_export, tmp_path_factory, tmp_
 
     settings, paths = small_export
     repo = tmp_path_factory.mktemp("raw_only_repo")
-    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=2))
+    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=2), link=True)
     shutil.rmtree(repo / names.ENSEMBLE)
     good = _write_good(tmp_path)
     srv = _start(repo)

@@ -1,6 +1,9 @@
 """Every config.pbtxt parses with model_config_pb2 and agrees with the ONNX I/O and the ensemble maps."""
 from __future__ import annotations
 
+import errno
+import os
+
 import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
@@ -20,7 +23,7 @@ def _onnx_dims(value) -> list[int]:
 def repo(small_export, tmp_path_factory):
     settings, paths = small_export
     out = tmp_path_factory.mktemp("repo")
-    write_repository(out, settings, paths, RepositoryOptions(target="python", max_batch_size=4))
+    write_repository(out, settings, paths, RepositoryOptions(target="python", max_batch_size=4), link=True)
     return out, settings, paths
 
 
@@ -128,11 +131,32 @@ def test_repository_errors_are_clear(small_export, tmp_path):
     with pytest.raises(ValueError, match="target must be one of"):
         RepositoryOptions(target="tflite")
     with pytest.raises(ValueError, match="needs engines"):
-        write_repository(tmp_path / "r", settings, paths, RepositoryOptions(target="tensorrt"))
+        write_repository(tmp_path / "r", settings, paths, RepositoryOptions(target="tensorrt"), link=True)
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OSError, match="cannot write the model repository"):
-        write_repository(blocker / "repo", settings, paths, RepositoryOptions())
+        write_repository(blocker / "repo", settings, paths, RepositoryOptions(), link=True)
+
+
+def test_repository_copies_its_networks_unless_asked_to_link(small_export, tmp_path, monkeypatch):
+    """By default a repository holds its own copy of each network, so a later export into the same
+    work folder cannot change it; ``link=True`` hard-links them (the tests' many repositories of one
+    export), and copies where the file system refuses the link."""
+    settings, paths = small_export
+    copied = write_repository(tmp_path / "copied", settings, paths, RepositoryOptions())
+    linked = write_repository(tmp_path / "linked", settings, paths, RepositoryOptions(), link=True)
+
+    def refuse(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+
+    monkeypatch.setattr(os, "link", refuse)
+    fallback = write_repository(tmp_path / "fallback", settings, paths, RepositoryOptions(), link=True)
+    for name in (names.RPN, names.HEADER):
+        source = paths[name]
+        for repo in (copied, fallback):
+            placed = repo / name / "1" / "model.onnx"
+            assert placed.read_bytes() == source.read_bytes() and not placed.samefile(source), (repo.name, name)
+        assert (linked / name / "1" / "model.onnx").samefile(source), name
 
 
 @pytest.mark.parametrize("device, instances, postprocess, want", [
@@ -142,7 +166,7 @@ def test_postprocess_instances(small_export, tmp_path, device, instances, postpr
     else ``instances``); every other step keeps ``instances``."""
     settings, paths = small_export
     write_repository(tmp_path, settings, paths, RepositoryOptions(device=device, instances=instances,
-                                                                  postprocess_instances=postprocess))
+                                                                  postprocess_instances=postprocess), link=True)
     counts = {name: [g.count for g in cfg.instance_group] for name, cfg in _configs(tmp_path).items()
               if name not in (names.ENSEMBLE, names.ENSEMBLE_RAW)}
     assert counts.pop(names.POSTPROCESS) == [want]
@@ -155,7 +179,7 @@ def test_jpeg_decoder_parameter(small_export, tmp_path, device, decoder, want):
     """preprocess's jpeg_decoder: nvJPEG only where its instances are on a GPU; preprocess_raw
     decodes nothing and has none."""
     settings, paths = small_export
-    write_repository(tmp_path, settings, paths, RepositoryOptions(device=device, jpeg_decoder=decoder))
+    write_repository(tmp_path, settings, paths, RepositoryOptions(device=device, jpeg_decoder=decoder), link=True)
     cfgs = _configs(tmp_path)
     assert cfgs[names.PREPROCESS].parameters["jpeg_decoder"].string_value == want
     assert "jpeg_decoder" not in cfgs[names.PREPROCESS_RAW].parameters
@@ -170,7 +194,8 @@ def test_rpn_instances(small_export, tmp_path, target, instances, rpn, want):
     ``instances``, for a python-backend rpn and an engine's alike."""
     settings, paths = small_export
     write_repository(tmp_path, settings, paths, RepositoryOptions(target=target, device="gpu", instances=instances,
-                                                                  rpn_instances=rpn, postprocess_instances=5))
+                                                                  rpn_instances=rpn, postprocess_instances=5),
+                     link=True)
     counts = {name: [g.count for g in cfg.instance_group] for name, cfg in _configs(tmp_path).items()
               if name not in (names.ENSEMBLE, names.ENSEMBLE_RAW)}
     assert counts.pop(names.RPN) == [want] and counts.pop(names.POSTPROCESS) == [5]
@@ -209,7 +234,7 @@ def test_gpu_instances_are_placed_on_the_chosen_gpus(small_export, tmp_path, gpu
     """With gpus, every step's KIND_GPU group lists them, with ``count`` instances on each GPU
     (Triton's rule for a group with a gpus list); the ensembles have no instances."""
     settings, paths = small_export
-    write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu", instances=2, gpus=gpus))
+    write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu", instances=2, gpus=gpus), link=True)
     cfgs = _configs(tmp_path)
     for name in GPU_STEPS:
         (group,) = cfgs[name].instance_group
@@ -221,7 +246,7 @@ def test_gpu_instances_are_placed_on_the_chosen_gpus(small_export, tmp_path, gpu
 
 def test_without_gpus_triton_places_instances_on_every_gpu(small_export, tmp_path):
     settings, paths = small_export
-    write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu"))
+    write_repository(tmp_path, settings, paths, RepositoryOptions(device="gpu"), link=True)
     for name in GPU_STEPS:
         (group,) = _configs(tmp_path)[name].instance_group
         assert group.kind == mc.ModelInstanceGroup.KIND_GPU and not group.gpus, name

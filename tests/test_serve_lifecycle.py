@@ -79,7 +79,7 @@ def _survivors(procs: dict[int, tuple[int, int, str, int]], grace: float = 5.0) 
 def repo(small_export, tmp_path_factory):
     settings, paths = small_export
     out = tmp_path_factory.mktemp("lifecycle_repo")
-    write_repository(out, settings, paths, RepositoryOptions(max_batch_size=2))
+    write_repository(out, settings, paths, RepositoryOptions(max_batch_size=2), link=True)
     return out
 
 

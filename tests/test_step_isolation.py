@@ -16,6 +16,7 @@ requests in one call.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,6 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from exporters import torch_export
 from exporters.repository import RepositoryOptions, read_config, write_repository
 from exporters.split import HeaderNetwork, RpnNetwork
 from exporters.tensorrt.compare import anchor_scaled_atol, proposal_mismatches
@@ -44,19 +44,21 @@ TORCH = "_torch"  # suffix of the torch runner's copies of rpn and header
 
 
 @pytest.fixture(scope="module")
-def server(small_model, small_export, tmp_path_factory):
+def server(small_export, small_traces, tmp_path_factory):
     settings, paths = small_export
     repo = tmp_path_factory.mktemp("isolation_repo")
-    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=QUEUE_DELAY_US))
-    traces = torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("traces"), device="cpu")
+    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=QUEUE_DELAY_US),
+                     link=True)
     torch_repo = tmp_path_factory.mktemp("torch_repo")
     write_repository(torch_repo, settings, {}, RepositoryOptions(target="torch", max_batch_size=MAX_BATCH,
-                                                                 queue_delay_us=QUEUE_DELAY_US), torch_models=traces)
+                                                                 queue_delay_us=QUEUE_DELAY_US),
+                     torch_models=small_traces[1], link=True)
     for name in (names.RPN, names.HEADER):
         folder = repo / f"{name}{TORCH}"
-        shutil.copytree(torch_repo / name, folder)
+        shutil.copytree(torch_repo / name, folder, copy_function=os.link)  # links: the traces stay one file
         cfg = read_config(folder / "config.pbtxt")
         cfg.name = folder.name
+        (folder / "config.pbtxt").unlink()  # a new file, not the linked one in torch_repo
         (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
     for name in (names.ENSEMBLE, names.ENSEMBLE_RAW, names.PREPROCESS_RAW):
         shutil.rmtree(repo / name)

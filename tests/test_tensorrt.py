@@ -212,7 +212,7 @@ def test_network_configs_match_onnx_and_profiles(case, tiny, tmp_path):
         for name in (names.RPN, names.HEADER):
             plans[name] = tmp_path / f"{name}.plan"
             plans[name].write_bytes(b"not a real engine")
-    repo = write_repository(tmp_path / "repo", settings, paths, options, plans=plans)
+    repo = write_repository(tmp_path / "repo", settings, paths, options, plans=plans, link=True)
     profiles = optimization_profiles(settings, options.max_batch_size)
 
     for name in (names.RPN, names.HEADER):

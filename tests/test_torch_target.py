@@ -27,15 +27,6 @@ from tritonclient.grpc import model_config_pb2 as mc
 TORCH_TYPES = {torch.float32: mc.TYPE_FP32, torch.float16: mc.TYPE_FP16, torch.int32: mc.TYPE_INT32}
 
 
-@pytest.fixture(scope="module")
-def traces(small_model, small_export, tmp_path_factory):
-    """(settings, {"header": path, "rpn_<h>x<w>": path, "rpn_<h>x<w>_unmasked": path for each
-    canvas}) traced on the CPU in fp32, the rpn at each of the default canvases of the small resize
-    (256x256, 256x320, 320x256), with and without extent masks (export_torch's default)."""
-    settings, _ = small_export
-    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu")
-
-
 def _images():
     """A square, a portrait and a landscape image: one per canvas."""
     return [skimage.data.astronaut(), textured_image(400, 240, seed=1), textured_image(240, 400, seed=3)]
@@ -62,9 +53,9 @@ def _rpn_inputs(settings, batch, device="cpu", canvas=LANDSCAPE):
 
 @pytest.mark.parametrize("canvas", list(ON_CANVAS))
 @pytest.mark.parametrize("batch", [1, 3])  # traced at batch 2
-def test_traced_rpn_equals_eager_split_module(small_model, traces, batch, canvas):
+def test_traced_rpn_equals_eager_split_module(small_model, small_traces, batch, canvas):
     """Each canvas's trace is the eager network on that canvas."""
-    settings, paths = traces
+    settings, paths = small_traces
     x, sizes = _rpn_inputs(settings, batch, canvas=canvas)
     eager = RpnNetwork(small_model, settings).eval()
     traced = torch.jit.load(str(paths[canvas_key(*canvas)]))
@@ -116,8 +107,8 @@ def test_batch_norms_fold_into_convolutions(small_model, frozen):
 
 
 @pytest.mark.parametrize("rois", [1, 37])  # traced at 8
-def test_traced_header_equals_eager_split_module(small_model, traces, rois):
-    _, paths = traces
+def test_traced_header_equals_eager_split_module(small_model, small_traces, rois):
+    _, paths = small_traces
     g = torch.Generator().manual_seed(rois)
     feats = torch.randn(rois, 7, 7, 256, generator=g)
     xy = torch.rand(rois, 2, generator=g) * 200
@@ -131,8 +122,8 @@ def test_traced_header_equals_eager_split_module(small_model, traces, rois):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_fp16_header_keeps_float32_outputs_and_stays_close(small_model, traces):
-    settings, _ = traces
+def test_fp16_header_keeps_float32_outputs_and_stays_close(small_model, small_traces):
+    settings, _ = small_traces
     (_, _), (feats, boxes) = torch_export.example_inputs(settings, torch.device("cpu"), LANDSCAPE, rois=16)
     feats = torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
     net16 = torch_export.header_module(small_model, "fp16")
@@ -158,7 +149,7 @@ def test_bad_precision_and_device_are_named():
 
 @pytest.fixture(scope="module")
 def traces16(small_model, small_export, tmp_path_factory):
-    """As ``traces``, in fp16 (float16 FPN maps out of the rpn)."""
+    """As ``small_traces`` (tests/conftest.py), in fp16 (float16 FPN maps out of the rpn)."""
     settings, _ = small_export
     return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch16"), device="cpu",
                                                precision="fp16")
@@ -170,7 +161,7 @@ def torch_repo(request, traces16, tmp_path_factory):
     settings, paths = traces16
     out = tmp_path_factory.mktemp(f"torch_repo_{request.param}")
     options = RepositoryOptions(target="torch", device=request.param, max_batch_size=4, torch_precision="fp16")
-    write_repository(out, settings, {}, options, torch_models=paths)
+    write_repository(out, settings, {}, options, torch_models=paths, link=True)
     return out, settings, paths, request.param
 
 
@@ -212,18 +203,18 @@ def test_torch_network_configs(torch_repo, model):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
-def test_torch_repository_serves_its_traces(small_model, traces, tmp_path, monkeypatch, device):
+def test_torch_repository_serves_its_traces(small_model, small_traces, tmp_path, monkeypatch, device):
     """The rpn and header ``model.py`` that write_repository puts in a torch-target repository load
     that repository's traces (the header's ``torch_file``, the rpn's per canvas) on the instance's
     device and answer a batch of requests, each with what the eager split modules give for it
     alone.  (The ONNX runner there, or a runner that ignored the traces, would not.)"""
-    settings, paths = traces
+    settings, paths = small_traces
     if device == "gpu":
         if not torch.cuda.is_available():
             pytest.skip("needs CUDA")
         paths = torch_export.export_torch(small_model, settings, tmp_path / "traces", device="gpu")
     options = RepositoryOptions(target="torch", device=device, max_batch_size=4)
-    repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths)
+    repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths, link=True)
 
     def serve(model, requests):
         instance = fake.load_model(repo / model / "1" / "model.py", monkeypatch)()
@@ -267,13 +258,14 @@ def test_torch_repository_serves_its_traces(small_model, traces, tmp_path, monke
 
 @pytest.mark.parametrize("precision, graphs, maps", [("fp16", "true", mc.TYPE_FP16), ("fp32", "false", mc.TYPE_FP32),
                                                      ("tf32", "false", mc.TYPE_FP32)])
-def test_gpu_rpn_options_per_precision(traces, tmp_path, precision, graphs, maps):
+def test_gpu_rpn_options_per_precision(small_traces, tmp_path, precision, graphs, maps):
     """On a GPU, CUDA graphs for the fp16 rpn only (fp32's filled the rpn's memory cap at warm-up,
     docs/benchmarks.md), and float16 maps from rpn to roi in fp16 only; two rpn instances in fp16
     only (docs/benchmarks.md, session 18), and one more postprocess instance than rpn instances."""
-    settings, paths = traces
+    settings, paths = small_traces
     write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch", device="gpu",
-                                                               torch_precision=precision), torch_models=paths)
+                                                               torch_precision=precision),
+                     torch_models=paths, link=True)
     cfgs = _configs(tmp_path)
     assert cfgs[names.RPN].parameters["cuda_graphs"].string_value == graphs
     counts = {name: [g.count for g in cfgs[name].instance_group] for name in names.STEPS}
@@ -330,15 +322,15 @@ def test_torch_ensemble_maps_agree_with_step_configs(torch_repo):
     assert {t.name for t in ens.output} <= set(produced)
 
 
-def test_torch_target_needs_traces(traces, tmp_path):
-    settings, paths = traces
+def test_torch_target_needs_traces(small_traces, tmp_path):
+    settings, paths = small_traces
     with pytest.raises(ValueError, match=r"needs TorchScript traces of the header and of the rpn at every canvas; "
                                          r"missing \['header', 'rpn_256x256', 'rpn_256x320', 'rpn_320x256', "
                                          r"'rpn_256x256_unmasked', 'rpn_256x320_unmasked', 'rpn_320x256_unmasked'\]"):
-        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"))
+        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"), link=True)
     partial = {k: v for k, v in paths.items() if k != canvas_key(320, 256)}
     with pytest.raises(ValueError, match=r"missing \['rpn_320x256'\]"):
-        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"), torch_models=partial)
+        write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"), torch_models=partial, link=True)
 
 
 def test_cli_exports_the_torch_target(tmp_path):
@@ -390,15 +382,15 @@ def test_cli_torch_gpu_without_cuda_is_an_error(tmp_path, capsys):
 # --- a real server: the torch runner in the ensemble --------------------------------------------
 
 @pytest.mark.triton
-def test_torch_target_on_tritonserver_matches_torchvision(small_model, traces, tmp_path):
+def test_torch_target_on_tritonserver_matches_torchvision(small_model, small_traces, tmp_path):
     pytest.importorskip("tritonclient.grpc")
     from client import detect
     from fasterrcnn.server import ServerError, TritonServer, free_port
 
-    settings, paths = traces
+    settings, paths = small_traces
     repo = tmp_path / "repo"
     options = RepositoryOptions(target="torch", max_batch_size=4, queue_delay_us=100_000)
-    write_repository(repo, settings, {}, options, torch_models=paths)
+    write_repository(repo, settings, {}, options, torch_models=paths, link=True)
     server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     try:
         server.start(timeout=240)
@@ -436,12 +428,12 @@ def _cupy_or_skip():
 
 # --- the runner's core: channels last and CUDA graphs ------------------------------------------------
 
-def test_rpn_trace_has_no_host_synchronization(traces):
+def test_rpn_trace_has_no_host_synchronization(small_traces):
     """The rpn must be capturable as a CUDA graph (python_backend/torch_runtime.py): no op in the
     trace may read a tensor's value on the host (``int(tensor)``, ``.item()``, ``nonzero``).
     Seen on the H100: ``reshape(-1, n * base.shape[0], 4)`` traced as NumToTensor -> mul with a
     CUDA constant -> Int, a device-to-host read, and capture failed."""
-    settings, paths = traces
+    settings, paths = small_traces
     for canvas in settings.canvases:
         graph = str(torch.jit.load(str(paths[canvas_key(*canvas)])).inlined_graph)
         for op in ("aten::Int", "aten::item", "aten::nonzero", "prim::NumToTensor", "aten::ScalarImplicit"):
@@ -489,9 +481,9 @@ def test_runtime_options_from_parameters():
         TorchNetwork(__file__, torch.device("cpu"), [[3, 8, 8]], 4, RuntimeOptions(optimize_for_inference=True))
 
 
-def test_channels_last_rpn_equals_the_plain_trace(traces):
+def test_channels_last_rpn_equals_the_plain_trace(small_traces):
     """Same trace, channels-last weights and input: the same numbers up to convolution order."""
-    settings, paths = traces
+    settings, paths = small_traces
     args = _rpn_inputs(settings, 3)
     dims = [list(a.shape[1:]) for a in args]
     path = str(paths[canvas_key(*LANDSCAPE)])
@@ -519,10 +511,10 @@ def _canvas_networks(settings, paths, device="cpu", options=RuntimeOptions(), ma
                                max_batch, options)
 
 
-def test_canvas_networks_run_each_batch_on_its_canvas_s_trace(small_model, traces):
+def test_canvas_networks_run_each_batch_on_its_canvas_s_trace(small_model, small_traces):
     """A batch's (H, W) selects that canvas's trace; its outputs have that canvas's shapes (nothing
     cropped or padded) and are the eager network's; a size that is no canvas is an error."""
-    settings, paths = traces
+    settings, paths = small_traces
     nets = _canvas_networks(settings, paths)
     eager = RpnNetwork(small_model, settings).eval()
     for canvas in settings.canvases:
@@ -577,8 +569,8 @@ def test_unmasked_rpn_gives_the_same_bits_where_every_image_fills_its_canvas(sma
         assert not torch.equal(want[1][1, :200 // 4], got[1][1, :200 // 4])  # the other's own rows differ
 
 
-def test_canvas_networks_run_the_unmasked_trace_for_batches_that_fill_their_canvas(traces):
-    settings, paths = traces
+def test_canvas_networks_run_the_unmasked_trace_for_batches_that_fill_their_canvas(small_traces):
+    settings, paths = small_traces
     nets = CanvasNetworks.load({c: paths[canvas_key(*c)] for c in settings.canvases}, torch.device("cpu"), 4,
                                RuntimeOptions(), {c: paths[canvas_key(*c, unmasked=True)] for c in settings.canvases})
     canvas = (256, 320)
@@ -596,20 +588,20 @@ def test_canvas_networks_run_the_unmasked_trace_for_batches_that_fill_their_canv
         CanvasNetworks(nets.networks, {canvas: nets.unmasked[canvas]})
 
 
-def test_unmasked_rpn_repository_and_runner(small_model, traces, tmp_path, monkeypatch):
+def test_unmasked_rpn_repository_and_runner(small_model, small_traces, tmp_path, monkeypatch):
     """``torch_unmasked_rpn``: the rpn folder holds both traces per canvas, the config says
     ``unmasked_rpn``, and the runner (model.py over triton_fake) answers a request that fills its
     canvas with the unmasked trace and one that does not with the masked, each as the eager network."""
-    settings, paths = traces
+    settings, paths = small_traces
     options = RepositoryOptions(target="torch", max_batch_size=4, torch_unmasked_rpn=True)
-    repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths)
+    repo = write_repository(tmp_path / "repo", settings, {}, options, torch_models=paths, link=True)
     cfg = read_config(repo / names.RPN / "config.pbtxt")
     assert cfg.parameters["unmasked_rpn"].string_value == "true"
     assert sorted(p.name for p in (repo / names.RPN / "1").glob("*.pt")) == sorted(
         [canvas_file(*c) for c in settings.canvases] + [canvas_file(*c, unmasked=True) for c in settings.canvases])
     with pytest.raises(ValueError, match="missing .*rpn_256x256_unmasked"):
         write_repository(tmp_path / "repo2", settings, {}, options,
-                         torch_models={k: v for k, v in paths.items() if not k.endswith("_unmasked")})
+                         torch_models={k: v for k, v in paths.items() if not k.endswith("_unmasked")}, link=True)
     instance = fake.load_model(repo / names.RPN / "1" / "model.py", monkeypatch)()
     instance.initialize(fake.model_args(cfg, kind="CPU", repository=repo / names.RPN))
     eager = RpnNetwork(small_model, settings).eval()

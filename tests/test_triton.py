@@ -37,7 +37,8 @@ def server(small_export, tmp_path_factory):
     settings, paths = small_export
     repo = tmp_path_factory.mktemp("triton_repo")
     # a long queue delay so concurrent requests are batched
-    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=200_000))
+    write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=200_000),
+                     link=True)
     srv = TritonServer(repo, **_ports())
     try:
         srv.start(timeout=240)

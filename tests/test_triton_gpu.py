@@ -33,7 +33,8 @@ IMAGES = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee()
 def gpu_server(small_export, tmp_path_factory):
     settings, paths = small_export
     repo = tmp_path_factory.mktemp("gpu_repo")
-    write_repository(repo, settings, paths, RepositoryOptions(device="gpu", max_batch_size=4, queue_delay_us=100_000))
+    write_repository(repo, settings, paths, RepositoryOptions(device="gpu", max_batch_size=4, queue_delay_us=100_000),
+                     link=True)
     srv = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                        cuda_pool_bytes=1 << 30)
     srv.start(timeout=300)
