@@ -1,7 +1,7 @@
 """The export core: a torch detector -> ONNX or TorchScript (-> TensorRT engines) -> model repository.
 
 Library only.  :func:`export` takes a :class:`ModelOptions` (which detector, on which canvas) and
-the repository's :class:`~exporters.repository.RepositoryOptions`; the command line that builds
+the repository's :class:`~exporters.repository_options.RepositoryOptions`; the command line that builds
 both from its arguments or from the Docker environment is ``python -m fasterrcnn``.
 """
 from __future__ import annotations
