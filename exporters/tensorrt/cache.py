@@ -3,10 +3,12 @@
 Pure functions (no TensorRT import): the TensorRT version and the plan deserializer are
 arguments, so the rules are tested on the CPU.
 
-* A plan is valid only for the TensorRT library that built it and the GPU's compute capability,
-  so the key names the *loaded* library's version (:func:`exporters.tensorrt.build.loaded_tensorrt_version`,
-  not the bindings' ``__version__``) and every distinct GPU; the hash covers what else shapes the
-  engines and the repository.
+* A plan is valid only for the TensorRT library that built it and the GPU model, so the key
+  names the *loaded* library's version (:func:`exporters.tensorrt.build.loaded_tensorrt_version`,
+  not the bindings' ``__version__``) and every distinct GPU model; the hash covers what else shapes
+  the engines and the repository, this code included (:func:`code_version`: the package's version
+  and a digest of its source files), so a new image never reuses the ONNX, plans, configs and
+  ``model.py`` copies an older one wrote, even where its version number did not change.
 * Even under a matching key, a cached plan is reused only after it deserializes
   (:func:`why_rebuild`), so a plan TensorRT no longer loads is rebuilt instead of failing the
   server at load time.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -31,6 +34,12 @@ from .gpus import GpuInfo
 COMPLETE_MARKER = "complete.json"  # written last into a finished preparation folder
 REPOSITORY_PLANS = "model_repository/*/*/*.plan"  # <repository>/<model>/<version>/<file>.plan
 _DIGEST_CHARS = 16
+DISTRIBUTION = "fasterrcnn-triton"  # pyproject.toml's project name
+# the packages whose code writes the repository or runs in it (python_backend's model.py adapters and
+# CUDA sources included); they sit side by side, in the checkout or in site-packages
+SOURCE_PACKAGES = ("exporters", "python_backend", "fasterrcnn")
+_SOURCE_SUFFIXES = (".py", ".cu", ".cuh")
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _slug(text: str) -> str:
@@ -48,19 +57,48 @@ def gpus_slug(gpus: Sequence[GpuInfo] | str) -> str:
     return "+".join(models)
 
 
+def package_version(distribution: str = DISTRIBUTION) -> str:
+    """The installed distribution's version (``importlib.metadata``), ``"unknown"`` when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def source_digest(root: str | Path | None = None, packages: Sequence[str] = SOURCE_PACKAGES) -> str:
+    """SHA-256 over the relative path and bytes of every ``.py``, ``.cu`` and ``.cuh`` file of
+    ``packages`` under ``root`` (default: where this package is installed), in sorted order."""
+    root = Path(root) if root is not None else _SOURCE_ROOT
+    h = hashlib.sha256()
+    for package in packages:
+        files = sorted(p for p in (root / package).rglob("*")
+                       if p.suffix in _SOURCE_SUFFIXES and p.is_file() and "__pycache__" not in p.parts)
+        for path in files:
+            h.update(path.relative_to(root).as_posix().encode() + b"\0")
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """``<package version>+<source digest>``: changes with a release and with any edit of the code."""
+    return f"{package_version()}+{source_digest()[:_DIGEST_CHARS]}"
+
+
 def engine_cache_key(settings: DetectorSettings, options, precision: str, gpus: Sequence[GpuInfo] | str,
-                     trt_version: str, model_digest: str = "") -> str:
+                     trt_version: str, model_digest: str = "", code: str | None = None) -> str:
     """Folder name for cached engines: ``<gpus>__trt<version>__<precision>__<hash>``.
 
     ``gpus``: the devices that will serve (:func:`exporters.tensorrt.gpus.cuda_devices`), or a
     GPU model name (see :func:`gpus_slug`).
     ``options``: the repository options (a dataclass, e.g. ``RepositoryOptions``, or a mapping).
     ``trt_version``: the loaded library's version, or ``"none"`` for targets without engines.
-    The hash covers the settings, the options and the weights' digest.
+    ``code``: this code's version, by default :func:`code_version`.
+    The hash covers the settings, the options, the weights' digest and the code.
     """
     fields = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
     payload = json.dumps({"settings": settings.to_parameters(), "options": fields, "precision": precision,
-                          "model": model_digest}, sort_keys=True, default=str)
+                          "model": model_digest, "code": code_version() if code is None else code},
+                         sort_keys=True, default=str)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:_DIGEST_CHARS]
     return f"{gpus_slug(gpus)}__trt{_slug(trt_version)}__{precision}__{digest}"
 
