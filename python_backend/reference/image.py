@@ -64,9 +64,35 @@ def decode_image(data: bytes, max_pixels: int, min_side: int, defer_jpeg: bool =
                             "(JPEG, PNG, ...) recognized") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImageError(f"corrupt or truncated image ({len(data)} bytes): {e}") from None
-    arr = np.asarray(img.convert("RGB"))
+    arr = _rgb8(img)
     check_image_array(arr, max_pixels, min_side)
     return arr
+
+
+# Pillow's modes of one 16-bit sample per pixel (16-bit grayscale PNG and TIFF); older Pillow opens
+# 16-bit grayscale PNGs as "I" (32-bit), holding the same 0..65535 values
+GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _rgb8(img) -> np.ndarray:
+    """A decoded Pillow image -> ``[H, W, 3]`` uint8 RGB, scaled to 8 bits as torchvision does.
+
+    ``torchvision.io.decode_image(mode=RGB)`` gives a 16-bit PNG as uint16, and
+    ``transforms.v2.functional.to_dtype(image, torch.uint8, scale=True)`` keeps its high byte
+    (``value >> 8``).  Pillow already keeps the high byte of 16-bit colour and gray + alpha
+    images, and expands 1, 2 and 4-bit samples to 8 bits as libpng does for torchvision; but its
+    ``convert("RGB")`` clips 16-bit grayscale at 255 (a white image), so that one is scaled here.
+    32-bit integer and float images (TIFF) have no one 8-bit scale, and torchvision's decoder
+    reads neither: they are refused.
+    """
+    if img.mode in GRAY16_MODES or (img.mode == "I" and img.format == "PNG"):
+        gray = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        kind = "integer" if img.mode == "I" else "floating-point"
+        raise BadImageError(f"a 32-bit {kind} image (Pillow mode {img.mode}) has no 8-bit scale to serve it with: "
+                            "save it with 8 or 16 bits per sample (JPEG, PNG)")
+    return np.asarray(img.convert("RGB"))
 
 
 def _ends_with_eoi(data) -> bool:
@@ -184,7 +210,7 @@ def batch_canvas(sizes: np.ndarray, originals: np.ndarray, settings: DetectorSet
     originals = np.asarray(originals).reshape(-1, 2).astype(int)
     if not len(sizes):
         raise BadImageError("expected at least one image, got none")
-    extents = [(padded_extent(h), padded_extent(w)) for h, w in sizes]
+    extents = [(padded_extent(h, settings.size_divisible), padded_extent(w, settings.size_divisible)) for h, w in sizes]
     need = (max(e[0] for e in extents), max(e[1] for e in extents))
     if canvas is None:
         chosen = settings.canvas_for(*need)
