@@ -387,12 +387,20 @@ def test_fp32_layer_names_over_a_network():
 
 
 def test_constrain_fp32_sets_only_float_outputs():
+    """A SHAPE or CONSTANT layer, or one with an int32 output (TopK), takes no precision (TensorRT
+    fails an OBEY_PRECISION_CONSTRAINTS build it can't obey); TopK's values output alone is typed."""
     n = _gemm_softmax_network()
-    assert build.constrain_fp32(n, ["softmax", "shape"], FAKE_TRT) == 2
+    n.layers.append(_Layer("topk", _Enum("TOPK"), [n.tensors["fc:0"]],
+                           [_Tensor("topk:0"), _Tensor("topk:1", _Enum("INT32"))]))
+    assert build.constrain_fp32(n, ["softmax", "shape", "fc.weight"], FAKE_TRT, {"topk": (0,)}) == 2
     layers = {layer.name: layer for layer in n.layers}
     assert layers["softmax"].precision == "float32" and layers["softmax"].output_types == {0: "float32"}
-    assert layers["shape"].precision == "float32" and layers["shape"].output_types == {}  # int32 output kept
+    assert layers["shape"].precision is None and layers["shape"].output_types == {}
+    assert layers["fc.weight"].precision is None and layers["fc.weight"].output_types == {}
+    assert layers["topk"].precision is None and layers["topk"].output_types == {0: "float32"}
     assert layers["fc"].precision is None and layers["fc"].output_types == {}
+    with pytest.raises(ValueError, match="output 1 of topk .* is not a float activation"):
+        build.constrain_fp32(n, [], FAKE_TRT, {"topk": (1,)})
 
 
 # ----------------------------------------------------------------------------------------------

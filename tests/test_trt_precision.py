@@ -11,12 +11,13 @@ TensorRT's ONNX parser builds them.
   every operand of lower rank with a SHUFFLE, then one ELEMENTWISE layer.
 * Reshape/Transpose/Flatten: SHUFFLE; Gather: GATHER; Slice: SLICE; Concat: CONCATENATION;
   Where: SELECT; Resize: RESIZE; TopK: TOPK with float values and int32 indices.
+* Shape arithmetic (sizes, TopK's k, Resize scales) yields shape tensors (``ITensor.is_shape_tensor``).
 """
 from __future__ import annotations
 
 import pytest
 
-from exporters.tensorrt.precision import LayerInfo, select_fp32_layers
+from exporters.tensorrt.precision import LayerInfo, fp32_constraints, select_fp32_layers
 
 
 class ParserGraph:
@@ -27,10 +28,11 @@ class ParserGraph:
         self.rank: dict[str, int] = dict(inputs)  # network inputs: name -> rank
         self._count = 0
 
-    def _add(self, name: str, kind: str, inputs, rank: int, op: str | None = None, dtypes=("FLOAT",)) -> list[str]:
+    def _add(self, name: str, kind: str, inputs, rank: int, op: str | None = None, dtypes=("FLOAT",),
+             shape: tuple[int, ...] = ()) -> list[str]:
         outs = [f"{name}:{i}" for i in range(len(dtypes))]
         floats = tuple(i for i, d in enumerate(dtypes) if d in ("FLOAT", "HALF"))
-        self.layers.append(LayerInfo(name, kind, op, tuple(inputs), tuple(outs), floats))
+        self.layers.append(LayerInfo(name, kind, op, tuple(inputs), tuple(outs), floats, shape))
         for o in outs:
             self.rank[o] = rank
         return outs
@@ -48,10 +50,10 @@ class ParserGraph:
             return tensor
         return self._add(self._unique("ONNXTRT_Broadcast"), "SHUFFLE", (tensor,), rank)[0]
 
-    def binary(self, name: str, op: str, a: str, b: str, dtype: str = "FLOAT") -> str:
+    def binary(self, name: str, op: str, a: str, b: str, dtype: str = "FLOAT", shape: bool = False) -> str:
         rank = max(self.rank[a], self.rank[b])
         a, b = self._broadcast(a, rank), self._broadcast(b, rank)
-        return self._add(name, "ELEMENTWISE", (a, b), rank, op, (dtype,))[0]
+        return self._add(name, "ELEMENTWISE", (a, b), rank, op, (dtype,), (0,) if shape else ())[0]
 
     def add_initializer(self, name: str, op: str, x: str, rank: int) -> str:
         """``x <op> initializer`` (the initializer of rank ``rank`` becomes a CONSTANT)."""
@@ -145,8 +147,11 @@ def test_header_decode_keeps_coordinates_in_fp32():
     pinned = _pinned(g)
     # data movers on the decode path, upstream (RoIs, deltas, constants) and downstream (outputs)
     for name in ("deltas_reshape", "dx", "dw", "rois_x1", "rois_x2", "widths_col", "ctr_col", "widths_col2",
-                 "half_width.init", "dx_weight.init", "dw_clip.init", "stack", "class_boxes"):
+                 "stack", "class_boxes"):
         assert name in pinned, name
+    # the decode's constants are read by pinned layers but take no constraint themselves
+    for name in ("half_width.init", "dx_weight.init", "dw_clip.init"):
+        assert name not in pinned, name
     for name in ("widths", "ctr_x", "half_width", "pred_ctr", "pred_w", "exp", "left", "softmax"):
         assert name in pinned, name
     # the dense layers and their bias adds stay fp16; the bias constants are not decode inputs
@@ -172,13 +177,17 @@ def test_rpn_tail_moves_anchors_and_boxes_in_fp32():
     boxes = g.binary("decode", "SUM", g.binary("scale", "PROD", sel_deltas, sel_anchors), sel_anchors)
     clipped = g.binary("clip", "MIN", boxes, g.shuffle("size_col", g.slice("width", "image_sizes"), 3))
     g.concat("proposals", clipped, g.shuffle("prob_col", prob, 3))
-    pinned = _pinned(g)
-    for name in ("anchors", "gather_anchors", "gather_deltas", "deltas_flat", "logits_flat", "masked", "topk",
+    constraints = fp32_constraints(g.layers)
+    pinned = set(constraints.layers)
+    for name in ("gather_anchors", "gather_deltas", "deltas_flat", "logits_flat", "masked",
                  "sigmoid", "decode", "scale", "clip", "width", "size_col", "prob_col", "proposals"):
         assert name in pinned, name
-    # the body, the feature outputs and the boolean mask are not
-    for name in ("fpn_p2", "features_p2", "head_conv", "head_relu", "cls_logits", "bbox_pred", "valid"):
+    # the body, the feature outputs and the boolean mask are not; nor are the anchors' constant and
+    # TopK (int32 indices), whose values output alone is typed fp32
+    for name in ("fpn_p2", "features_p2", "head_conv", "head_relu", "cls_logits", "bbox_pred", "valid", "anchors",
+                 "topk"):
         assert name not in pinned, name
+    assert constraints.outputs == {"topk": (0,)}
 
 
 def test_range_layers_stay_fp32_inside_the_body():
@@ -206,5 +215,72 @@ def test_a_sum_with_a_constant_after_decode_math_is_not_a_bias_add(op):
     g = ParserGraph(rois=2)
     half = g.add_initializer("half", "PROD", "rois", 0)
     g.add_initializer("offset", op, half, 1)
-    assert _pinned(g) == {layer.name for layer in g.layers}  # the math, its constants and their broadcasts
+    # the math and its constants' broadcasts; the constants themselves take no constraint
+    assert _pinned(g) == {layer.name for layer in g.layers if layer.kind != "CONSTANT"}
     assert {layer.kind for layer in g.layers} == {"CONSTANT", "SHUFFLE", "ELEMENTWISE"}
+
+
+# ----------------------------------------------------------------------------------------------
+# layers that take no constraint (Polygraphy's precision tool skips the same: CONSTANT layers and any
+# layer with an output that is not a float execution tensor)
+# ----------------------------------------------------------------------------------------------
+
+def _tail_with_constant() -> ParserGraph:
+    """rois * 0.5 + offset: decode math whose operands are CONSTANTs broadcast by SHUFFLEs."""
+    g = ParserGraph(rois=2)
+    g.add_initializer("offset", "SUM", g.add_initializer("half", "PROD", "rois", 0), 1)
+    return g
+
+
+def test_constants_are_never_constrained():
+    g = _tail_with_constant()
+    constants = {layer.name for layer in g.layers if layer.kind == "CONSTANT"}
+    assert constants == {"half.init", "offset.init"}
+    pinned = _pinned(g)
+    assert pinned and not pinned & constants
+    assert {layer.name for layer in g.layers if layer.kind == "SHUFFLE"} <= pinned  # their broadcasts are
+
+
+def test_topk_takes_no_precision_and_only_its_values_output_type():
+    """TopK's indices output is int32: the layer takes no precision; its values output is typed fp32
+    and the layer feeding it is pinned."""
+    g = ParserGraph(logits=2)
+    flat = g.shuffle("logits_flat", g.add_initializer("masked", "SUM", "logits", 0), 2)
+    values, _ = g.topk("topk", flat)
+    g.unary("sigmoid", "ACTIVATION", values, "SIGMOID")
+    constraints = fp32_constraints(g.layers)
+    assert "topk" not in constraints.layers
+    assert constraints.outputs == {"topk": (0,)}
+    assert {"logits_flat", "masked", "sigmoid"} <= set(constraints.layers)
+
+
+def test_a_convolution_feeding_topk_is_pinned():
+    """Nothing between the logits and TopK: the convolution itself delivers them in fp32."""
+    g = ParserGraph(images=4)
+    logits = g.conv("cls_logits", g.conv("head", "images"))
+    g.topk("topk", logits)
+    constraints = fp32_constraints(g.layers)
+    assert constraints.layers == ("cls_logits",)
+    assert constraints.outputs == {"topk": (0,)}
+
+
+def test_shape_tensor_layers_are_never_constrained():
+    """Float arithmetic on sizes that yields a shape tensor (Resize scales, TopK's k) takes no
+    constraint, and does not pull the data movers around it into fp32."""
+    g = ParserGraph(image_sizes=1, masks=4)
+    width = g.slice("width", "image_sizes")
+    scale = g.binary("scale", "DIV", width, g.constant("stride", 1), shape=True)
+    scales = g._add("scales", "CONCATENATION", (scale,), 1, shape=(0,))[0]
+    g._add("upsample", "RESIZE", ("masks", scales), 4)
+    g._add("shape", "SHAPE", ("masks",), 1, dtypes=("INT64",), shape=(0,))
+    g._add("shape_as_float", "SHAPE", ("masks",), 1, shape=(0,))  # even where a float output is claimed
+    constraints = fp32_constraints(g.layers)
+    assert constraints.layers == () and constraints.outputs == {}
+
+
+def test_a_layer_with_a_float_and_an_integer_output_takes_no_constraint():
+    g = ParserGraph(x=2)
+    values = g._add("argmax_and_max", "REDUCE", ("x",), 2, dtypes=("FLOAT", "INT32"))[0]
+    g.unary("exp", "UNARY", values, "EXP")
+    constraints = fp32_constraints(g.layers)
+    assert constraints.layers == ("exp",) and constraints.outputs == {}

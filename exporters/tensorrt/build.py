@@ -17,7 +17,7 @@ from python_backend.settings import DetectorSettings
 
 from .cache import plan_deserializes, read_timing_cache, timing_cache_file, write_timing_cache
 from .gpus import GpuInfo, PlanTarget, cuda_device_count, use_device
-from .precision import LayerInfo, select_fp32_layers
+from .precision import Fp32Constraints, LayerInfo, constrainable, fp32_constraints, select_fp32_layers
 from .profiles import Profile, check_profiles, optimization_profiles
 from .progress import BuildProgress, progress_monitor
 
@@ -152,34 +152,63 @@ def layer_info(layer, trt=None) -> LayerInfo:
             finally:
                 layer.__class__ = base  # pybind11 may hand the same wrapper out again
     ins = tuple(layer.get_input(i).name for i in range(layer.num_inputs) if layer.get_input(i) is not None)
-    outs, floats = [], []
+    outs, floats, shapes = [], [], []
     for i in range(layer.num_outputs):
         t = layer.get_output(i)
         outs.append(t.name)
         if _enum_name(t.dtype) in ("FLOAT", "HALF"):
             floats.append(i)
-    return LayerInfo(layer.name, kind, op, ins, tuple(outs), tuple(floats))
+        # Polygraphy's precision tool tests ``is_execution_tensor``; a shape tensor may be both
+        if getattr(t, "is_shape_tensor", False) or not getattr(t, "is_execution_tensor", True):
+            shapes.append(i)
+    return LayerInfo(layer.name, kind, op, ins, tuple(outs), tuple(floats), tuple(shapes))
+
+
+def _layers(network, trt=None) -> list[LayerInfo]:
+    return [layer_info(network.get_layer(i), trt) for i in range(network.num_layers)]
 
 
 def fp32_layer_names(network, trt=None) -> list[str]:
     """:func:`~exporters.tensorrt.precision.select_fp32_layers` over a ``trt.INetworkDefinition``."""
-    return select_fp32_layers([layer_info(network.get_layer(i), trt) for i in range(network.num_layers)])
+    return select_fp32_layers(_layers(network, trt))
 
 
-def constrain_fp32(network, layer_names: Iterable[str], trt) -> int:
-    """Pin the named layers (and their float outputs) to fp32; returns how many were pinned.
-    Needs ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS`` to be binding."""
+def network_fp32_constraints(network, trt=None) -> Fp32Constraints:
+    """:func:`~exporters.tensorrt.precision.fp32_constraints` over a ``trt.INetworkDefinition``."""
+    return fp32_constraints(_layers(network, trt))
+
+
+def constrain_fp32(network, layer_names: Iterable[str], trt,
+                   output_types: Mapping[str, Sequence[int]] | None = None) -> int:
+    """Pin the named layers to fp32 (precision and every output's type), and type the outputs
+    ``output_types`` names ({layer: output indices}) fp32 without a layer precision; returns how
+    many layers were touched.  A named layer that can't take a precision (a CONSTANT or SHAPE
+    layer, or one with an integer, boolean or shape-tensor output: :func:`precision.constrainable`)
+    is left alone, so the builder is never asked for what it can't obey.  Needs
+    ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS`` to be binding."""
     wanted = set(layer_names)
+    typed = {name: tuple(indices) for name, indices in (output_types or {}).items()}
     count = 0
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        if layer.name not in wanted:
-            continue
-        layer.precision = trt.float32
-        for j in range(layer.num_outputs):
-            if _enum_name(layer.get_output(j).dtype) in ("FLOAT", "HALF"):
+        if layer.name in wanted:
+            info = layer_info(layer)
+            if not constrainable(info):
+                log.warning("not pinning %s to fp32: a %s layer with outputs that can't take a type", layer.name,
+                            info.kind)
+                continue
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
-        count += 1
+            count += 1
+        elif layer.name in typed:
+            info = layer_info(layer)
+            for j in typed[layer.name]:
+                if j not in info.float_outputs or j in info.shape_outputs:
+                    raise ValueError(f"output {j} of {layer.name} ({info.kind}) is not a float activation: "
+                                     f"its type can't be set to fp32")
+                layer.set_output_type(j, trt.float32)
+            count += 1
     return count
 
 
@@ -271,8 +300,10 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, profiles: Sequenc
         elif precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
             config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            pinned = constrain_fp32(network, fp32_layer_names(network, trt), trt)
-            printer(f"[trt] fp16 with {pinned} of {network.num_layers} layers pinned to fp32")
+            constraints = network_fp32_constraints(network, trt)
+            pinned = constrain_fp32(network, constraints.layers, trt, constraints.outputs)
+            printer(f"[trt] fp16 with {pinned} of {network.num_layers} layers pinned to fp32 "
+                    f"({len(constraints.outputs)} by their output types only)")
         _timing_cache(trt, config, timing_cache_path, printer)
         # TensorRT keeps a raw pointer: the monitor (like the logger) must outlive the build
         monitor = progress_monitor(trt, BuildProgress(printer))
