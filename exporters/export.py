@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from python_backend.settings import DetectorSettings, check_canvases, format_canvases
 
-from . import loading
+from . import loading, provenance
 from .repository import RepositoryOptions, write_repository
 from .tensorrt.gpus import GpuInfo, cuda_devices, plan_targets
 
@@ -83,6 +83,11 @@ class ModelOptions:
                 h.update(block)
         return h.hexdigest()
 
+    def weights_record(self) -> dict:
+        """The weights as the repository's provenance records them (:mod:`exporters.provenance`)."""
+        source = self.weights if self.weights in WEIGHT_SOURCES else str(Path(self.weights).resolve())
+        return provenance.weights_record(source, self.digest(), self.seed, self.num_classes)
+
 
 def load_model(options: ModelOptions):
     """(model, settings): the model and every setting the serving pipeline reads from it."""
@@ -117,18 +122,21 @@ def serving_devices(gpus: Sequence[int] = ()) -> list[GpuInfo]:
 
 def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, repo: RepositoryOptions,
                   out: str | Path, work_dir: str | Path | None = None, timing_cache_dir: str | Path | None = None,
-                  devices: Sequence[GpuInfo] | None = None, printer: Callable[[str], None] | None = None) -> Path:
+                  devices: Sequence[GpuInfo] | None = None, printer: Callable[[str], None] | None = None,
+                  options_record: dict | None = None) -> Path:
     """:func:`export` for an already loaded detector (``load_model``'s pair).
 
     ``work_dir``: where the ONNX files, traces and engines are written before they are copied
     into the repository (kept); None: a temporary folder.  tensorrt target: ``devices`` are the
     GPUs that will serve (default :func:`serving_devices` of ``repo.gpus``), one engine is built
     per distinct compute capability among them; ``timing_cache_dir`` keeps TensorRT's timing cache
-    per GPU model; ``printer`` gets the build's progress.
+    per GPU model; ``printer`` gets the build's progress.  ``options_record``: the command's
+    options, kept in the repository's ``provenance.json`` beside the weights.
     """
     t0 = time.monotonic()
     out = Path(out)
     canvases = format_canvases(settings.canvases)
+    recorded = dict(weights=model.weights_record(), options_record=options_record)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(work_dir) if work_dir is not None else Path(tmp)
         if repo.target == "torch":
@@ -140,7 +148,7 @@ def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, rep
                                   precision="fp32" if repo.torch_precision == "tf32" else repo.torch_precision,
                                   unmasked=repo.torch_unmasked_rpn)
             log.info("[3/3] writing the model repository to %s (target torch, device %s)", out, repo.device)
-            write_repository(out, settings, {}, repo, torch_models=traces)
+            write_repository(out, settings, {}, repo, torch_models=traces, **recorded)
         else:
             from .onnx_export import export_all
 
@@ -158,6 +166,6 @@ def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, rep
                                             precision=repo.trt_precision, workspace_bytes=repo.trt_workspace_bytes,
                                             timing_cache_dir=timing_cache_dir, printer=printer or log.info)
             log.info("[3/3] writing the model repository to %s (target %s, device %s)", out, repo.target, repo.device)
-            write_repository(out, settings, onnx_paths, repo, plans=plans, plan_targets=targets)
+            write_repository(out, settings, onnx_paths, repo, plans=plans, plan_targets=targets, **recorded)
     log.info("done in %.1f s", time.monotonic() - t0)
     return out

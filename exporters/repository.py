@@ -27,6 +27,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from python_backend import names
 from python_backend.settings import DetectorSettings, canvas_file, format_canvases
 
+from . import provenance
 from .repository_options import RepositoryOptions
 from .specs import FP32, INT32, UINT8, maps_type, max_rois, tensor_specs
 from .specs import io_spec as _io
@@ -134,6 +135,7 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
             params["onnx_file"] = "model.onnx"
     if name == names.PREPROCESS:  # (preprocess_raw takes decoded pixels)
         params["jpeg_decoder"] = options.jpeg_decoder if gpu else "pillow"
+        params["decode_threads"] = str(options.decode_threads)
     if gpu:
         # keep GPU tensors on the GPU between steps (DLPack, no host round trip)
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
@@ -213,8 +215,8 @@ def ensemble_config(raw: bool, settings: DetectorSettings, options: RepositoryOp
                 platform="ensemble")
     same = lambda *ts: {t: t for t in ts}  # noqa: E731
     _step(ens, pre, same(image["name"]), same(names.IMAGES, names.IMAGE_SIZES, names.ORIGINAL_SIZES))
-    _step(ens, names.RPN, same(names.IMAGES, names.IMAGE_SIZES), same(names.PROPOSALS, *names.FEATURES))
-    _step(ens, names.ROI, same(names.PROPOSALS, *names.FEATURES, names.IMAGE_SIZES),
+    _step(ens, names.RPN, same(names.IMAGES, names.IMAGE_SIZES), same(names.PROPOSALS, *settings.feature_names))
+    _step(ens, names.ROI, same(names.PROPOSALS, *settings.feature_names, names.IMAGE_SIZES),
           same(names.ROIS, names.ROI_FEATURES, names.NUM_ROIS))
     _step(ens, names.HEADER, same(names.ROI_FEATURES, names.ROIS), same(names.CLASS_SCORES, names.CLASS_BOXES))
     _step(ens, names.POSTPROCESS,
@@ -243,7 +245,8 @@ _ADAPTERS = {names.PREPROCESS: "preprocess.py", names.PREPROCESS_RAW: "preproces
 def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str, Path],
                      options: RepositoryOptions, plans: dict[str, Path | dict[str, Path]] | None = None,
                      torch_models: dict[str, Path] | None = None,
-                     plan_targets: list[PlanTarget] | None = None, link: bool = False) -> Path:
+                     plan_targets: list[PlanTarget] | None = None, link: bool = False,
+                     weights: dict | None = None, options_record: dict | None = None) -> Path:
     """Write every model folder under ``out`` (created if needed; stale model folders replaced).
 
     ``onnx_paths``: {"rpn": path, "header": path} (may be empty for the torch target).
@@ -257,6 +260,9 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
     ``link``: hard-link those files instead of copying them where one file system holds both
     (several repositories from one export, as the tests write them; re-exporting into the same
     files would then change the repository too).
+    ``weights`` (:func:`exporters.provenance.weights_record`) and ``options_record`` (the command's
+    options) go into the repository's ``provenance.json``; every config carries the weights line as
+    the parameter ``weights``.
     """
     out = Path(out)
     try:
@@ -284,6 +290,7 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         version.mkdir(parents=True)
         if cfg.platform == "tensorrt_plan" and plan_targets:
             set_cc_model_filenames(cfg, plan_targets)
+        cfg.parameters[provenance.WEIGHTS_PARAMETER].string_value = weights["line"] if weights else "unrecorded"
         (folder / "config.pbtxt").write_text(text_format.MessageToString(cfg))
         torch_step = options.target == "torch" and name in (names.RPN, names.HEADER)
         if cfg.backend == "python":
@@ -302,6 +309,7 @@ def write_repository(out: Path, settings: DetectorSettings, onnx_paths: dict[str
         for filename, source in files.items():
             _place(Path(source), version / filename, link)
         log.info("wrote %s", folder)
+    provenance.write(out, provenance.manifest(settings, options, weights, options_record))
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from exporters import loading
 
 from .options import ROOT, HelpFormatter, Options, OptionsError, add_arguments
+from .repository import StaleRepository
 from .server import ServerError
 
 DESCRIPTION = """\
@@ -50,6 +51,20 @@ def build_parser(prog: str = COMMAND) -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv: list[str]) -> frozenset[str]:
+    """The Options fields that ``argv`` sets, as opposed to those left at their defaults."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:  # argparse keeps no record of which defaults were used
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.dest != "help":
+                action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv))) - {"command"}
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "detect":
@@ -73,18 +88,18 @@ def main(argv=None) -> int:
         parser.error(str(e))  # exits 2, as argparse does for every usage error
     try:
         if args.command == "export":
-            from exporters.export import export
+            from .repository import export_repository
 
-            export(options.model_options(), options.repository_options(), options.repository)
+            export_repository(options)
             return 0
         if args.command == "serve":
             from .serve import serve
 
-            return serve(options)
+            return serve(options, given=given_options(argv))
         from .demo import demo
 
         return demo(options, args.out, command=f"{COMMAND} demo")
-    except (loading.CheckpointError, ServerError, OSError, ValueError, RuntimeError) as e:
+    except (loading.CheckpointError, ServerError, StaleRepository, OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

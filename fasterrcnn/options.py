@@ -145,10 +145,15 @@ class Options:
                                  help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
                                       "caching allocator; cuDNN passes over plans whose workspace does not fit; the "
                                       "header's is 4)")
-    jpeg_decoder: str = _opt("gpu", "repository", env="JPEG_DECODER", choices=JPEG_DECODERS,
-                             help="--device gpu: who decodes JPEG requests: gpu (nvJPEG through "
-                                  "torchvision.io.decode_jpeg, one call per batch; other formats and JPEGs it "
-                                  "can't take go to Pillow) or pillow (Pillow on the CPU, as CPU instances always do)")
+    jpeg_decoder: str = _opt("pillow", "repository", env="JPEG_DECODER", choices=JPEG_DECODERS,
+                             help="--device gpu: who decodes JPEG requests: pillow (libjpeg-turbo on the CPU, as "
+                                  "CPU instances always do: the pixels torchvision users decode, so their "
+                                  "detections) or gpu (opt-in: nvJPEG through torchvision.io.decode_jpeg, one call "
+                                  "per batch; its pixels differ from libjpeg's, and so do the detections; other "
+                                  "formats and JPEGs it can't take go to Pillow)")
+    decode_threads: int = _opt(0, "repository", parse=int, env="DECODE_THREADS",
+                               help="threads that decode the requests of a batch side by side in each preprocess "
+                                    "instance; 0: one per CPU of the serving machine, at most 8")
     repository: Path = _opt(DEFAULT_REPOSITORY, "repository", parse=Path, metavar="DIR",
                             help="the model repository to write (export) or serve")
     # -- server ----------------------------------------------------------------------------------
@@ -206,9 +211,31 @@ class Options:
                   torch_channels_last=self.channels_last, torch_cuda_graphs=self.cuda_graphs,
                   torch_optimize_for_inference=self.optimize_for_inference, torch_rpn_memory_gib=self.rpn_memory_gib,
                   torch_unmasked_rpn=self.unmasked_rpn,
-                  jpeg_decoder=self.jpeg_decoder)
+                  jpeg_decoder=self.jpeg_decoder, decode_threads=self.decode_threads)
         kw.update(overrides)
         return RepositoryOptions(**kw)
+
+    # -- what the repository records (exporters.provenance) ----------------------------------------
+    def record(self) -> dict[str, Any]:
+        """The model and repository options as JSON values: what a repository's provenance keeps."""
+        out = {f.name: _record_value(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.metadata["group"] in RECORDED_GROUPS and f.name != "repository"}
+        for name in ("weights", "class_names"):  # files by absolute path: the same file from any folder
+            if out[name] and out[name] not in ("coco", "random"):
+                out[name] = str(Path(out[name]).resolve())
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], **values) -> "Options":
+        """The options a repository's provenance recorded, with ``values`` over them.  Where the
+        two don't fit together (a new ``target`` with a recorded ``precision`` it lacks, say), the
+        recorded values give way: ``values`` over the defaults."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        recorded = {k: _from_record(k, v) for k, v in record.items() if k in fields}
+        try:
+            return cls(**{**recorded, **values})
+        except OptionsError:
+            return cls(**values)
 
     @property
     def uses_gpu(self) -> bool:
@@ -245,6 +272,23 @@ class Options:
             except ValueError as e:
                 raise OptionsError(f"{name}: {e}") from None
         return cls(**values)
+
+
+RECORDED_GROUPS = ("model", "repository")
+
+
+def _record_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_record_value(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _from_record(name: str, value: Any) -> Any:
+    if name == "canvases" and isinstance(value, list):
+        return tuple(tuple(int(x) for x in c) for c in value)
+    if name == "gpus" and isinstance(value, list):
+        return tuple(int(x) for x in value)
+    return value
 
 
 def env_variables() -> dict[str, str]:

@@ -10,9 +10,9 @@ import logging
 import signal
 from pathlib import Path
 
-from exporters.export import export
 from python_backend import names
 
+from . import repository as repository_check
 from .options import Options
 from .server import TritonServer
 
@@ -55,11 +55,19 @@ def repository_ready(path: Path) -> bool:
     return all((Path(path) / n / "config.pbtxt").is_file() for n in (names.ENSEMBLE, *names.STEPS))
 
 
-def ensure_repository(options: Options, rebuild: bool = False) -> Path:
-    """Export into ``options.repository`` when asked to or when it is missing."""
+def ensure_repository(options: Options, rebuild: bool = False, given: frozenset[str] = frozenset()) -> Options:
+    """Export into ``options.repository`` when asked to, when it is missing, or when it is not what
+    ``options`` asks for (:func:`fasterrcnn.repository.check`; ``given``: the fields set on the
+    command line).  Returns the options the repository was exported with, to serve it with."""
     if rebuild or options.rebuild or not repository_ready(options.repository):
-        export(options.model_options(), options.repository_options(), options.repository)
-    return options.repository
+        repository_check.export_repository(options)
+        return options
+    verdict = repository_check.check(options, given)
+    if verdict.reasons:
+        log.warning("%s is not what was asked for, exporting it again: %s", options.repository,
+                    "; ".join(verdict.reasons))
+        repository_check.export_repository(verdict.options)
+    return verdict.options
 
 
 def make_server(options: Options) -> TritonServer:
@@ -70,10 +78,13 @@ def make_server(options: Options) -> TritonServer:
                         mps=options.mps)
 
 
-def serve(options: Options) -> int:
-    """Export if needed, start tritonserver, wait.  Returns the exit code: 0 when a signal stopped it
-    (or it exited cleanly by itself), 1 when it failed."""
-    ensure_repository(options)
+def serve(options: Options, given: frozenset[str] = frozenset()) -> int:
+    """Export if needed (``given``: :func:`ensure_repository`'s), start tritonserver, wait.  Returns
+    the exit code: 0 when a signal stopped it (or it exited cleanly by itself), 1 when it failed."""
+    options = ensure_repository(options, given=given)
+    warning = repository_check.weights_warning(options.repository)
+    if warning:
+        log.warning(warning)
     server = make_server(options)
     with stop_signals():
         try:
