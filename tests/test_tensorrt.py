@@ -698,10 +698,10 @@ def test_an_interrupted_timing_cache_write_leaves_the_old_file(where, monkeypatc
 
 
 # ----------------------------------------------------------------------------------------------
-# GPUs: one plan per compute capability
+# GPUs: one plan per GPU model (two models of one compute capability: tests/test_trt_gpu_models.py)
 # ----------------------------------------------------------------------------------------------
 
-A100, A30 = GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0"), GpuInfo(2, "NVIDIA A30", "8.0")
+A100, L4 = GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0"), GpuInfo(2, "NVIDIA L4", "8.9")
 
 
 def test_one_gpu_model_keeps_the_default_plan_name():
@@ -713,13 +713,15 @@ def test_one_gpu_model_keeps_the_default_plan_name():
 
 
 def test_mixed_gpus_get_one_plan_per_compute_capability():
-    targets = gpus.plan_targets([GpuInfo(1, H100.name, "9.0"), A30, A100])
-    assert targets == [gpus.PlanTarget("8.0", 0, (A100.name, A30.name), "model_cc8.0.plan"),
-                       gpus.PlanTarget("9.0", 1, (H100.name,), "model_cc9.0.plan")]
+    targets = gpus.plan_targets([GpuInfo(1, H100.name, "9.0"), L4, A100])
+    assert targets == [gpus.PlanTarget("8.0", 0, (A100.name,), "model_cc8.0.plan"),
+                       gpus.PlanTarget("9.0", 1, (H100.name,), "model_cc9.0.plan"),
+                       gpus.PlanTarget("8.9", 2, (L4.name,), "model_cc8.9.plan")]
     cfg = mc.ModelConfig(name="rpn", platform="tensorrt_plan")
     gpus.set_cc_model_filenames(cfg, targets)
     parsed = text_format.Parse(text_format.MessageToString(cfg), mc.ModelConfig())
-    assert dict(parsed.cc_model_filenames) == {"8.0": "model_cc8.0.plan", "9.0": "model_cc9.0.plan"}
+    assert dict(parsed.cc_model_filenames) == {"8.0": "model_cc8.0.plan", "8.9": "model_cc8.9.plan",
+                                               "9.0": "model_cc9.0.plan"}
     with pytest.raises(ValueError, match="no CUDA device to build TensorRT engines on"):
         gpus.plan_targets([])
 
@@ -733,13 +735,11 @@ def test_build_plans_per_gpu_builds_each_target_on_its_device(monkeypatch, tmp_p
         return {n: Path(out_dir) / f"{n}.plan" for n in (names.RPN, names.HEADER)}
 
     monkeypatch.setattr(build, "build_plans", fake_build_plans)
-    targets = gpus.plan_targets([A100, GpuInfo(1, H100.name, "9.0"), A30])
-    lines = []
-    plans = build.build_plans_per_gpu({}, tmp_path, _settings(), 4, targets, "fp16", printer=lines.append)
+    targets = gpus.plan_targets([A100, GpuInfo(1, H100.name, "9.0"), GpuInfo(2, A100.name, "8.0")])
+    plans = build.build_plans_per_gpu({}, tmp_path, _settings(), 4, targets, "fp16", printer=lambda _: None)
     assert calls == [("cc8.0", 4, "fp16", 0), ("cc9.0", 4, "fp16", 1)]
     assert plans == {n: {"model_cc8.0.plan": tmp_path / "cc8.0" / f"{n}.plan",
                          "model_cc9.0.plan": tmp_path / "cc9.0" / f"{n}.plan"} for n in (names.RPN, names.HEADER)}
-    assert lines == [f"[trt] compute capability 8.0: the plan built on {A100.name} also serves {A30.name}"]
 
 
 class _FakeDriver:

@@ -354,16 +354,13 @@ def build_plans_per_gpu(onnx_paths: Mapping[str, Path], out_dir: str | Path, set
                         workspace_bytes: int = DEFAULT_WORKSPACE_BYTES, timing_cache_dir: str | Path | None = None,
                         header_opt_rois: int | None = None, verbose: bool = False,
                         printer: Callable[[str], None] = print) -> dict[str, dict[str, Path]]:
-    """:func:`build_plans` once per target of :func:`~exporters.tensorrt.gpus.plan_targets`, each on
-    its own device, into ``out_dir/cc<cc>``: ``{model: {plan file name: path}}``, the files each
-    model's version folder gets (with :func:`~exporters.tensorrt.gpus.set_cc_model_filenames`
-    mapping them in its config).  Each GPU model keeps its own timing cache in ``timing_cache_dir``."""
+    """:func:`build_plans` once per target of :func:`~exporters.tensorrt.gpus.plan_targets` (one per
+    GPU model, each of its own compute capability), each on its own device, into
+    ``out_dir/cc<cc>``: ``{model: {plan file name: path}}``, the files each model's version folder
+    gets (with :func:`~exporters.tensorrt.gpus.set_cc_model_filenames` mapping them in its config).  Each GPU model keeps its own timing cache in ``timing_cache_dir``."""
     trt_version = loaded_tensorrt_version(require_tensorrt()) if timing_cache_dir else ""
     out: dict[str, dict[str, Path]] = {}
     for t in targets:
-        if len(t.gpu_names) > 1:
-            printer(f"[trt] compute capability {t.compute_capability}: the plan built on {t.gpu_names[0]} "
-                    f"also serves {', '.join(t.gpu_names[1:])}")
         cache = (timing_cache_file(timing_cache_dir, GpuInfo(t.device_index, t.gpu_names[0], t.compute_capability),
                                    trt_version) if timing_cache_dir else None)
         plans = build_plans(onnx_paths, Path(out_dir) / f"cc{t.compute_capability}", settings, max_batch_size,

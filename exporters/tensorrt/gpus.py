@@ -1,11 +1,19 @@
-"""The CUDA devices of this host, and one TensorRT plan per distinct compute capability.
+"""The CUDA devices of this host, and one TensorRT plan per GPU model.
 
-A TensorRT plan runs only on GPUs of the compute capability it was built for, so a host with
-two GPU models needs two plans.  Triton picks each instance's file by its GPU's compute
-capability through the model config's ``cc_model_filenames`` (key ``"<major>.<minor>"``, as
-Triton's tensorrt backend formats it in ``src/model_state.cc``,
-https://github.com/triton-inference-server/tensorrt_backend).  :func:`plan_targets` decides
-which device builds which file; :func:`set_cc_model_filenames` writes the config part.
+A TensorRT plan is built for one GPU model: another compute capability refuses it, and another
+model of the same compute capability loads it with the warning "Using an engine plan file across
+different models of devices is not recommended and is likely to affect performance or even cause
+errors" (its tactics were timed on the first model).  So a host needs one plan per GPU model.
+
+Triton can pick a plan per GPU only by compute capability: the model config's
+``cc_model_filenames`` (key ``"<major>.<minor>"``), read for each instance from its device's
+``cudaDeviceProp`` (``BackendModelInstance`` in ``src/backend_model_instance.cc`` of
+https://github.com/triton-inference-server/backend; the tensorrt backend's ``ArtifactFilename``);
+an instance group has no file of its own.  So one model repository serves one GPU model per
+compute capability: :func:`plan_targets` gives each GPU model its plan and refuses two models of
+one compute capability (:class:`SharedComputeCapability`), which need one server each (for
+example two containers, ``GPUS`` naming one model's GPUs in each; the engine cache key names the
+models, so each gets its own repository).  :func:`set_cc_model_filenames` writes the config part.
 
 The device probe uses the CUDA driver API through ctypes, so it needs neither torch nor CuPy.
 """
@@ -34,12 +42,16 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class PlanTarget:
-    """One plan file per model, built on ``device_index``, serving every GPU of its compute capability."""
+    """One plan file per GPU model, built on ``device_index``, serving every GPU of that model."""
 
     compute_capability: str
     device_index: int
-    gpu_names: tuple[str, ...]  # the GPU models it serves; more than one shares a plan across models
+    gpu_names: tuple[str, ...]  # the one GPU model it is built for and serves
     filename: str
+
+
+class SharedComputeCapability(ValueError):
+    """Two GPU models of one compute capability: one repository can't give each its own plan."""
 
 
 class CudaError(RuntimeError):
@@ -127,22 +139,28 @@ def plan_filename(compute_capability: str) -> str:
 
 
 def plan_targets(gpus: Sequence[GpuInfo]) -> list[PlanTarget]:
-    """One build per distinct compute capability, on its lowest-numbered device.
+    """One build per distinct GPU model, on its lowest-numbered device.
 
-    With one compute capability the plan keeps Triton's default name :data:`PLAN_FILE` (no
-    ``cc_model_filenames`` needed); with several each gets :func:`plan_filename`.  Two GPU models
-    of one compute capability share the plan built on the first: TensorRT loads it on both, tuned
-    for the first (``gpu_names`` lists them so the caller can say so).
+    With one GPU model the plan keeps Triton's default name :data:`PLAN_FILE` (no
+    ``cc_model_filenames`` needed); with several, each of its own compute capability, each gets
+    :func:`plan_filename`.  Raises :class:`SharedComputeCapability` for two GPU models of one
+    compute capability (the module docstring says why and what to do instead).
     """
     if not gpus:
         raise ValueError("no CUDA device to build TensorRT engines on: expected at least one GPU")
-    by_cc: dict[str, list[GpuInfo]] = {}
+    by_cc: dict[str, dict[str, list[GpuInfo]]] = {}
     for gpu in sorted(gpus, key=lambda g: g.index):
-        by_cc.setdefault(gpu.compute_capability, []).append(gpu)
+        by_cc.setdefault(gpu.compute_capability, {}).setdefault(gpu.name, []).append(gpu)
+    for cc, models in by_cc.items():
+        if len(models) > 1:
+            found = "; ".join(f"{name}: GPUs {','.join(str(g.index) for g in group)}" for name, group in models.items())
+            raise SharedComputeCapability(
+                f"GPU models of one compute capability {cc} ({found}) need a TensorRT plan each, and Triton's "
+                "TensorRT backend picks a plan by compute capability alone (cc_model_filenames): serve each GPU "
+                "model from its own server, e.g. one container per model with GPUS naming that model's GPUs")
     single = len(by_cc) == 1
-    return [PlanTarget(cc, group[0].index, tuple(dict.fromkeys(g.name for g in group)),
-                       PLAN_FILE if single else plan_filename(cc))
-            for cc, group in by_cc.items()]
+    return [PlanTarget(cc, group[0].index, (name,), PLAN_FILE if single else plan_filename(cc))
+            for cc, models in by_cc.items() for name, group in models.items()]
 
 
 def set_cc_model_filenames(config, targets: Sequence[PlanTarget]) -> None:
