@@ -23,48 +23,29 @@ without them (:func:`exporters.repository.write_repository` alone).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from .tensorrt.cache import package_version, source_digest
 
 MANIFEST = "provenance.json"
 WEIGHTS_PARAMETER = "weights"  # every config.pbtxt: parameters { key: "weights" ... }
 FORMAT = 1
-DISTRIBUTION = "fasterrcnn-triton"
-# the packages whose files a repository carries or whose code its steps import
-SOURCE_PACKAGES = ("exporters", "python_backend", "fasterrcnn")
-SOURCE_SUFFIXES = (".py", ".cu", ".cuh")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class ProvenanceError(ValueError):
     """A manifest that cannot be read; the message names the file and what is wrong."""
 
 
-def package_version() -> str:
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "0+unknown"
+def package_record() -> dict[str, str]:
+    return {"version": package_version(), "source_sha256": _source_digest()}
 
 
 @lru_cache(maxsize=1)
-def source_digest() -> str:
-    """SHA-256 over the package's source files (their paths and contents, in sorted order): a new
-    image or checkout with the same version number still gets a new digest."""
-    h = hashlib.sha256()
-    for package in SOURCE_PACKAGES:
-        for path in sorted((ROOT / package).rglob("*")):
-            if path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts:
-                h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def package_record() -> dict[str, str]:
-    return {"version": package_version(), "source_sha256": source_digest()}
+def _source_digest() -> str:
+    return source_digest()
 
 
 def weights_line(source: str, digest: str, seed: int | None = None, num_classes: int | None = None) -> str:
