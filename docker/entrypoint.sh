@@ -25,7 +25,8 @@
 #   PRECISION        fp32 | tf32 | fp16 (tensorrt); fp32 | fp16 (onnxruntime-trt); fp32 (others)  [fp16 for tensorrt
 #                                                                                                   and onnxruntime-trt]
 #   WORKSPACE_GIB    TensorRT builder workspace                                                    [4]
-#   JPEG_DECODER     gpu (nvJPEG, one call per batch) | pillow: who decodes JPEG requests          [gpu]
+#   JPEG_DECODER     pillow (libjpeg-turbo: torchvision users' pixels) | gpu (nvJPEG, opt-in)      [pillow]
+#   DECODE_THREADS   threads decoding a batch's requests in each preprocess (0: one per CPU, <= 8) [0]
 #   CACHE_DIR        the volume for engines, ONNX, timing caches, torch weights                   [/cache]
 #   CUDA_POOL_BYTES  Triton's CUDA memory pool on every GPU in use; must hold the largest tensor
 #                    passed between steps (RoI features of 8 x 1000 RoIs: 383 MiB)               [4294967296]

@@ -12,7 +12,7 @@ DEVICES = ("cpu", "gpu")
 TRT_PRECISIONS = ("fp32", "fp16")
 # TensorRT's own builder (the tensorrt target) also offers tf32, its default for fp32 networks
 ENGINE_PRECISIONS = ("fp32", "tf32", "fp16")
-JPEG_DECODERS = ("gpu", "pillow")  # preprocess on GPU instances: nvJPEG (torchvision.io.decode_jpeg) or Pillow
+JPEG_DECODERS = ("pillow", "gpu")  # preprocess on GPU instances: Pillow, or nvJPEG (torchvision.io.decode_jpeg)
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,13 @@ class RepositoryOptions:
     # passes); model parameter unmasked_rpn.  On: 12% more images/s served in fp16 on an H200
     # (docs/benchmarks.md, session 16) for 0.6 GiB more GPU memory
     torch_unmasked_rpn: bool = True
-    # GPU preprocess instances: decode JPEG requests with nvJPEG ("gpu") or Pillow (CPU instances
-    # always use Pillow); written as preprocess's parameter jpeg_decoder
-    jpeg_decoder: str = "gpu"
+    # GPU preprocess instances: decode JPEG requests with Pillow (libjpeg-turbo: the pixels torchvision
+    # users decode, so the detections are theirs) or, opt-in, nvJPEG ("gpu": other pixels, other
+    # detections; README, "Model card"); CPU instances always use Pillow.  Preprocess's parameter jpeg_decoder
+    jpeg_decoder: str = "pillow"
+    # threads that decode one execute's requests side by side in each preprocess instance (parameter
+    # decode_threads); 0: one per CPU of the serving machine, at most 8
+    decode_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -83,6 +87,8 @@ class RepositoryOptions:
             raise ValueError(f"torch_precision must be one of {ENGINE_PRECISIONS}, got {self.torch_precision!r}")
         if self.jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"jpeg_decoder must be one of {JPEG_DECODERS}, got {self.jpeg_decoder!r}")
+        if self.decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0 (0: one per CPU), got {self.decode_threads}")
         if not (self.torch_rpn_memory_gib > 0 and self.torch_header_memory_gib > 0):
             raise ValueError(f"torch memory caps must be positive GiB, got rpn {self.torch_rpn_memory_gib} and header "
                              f"{self.torch_header_memory_gib}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 
 import numpy as np
 
@@ -113,16 +114,44 @@ def request_images(pb_utils, request, raw: bool, settings, defer_jpeg: bool = Fa
     ``image`` bytes decoded.  Both are uint8 tensors, read like every other input (numpy 1 and
     numpy 2 alike).  Raises ``BadImageError`` naming what is wrong with an image.  ``defer_jpeg``:
     a JPEG a GPU decodes stays encoded, checked (``reference.image.EncodedJpeg``)."""
+    return payload_images(request_payload(pb_utils, request, raw), settings, defer_jpeg)
+
+
+def request_payload(pb_utils, request, raw: bool):
+    """What one request carries, read but not decoded: ``image_raw``'s ``[B, H, W, 3]`` uint8 array
+    (``raw``) or the ``image`` input's encoded bytes.  Raises ``BadImageError`` for an ``image``
+    input of the wrong shape or dtype."""
     from . import names
-    from .reference.image import check_image_array, decode_image
 
     if raw:
-        images = list(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_RAW)))
+        return to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_RAW))
+    return encoded_image(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES)))
+
+
+def payload_images(payload, settings, defer_jpeg: bool = False) -> list:
+    """A :func:`request_payload` -> its checked ``[H, W, 3]`` uint8 images: encoded bytes decoded by
+    Pillow (which releases the GIL while it decodes, so threads decode side by side), an array
+    checked image by image.  Raises ``BadImageError``; ``defer_jpeg`` as in :func:`request_images`."""
+    from .reference.image import check_image_array, decode_image
+
+    if isinstance(payload, np.ndarray):
+        images = list(payload)
         for im in images:
             check_image_array(im, settings.max_input_pixels, settings.min_input_side)
         return images
-    data = encoded_image(to_numpy(pb_utils.get_input_tensor_by_name(request, names.IMAGE_BYTES)))
-    return [decode_image(data, settings.max_input_pixels, settings.min_input_side, defer_jpeg=defer_jpeg)]
+    return [decode_image(payload, settings.max_input_pixels, settings.min_input_side, defer_jpeg=defer_jpeg)]
+
+
+MAX_AUTO_THREADS = 8  # decode threads of a preprocess instance whose parameter says "0"
+
+
+def decode_threads(text: str) -> int:
+    """Preprocess's parameter ``decode_threads`` -> how many threads decode: "0" is one per CPU of
+    this machine, at most :data:`MAX_AUTO_THREADS`."""
+    n = int(text)
+    if n < 0:
+        raise ValueError(f"decode_threads must be >= 0 (0: one per CPU), got {text!r}")
+    return n or max(1, min(MAX_AUTO_THREADS, os.cpu_count() or 1))
 
 
 def model_parameters(args: dict) -> dict[str, str]:

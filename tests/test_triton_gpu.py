@@ -33,8 +33,8 @@ IMAGES = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee()
 def gpu_server(small_export, tmp_path_factory):
     settings, paths = small_export
     repo = tmp_path_factory.mktemp("gpu_repo")
-    write_repository(repo, settings, paths, RepositoryOptions(device="gpu", max_batch_size=4, queue_delay_us=100_000),
-                     link=True)
+    write_repository(repo, settings, paths, RepositoryOptions(device="gpu", max_batch_size=4, queue_delay_us=100_000,
+                                                              jpeg_decoder="gpu"), link=True)
     srv = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                        cuda_pool_bytes=1 << 30)
     srv.start(timeout=300)
@@ -67,7 +67,7 @@ def test_gpu_ensemble_matches_cpu_path_and_torchvision(gpu_server, small_export,
 
 
 def test_gpu_jpeg_requests_are_decoded_by_nvjpeg(gpu_server, small_model):
-    """JPEG requests on GPU instances (jpeg_decoder "gpu", the default): detections equal
+    """JPEG requests on GPU instances (jpeg_decoder "gpu", opt-in): detections equal
     torchvision's on the pixels torchvision's own GPU decoder gives (``decode_jpeg(device="cuda")``),
     alone and batched together; a CMYK JPEG (Pillow's) is served, and a truncated JPEG gets
     Pillow's error, without losing the requests beside it."""
