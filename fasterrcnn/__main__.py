@@ -1,4 +1,4 @@
-"""The fasterrcnn command: ``fasterrcnn {export,serve,demo,detect,prepare}`` (or ``python -m fasterrcnn``)."""
+"""The fasterrcnn command: ``fasterrcnn {export,serve,demo,detect,evaluate,prepare}`` (or ``python -m fasterrcnn``)."""
 from __future__ import annotations
 
 import argparse
@@ -43,8 +43,11 @@ def build_parser(prog: str = COMMAND) -> argparse.ArgumentParser:
                         "random weights: meaningless boxes); or 'coco' or a checkpoint, as for export")
     add_arguments(p, ("model", "repository", "server"), skip=("weights", "rebuild"))
     p.add_argument("--out", type=Path, default=ROOT / "out", help="where detections and annotated images go")
-    # detect and prepare parse their own arguments (client.detect.main, fasterrcnn.prepare.main)
+    # detect, evaluate and prepare parse their own arguments (client.detect.main, client.evaluate.main,
+    # fasterrcnn.prepare.main)
     sub.add_parser("detect", help="the gRPC client: detect objects in image files on a running server",
+                   add_help=False)
+    sub.add_parser("evaluate", help="COCO box mAP of a running server on a COCO dataset, beside torchvision's",
                    add_help=False)
     sub.add_parser("prepare", help="the Docker image's cached, locked repository preparation (from its "
                                    "environment variables)", add_help=False)
@@ -71,6 +74,10 @@ def main(argv=None) -> int:
         from client import detect
 
         return detect.main(argv[1:], prog=f"{COMMAND} detect")
+    if argv and argv[0] == "evaluate":
+        from client import evaluate
+
+        return evaluate.main(argv[1:], prog=f"{COMMAND} evaluate")
     if argv and argv[0] == "prepare":
         from .prepare import main as prepare_main
 
