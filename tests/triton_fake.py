@@ -14,7 +14,6 @@ import types
 from pathlib import Path
 
 import numpy as np
-from google.protobuf import json_format
 
 from python_backend import triton_io
 
@@ -102,6 +101,10 @@ def pb_utils_module() -> types.ModuleType:
 def model_args(config, kind: str = "CPU", device_id: int = 0, repository: str | Path = "",
                version: str = "1") -> dict:
     """What Triton passes to ``initialize`` for an instance of ``config`` (a ModelConfig proto)."""
+    # imported here: the stand-in itself runs in the image's serving Python too
+    # (tests/serving_env_child.py), which has no reason to hold protobuf
+    from google.protobuf import json_format
+
     as_json = json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))
     return {"model_config": as_json, "model_name": config.name, "model_instance_kind": kind,
             "model_instance_device_id": str(device_id), "model_repository": str(repository),
