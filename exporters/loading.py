@@ -15,6 +15,8 @@ from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Wei
 
 from python_backend.settings import DetectorSettings, coco_class_names
 
+from . import structure
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit fasterrcnn_resnet50_fpn; the message says why."""
@@ -146,14 +148,15 @@ def settings_from_model(model: FasterRCNN, canvases: str | Sequence[Sequence[int
     """Read every setting the serving pipeline needs from the model object.
 
     ``canvases``: the (height, width) pairs the rpn runs on, or ``"auto"``
-    (:func:`python_backend.settings.default_canvases` of the model's resize sizes)."""
+    (:func:`python_backend.settings.default_canvases` of the model's resize sizes).  The
+    structure (strides, anchors, pooled maps, heads) comes from :func:`exporters.structure.describe`,
+    which raises :class:`~exporters.structure.UnsupportedModel` for what can't be served."""
+    found = structure.describe(model)
     t = model.transform
     rpn = model.rpn
     heads = model.roi_heads
     pooler = heads.box_roi_pool
     min_size = t.min_size[-1] if isinstance(t.min_size, (tuple, list)) else t.min_size
-    if t.fixed_size is not None:
-        raise ValueError("models with a fixed_size transform are not supported")
     num_classes = int(heads.box_predictor.cls_score.out_features)
     return DetectorSettings(
         num_classes=num_classes,
@@ -167,15 +170,14 @@ def settings_from_model(model: FasterRCNN, canvases: str | Sequence[Sequence[int
         rpn_nms_thresh=float(rpn.nms_thresh),
         rpn_score_thresh=float(rpn.score_thresh),
         rpn_min_size=float(rpn.min_size),
-        rpn_anchors_per_cell=int(rpn.anchor_generator.num_anchors_per_location()[0]),
         box_score_thresh=float(heads.score_thresh),
         box_nms_thresh=float(heads.nms_thresh),
         box_detections_per_img=int(heads.detections_per_img),
-        fpn_channels=int(model.backbone.out_channels),
         roi_output_size=int(pooler.output_size[0]),
         roi_sampling_ratio=int(pooler.sampling_ratio),
         canonical_scale=int(getattr(pooler, "canonical_scale", 224)),
         canonical_level=int(getattr(pooler, "canonical_level", 4)),
         box_coder_weights=tuple(float(w) for w in heads.box_coder.weights),
         class_names=tuple(class_names),
+        **found,
     )

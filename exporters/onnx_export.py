@@ -9,7 +9,7 @@ import onnx
 import torch
 
 from python_backend import names
-from python_backend.settings import FPN_STRIDES, DetectorSettings, format_canvases
+from python_backend.settings import DetectorSettings, format_canvases
 
 from .specs import CANVASES_KEY
 from .split import HeaderNetwork, RpnNetwork
@@ -47,7 +47,8 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def export_rpn(model, settings: DetectorSettings, batch: int = 2) -> onnx.ModelProto:
-    """``images [B,3,H,W], image_sizes [B,2] -> proposals [B,K,6], P2..P5 [B,H/s,W/s,C]``.
+    """``images [B,3,H,W], image_sizes [B,2] -> proposals [B,K,6], pooled maps [B,H/s,W/s,C]``
+    (``settings.feature_names``, strides ``settings.roi_strides``).
 
     B, H and W are dynamic: one network serves every canvas (:class:`~exporters.split.RpnNetwork`
     has no canvas of its own; K is the same constant on each).  It is traced on the smallest of the
@@ -56,9 +57,9 @@ def export_rpn(model, settings: DetectorSettings, batch: int = 2) -> onnx.ModelP
     h, w = settings.canvases[0]
     images = torch.zeros(batch, 3, h, w)
     sizes = torch.tensor([[h, w]] * batch, dtype=torch.float32)
-    outputs = (names.PROPOSALS, *names.FEATURES)
+    outputs = (names.PROPOSALS, *settings.feature_names)
     axes = {names.IMAGES: {0: BATCH, 2: HEIGHT, 3: WIDTH}, names.IMAGE_SIZES: {0: BATCH}, names.PROPOSALS: {0: BATCH}}
-    for name, stride in zip(names.FEATURES, FPN_STRIDES):
+    for name, stride in zip(settings.feature_names, settings.roi_strides):
         axes[name] = {0: BATCH, 1: f"{HEIGHT}_{stride}", 2: f"{WIDTH}_{stride}"}  # height / stride
     onnx_model = simplify(_export(net, (images, sizes), (names.IMAGES, names.IMAGE_SIZES), outputs, axes))
     onnx.helper.set_model_props(onnx_model, {CANVASES_KEY: format_canvases(settings.canvases)})

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 
-from python_backend.settings import RPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings
+from python_backend.settings import DetectorSettings
+
+from .structure import backbone_maps, check_maskable, is_global_pool
 
 
 def _size(t: Tensor, dim: int):
@@ -45,9 +47,9 @@ class _ExtentMasks:
         self.padded: Tensor | None = None  # [B, 2] float: each image's padded (h, w)
         self.cache: dict[tuple[int, int], Tensor] = {}
 
-    def reset(self, images: Tensor, image_sizes: Tensor) -> None:
+    def reset(self, images: Tensor, image_sizes: Tensor, size_divisible: int) -> None:
         self.images = images
-        self.padded = torch.ceil(image_sizes / SIZE_DIVISIBLE) * SIZE_DIVISIBLE
+        self.padded = torch.ceil(image_sizes / size_divisible) * size_divisible
         self.cache = {}
 
     def stride(self, x: Tensor) -> tuple[int, int]:
@@ -58,7 +60,7 @@ class _ExtentMasks:
 
     def valid_extent(self, stride: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Each image's valid rows and columns on a map of ``stride``: ceil(padded / stride) cells,
-        exact for P2..P5 (padded is a multiple of 32) and LastLevelMaxPool's round-up for P6."""
+        exact up to size_divisible and each stride-2 step's round-up beyond (LastLevelMaxPool's P6)."""
         assert self.padded is not None
         return torch.ceil(self.padded[:, 0] / stride[0]), torch.ceil(self.padded[:, 1] / stride[1])
 
@@ -119,14 +121,34 @@ def fold_batch_norms(module: nn.Module) -> int:
     return count
 
 
+class _MaskedGlobalAvgPool(nn.Module):
+    """AdaptiveAvgPool2d(1) over each image's extent only: the mean torchvision takes over the
+    image's own map (MobileNetV3's SqueezeExcitation), whatever the canvas holds beyond it."""
+
+    def __init__(self, masks: _ExtentMasks):
+        super().__init__()
+        self.masks = masks
+
+    def forward(self, x: Tensor) -> Tensor:
+        m = self.masks.mask(x)
+        return (x * m).sum(dim=(2, 3), keepdim=True) / m.sum(dim=(2, 3), keepdim=True)
+
+
 def _mask_spatial_inputs(module: nn.Module, masks: _ExtentMasks) -> int:
-    """Zero the input outside each image's extent for every conv wider than 1x1 and every max pool."""
+    """Zero the input outside each image's extent for every conv wider than 1x1 and every max pool,
+    and make every global average pool average over the extent only.  ``module`` must pass
+    :func:`exporters.structure.check_maskable` (nothing else mixes cells)."""
     count = 0
 
     def hook(_mod, args):
         x = args[0]
         return (x * masks.mask(x),) + tuple(args[1:])
 
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if is_global_pool(child):
+                setattr(parent, name, _MaskedGlobalAvgPool(masks))
+                count += 1
     for m in module.modules():
         spatial_conv = isinstance(m, nn.Conv2d) and tuple(m.kernel_size) != (1, 1)
         if spatial_conv or isinstance(m, nn.MaxPool2d):
@@ -154,10 +176,11 @@ class RpnNetwork(nn.Module):
         image_sizes ``[B, 2]`` float32: each image's resized (height, width).
     Outputs:
         proposals ``[B, K, 6]``: ``x1 y1 x2 y2`` clipped to the image, objectness probability,
-            FPN level index (0 = P2 ... 4 = P6, -1 = padding row).  Rows come level by level,
+            RPN map index (resnet50_fpn: 0 = P2 ... 4 = P6; -1 = padding row).  Rows come level by level,
             each level by descending objectness logit, as torchvision's ``_get_top_n_idx``.
-        P2..P5 ``[B, H/s, W/s, 256]``: FPN maps, channels last (valid inside each image's padded
-            extent).  Channels last lets the ROIAlign kernel read each bilinear tap of 32
+        the pooled maps ``[B, H/s, W/s, C]`` (``settings.feature_names``, strides
+            ``settings.roi_strides``; resnet50_fpn: P2..P5), channels last (valid inside each
+            image's padded extent).  Channels last lets the ROIAlign kernel read each bilinear tap of 32
             channels as one cache line.
     """
 
@@ -171,30 +194,35 @@ class RpnNetwork(nn.Module):
         self.head = copy.deepcopy(model.rpn.head).eval()
         self.box_coder = model.rpn.box_coder
         self.masks = _ExtentMasks()
+        check_maskable(self.backbone, "backbone")
+        check_maskable(self.head, "rpn.head")
         if extent_masks:  # without: exact only where every image's padded extent is the canvas (fills_canvas)
             _mask_spatial_inputs(self.backbone, self.masks)
             _mask_spatial_inputs(self.head, self.masks)
         gen = model.rpn.anchor_generator
         cells = gen.cell_anchors if gen.cell_anchors is not None else []
-        if len(cells) != len(RPN_STRIDES):
-            raise ValueError(f"expected anchors for {len(RPN_STRIDES)} FPN levels, got {len(cells)}")
+        self.strides = tuple(settings.rpn_strides)
+        if len(cells) != len(self.strides):
+            raise ValueError(f"the settings have {len(self.strides)} RPN maps (strides {self.strides}), the "
+                             f"anchor generator anchors for {len(cells)}")
         for i, c in enumerate(cells):
             self.register_buffer(f"cell_anchors_{i}", c.to(torch.float32).clone(), persistent=False)
         self.level_topk = settings.rpn_level_topk()
+        self.pooled = tuple(settings.roi_featmap_names)
 
     def anchor_sizes(self) -> list[float]:
         """The longest side of each level's anchors (torchvision's AnchorGenerator sizes: 32..512)."""
-        cells = [getattr(self, f"cell_anchors_{level}") for level in range(len(RPN_STRIDES))]
+        cells = [getattr(self, f"cell_anchors_{level}") for level in range(len(self.strides))]
         return [float((c[:, 2:] - c[:, :2]).max()) for c in cells]
 
     def _anchors(self, level: int, rows: Tensor, cols: Tensor, padded: Tensor) -> Tensor:
         """``[B, gh, gw, A, 4]`` anchors of one level, torchvision AnchorGenerator order (y, x, a).
 
         ``rows [B, gh]`` / ``cols [B, gw]`` only give the grid's size.  torchvision's stride is
-        ``padded_size // grid_size`` per image: 4..32 exactly for P2..P5, and for P6 (grid
-        ceil(padded/64)) whatever that integer division gives."""
+        ``padded_size // grid_size`` per image: the stride exactly up to size_divisible, and beyond
+        (P6: grid ceil(padded/64)) whatever that integer division gives."""
         base = getattr(self, f"cell_anchors_{level}")  # [A, 4]
-        s = RPN_STRIDES[level]
+        s = self.strides[level]
         grid = torch.ceil(padded / s)
         stride = torch.floor(padded / grid)  # [B, 2] (h, w)
         ys = torch.arange(_size(rows, 1), device=padded.device).to(torch.float32)[None, :] * stride[:, 0:1]
@@ -205,9 +233,11 @@ class RpnNetwork(nn.Module):
         return shifts + base[None, None, None]  # [B, gh, gw, A, 4]
 
     def forward(self, images: Tensor, image_sizes: Tensor):
-        self.masks.reset(images, image_sizes)
-        feats = self.backbone(images)
-        maps = list(feats.values())  # P2, P3, P4, P5, P6 ('pool')
+        self.masks.reset(images, image_sizes, self.settings.size_divisible)
+        feats = backbone_maps(self.backbone, images)
+        maps = list(feats.values())  # resnet50_fpn: P2, P3, P4, P5, P6 ('pool')
+        if len(maps) != len(self.strides):
+            raise ValueError(f"the backbone returned {len(maps)} maps, the settings have strides {self.strides}")
         logits, deltas = self.head(maps)
         padded = self.masks.padded
         assert padded is not None
@@ -223,7 +253,7 @@ class RpnNetwork(nn.Module):
             gh, gw = _size(lg, 2), _size(lg, 3)
             lg = lg.permute(0, 2, 3, 1).reshape(-1, gh * gw * a)
             dl = dl.reshape(-1, a, 4, gh, gw).permute(0, 3, 4, 1, 2).reshape(-1, gh * gw * a, 4)
-            rows, cols = self.masks.cells(maps[level], (RPN_STRIDES[level], RPN_STRIDES[level]))
+            rows, cols = self.masks.cells(maps[level], (self.strides[level], self.strides[level]))
             anchors = self._anchors(level, rows, cols, padded).reshape(-1, gh * gw * a, 4)
             valid = (rows[:, :, None, None] & cols[:, None, :, None]).expand(-1, -1, -1, a).reshape(-1, gh * gw * a)
             # k padding columns (score -inf, not valid) so that top-k of k is defined on any canvas
@@ -244,7 +274,9 @@ class RpnNetwork(nn.Module):
             prob = torch.where(sel_valid, torch.sigmoid(top), zero)
             lvl = torch.where(sel_valid, torch.full_like(prob, float(level)), torch.full_like(prob, -1.0))
             out.append(torch.stack((x[:, :, 0], y[:, :, 0], x[:, :, 1], y[:, :, 1], prob, lvl), dim=2))
-        return (torch.cat(out, dim=1), *(m.permute(0, 2, 3, 1).contiguous() for m in maps[:4]))
+        # the box RoI pooler's maps, as its _filter_input keeps them (the backbone's order)
+        pooled = [m for k, m in feats.items() if k in self.pooled]
+        return (torch.cat(out, dim=1), *(m.permute(0, 2, 3, 1).contiguous() for m in pooled))
 
 
 def _fc6_channels_last(box_head: nn.Module, channels: int, size: int) -> bool:

@@ -36,7 +36,17 @@ ORIGINAL_SIZES = "original_sizes"  # [B, 2] float32: decoded (height, width)
 
 # --- rpn outputs ------------------------------------------------------------------------
 PROPOSALS = "proposals"  # [B, K, 6] float32: x1 y1 x2 y2 objectness_prob level(-1 = none)
-FEATURES = ("features_p2", "features_p3", "features_p4", "features_p5")  # [B, H/s, W/s, 256] channels last
+
+
+def feature_names(count: int) -> tuple[str, ...]:
+    """The rpn's outputs that the roi step pools, one per map of the box RoI pooler (in the
+    backbone's output order): ``features_0`` ... ``[B, H/s, W/s, C]`` channels last.  How many
+    and their strides are the model's (``DetectorSettings.roi_strides``)."""
+    return tuple(f"features_{i}" for i in range(int(count)))
+
+
+# fasterrcnn_resnet50_fpn's four (P2..P5); a model's own are DetectorSettings.feature_names
+FEATURES = feature_names(4)
 
 # --- roi step outputs / header inputs ----------------------------------------------
 ROI_FEATURES = "roi_features"  # [R, 7, 7, 256] float32, channels last

@@ -13,6 +13,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from . import names
+
+# fasterrcnn_resnet50_fpn's geometry: the defaults of DetectorSettings only.  An exported model's
+# own are measured from it (exporters/structure.py) and recorded in its settings: size_divisible,
+# rpn_strides, roi_strides.
 SIZE_DIVISIBLE = 32  # torchvision GeneralizedRCNNTransform.size_divisible
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5, the maps the RoI pooler reads
 RPN_STRIDES = (4, 8, 16, 32, 64)  # P2..P6, the maps the RPN reads
@@ -53,12 +58,31 @@ class DetectorSettings:
     # torchvision resizes any image whose resized sides are both >= 1 (a 1x16 image: 83x1333)
     min_input_side: int = 1
     class_names: tuple[str, ...] = field(default=())
+    # --- structure, read from the model (exporters/structure.py) ------------------------
+    size_divisible: int = SIZE_DIVISIBLE  # transform.size_divisible: padding of each image
+    # stride of each map the RPN reads, in the backbone's output order (measured by a probe pass)
+    rpn_strides: tuple[int, ...] = RPN_STRIDES
+    # AnchorGenerator sizes and aspect ratios, one tuple per RPN map
+    rpn_anchor_sizes: tuple[tuple[float, ...], ...] = ((32.0,), (64.0,), (128.0,), (256.0,), (512.0,))
+    rpn_aspect_ratios: tuple[tuple[float, ...], ...] = ((0.5, 1.0, 2.0),) * 5
+    rpn_head_convs: int = 1  # RPNHead conv_depth (v2: 2, each conv + norm + ReLU)
+    # the box RoI pooler's maps (MultiScaleRoIAlign featmap_names present in the backbone's output,
+    # in that output's order, as its _filter_input keeps them) and their strides
+    roi_featmap_names: tuple[str, ...] = ("0", "1", "2", "3")
+    roi_strides: tuple[int, ...] = FPN_STRIDES
+    box_head: str = "TwoMLPHead"  # or FastRCNNConvFCHead (v2)
 
     def __post_init__(self) -> None:
         canvases = self.canvases
         if canvases in ("auto", (), None):
-            canvases = default_canvases(self.min_size, self.max_size)
-        object.__setattr__(self, "canvases", check_canvases(canvases))
+            canvases = default_canvases(self.min_size, self.max_size, self.size_divisible)
+        object.__setattr__(self, "canvases", check_canvases(canvases, self.size_divisible))
+        if len(self.roi_featmap_names) != len(self.roi_strides) or not self.roi_strides:
+            raise ValueError(f"roi_featmap_names {self.roi_featmap_names} and roi_strides {self.roi_strides} "
+                             "should name one stride per pooled map, at least one")
+        for what, strides in (("rpn_strides", self.rpn_strides), ("roi_strides", self.roi_strides)):
+            if not strides or any(s < 1 or s & (s - 1) for s in strides):
+                raise ValueError(f"{what} should be powers of two, got {strides}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must count background plus at least one class, got {self.num_classes}")
         if self.class_names and len(self.class_names) != self.num_classes:
@@ -116,7 +140,7 @@ class DetectorSettings:
         for every canvas (TensorRT's TopK takes a constant K, and every canvas's outputs have one
         shape); on a smaller canvas the level's surplus rows are padding (level -1)."""
         ks = []
-        for s in RPN_STRIDES:
+        for s in self.rpn_strides:
             anchors = max(level_grid(h, s) * level_grid(w, s) * self.rpn_anchors_per_cell for h, w in self.canvases)
             ks.append(min(self.rpn_pre_nms_top_n, anchors))
         return tuple(ks)
@@ -125,16 +149,27 @@ class DetectorSettings:
     def num_proposals(self) -> int:
         return sum(self.rpn_level_topk())
 
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """The rpn's pooled-map outputs (the roi step's inputs), one per ``roi_strides``."""
+        return names.feature_names(len(self.roi_strides))
 
-def validate_canvas(height: int, width: int) -> None:
+    @property
+    def level_range(self) -> tuple[int, int]:
+        """torchvision MultiScaleRoIAlign's LevelMapper (k_min, k_max): log2 of the first and the
+        last pooled map's stride (``_setup_scales``: -log2 of scales[0] and scales[-1])."""
+        return int(self.roi_strides[0]).bit_length() - 1, int(self.roi_strides[-1]).bit_length() - 1
+
+
+def validate_canvas(height: int, width: int, size_divisible: int = SIZE_DIVISIBLE) -> None:
     for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 64 or v % SIZE_DIVISIBLE:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 64 or v % size_divisible:
             raise ValueError(
-                f"canvas {name} must be a multiple of {SIZE_DIVISIBLE} and at least 64, got {v!r}"
+                f"canvas {name} must be a multiple of {size_divisible} and at least 64, got {v!r}"
             )
 
 
-def check_canvases(canvases) -> tuple[tuple[int, int], ...]:
+def check_canvases(canvases, size_divisible: int = SIZE_DIVISIBLE) -> tuple[tuple[int, int], ...]:
     """``canvases`` as distinct (height, width) pairs sorted by area, then height; raises
     ValueError for an empty list or a canvas that is not a multiple of 32 of at least 64."""
     out = set()
@@ -143,7 +178,7 @@ def check_canvases(canvases) -> tuple[tuple[int, int], ...]:
             h, w = c
         except (TypeError, ValueError):
             raise ValueError(f"a canvas must be a (height, width) pair, got {c!r}") from None
-        validate_canvas(h, w)
+        validate_canvas(h, w, size_divisible)
         out.add((h, w))
     if not out:
         raise ValueError("expected at least one canvas, got none")
@@ -151,18 +186,18 @@ def check_canvases(canvases) -> tuple[tuple[int, int], ...]:
 
 
 def level_grid(padded: int, stride: int) -> int:
-    """Feature-map extent at ``stride`` for an input of ``padded`` pixels (a multiple of 32).
+    """Feature-map extent at ``stride`` (a power of two) for an input of ``padded`` pixels (a
+    multiple of size_divisible): ``ceil(padded / stride)``.
 
-    P2..P5 divide exactly; P6 is LastLevelMaxPool (kernel 1, stride 2) over P5, so it rounds up.
+    Maps up to size_divisible divide exactly; each stride-2 step rounds up (a 3x3 conv with
+    padding 1, a 1x1 conv, LastLevelMaxPool's kernel 1), so P6 of a 800-pixel side has 13 cells.
     """
-    if stride <= SIZE_DIVISIBLE:
-        return padded // stride
-    return -(-(padded // SIZE_DIVISIBLE) // (stride // SIZE_DIVISIBLE))
+    return -(-int(padded) // int(stride))
 
 
-def padded_extent(size: int) -> int:
-    """torchvision batch_images: round a resized side up to a multiple of 32."""
-    return int(math.ceil(size / SIZE_DIVISIBLE) * SIZE_DIVISIBLE)
+def padded_extent(size: int, size_divisible: int = SIZE_DIVISIBLE) -> int:
+    """torchvision batch_images: round a resized side up to a multiple of ``size_divisible``."""
+    return int(math.ceil(size / size_divisible) * size_divisible)
 
 
 def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -188,7 +223,7 @@ def coco_class_names() -> tuple[str, ...]:
 CANVAS_ASPECTS = ((1, 1), (4, 3), (3, 4))
 
 
-def default_canvases(min_size: int, max_size: int) -> tuple[tuple[int, int], ...]:
+def default_canvases(min_size: int, max_size: int, size_divisible: int = SIZE_DIVISIBLE) -> tuple[tuple[int, int], ...]:
     """The canvases of ``canvases="auto"``, sorted by area.
 
     The full landscape canvas (padded min_size x padded max_size) and the portrait one (its
@@ -197,12 +232,12 @@ def default_canvases(min_size: int, max_size: int) -> tuple[tuple[int, int], ...
     and a 3:4 image are canvases too, so those common shapes pay for no padding beyond
     torchvision's own.  For 800/1333: 800x800, 800x1088, 1088x800, 800x1344, 1344x800.
     """
-    short, long = padded_extent(min_size), padded_extent(max_size)
+    short, long = padded_extent(min_size, size_divisible), padded_extent(max_size, size_divisible)
     out = {(short, long), (long, short)}
     for aw, ah in CANVAS_ASPECTS:
         h, w = resized_size(ah * 1000, aw * 1000, min_size, max_size)
-        out.add((padded_extent(h), padded_extent(w)))
-    return check_canvases(out)
+        out.add((padded_extent(h, size_divisible), padded_extent(w, size_divisible)))
+    return check_canvases(out, size_divisible)
 
 
 def format_canvases(canvases) -> str:
@@ -228,14 +263,14 @@ def canvas_file(height: int, width: int, unmasked: bool = False) -> str:
     return f"model_{height}x{width}{'_unmasked' if unmasked else ''}.pt"
 
 
-def fills_canvas(image_sizes, canvas: tuple[int, int]) -> bool:
+def fills_canvas(image_sizes, canvas: tuple[int, int], size_divisible: int = SIZE_DIVISIBLE) -> bool:
     """Whether every image's padded extent (its resized ``(h, w)`` rounded up to
     ``SIZE_DIVISIBLE``, as the rpn's extent masks compute it in float32) is the whole ``canvas``:
     then every extent mask is all ones and the rpn without masks gives the same bits."""
     import numpy as np
 
     sizes = np.asarray(image_sizes, dtype=np.float32).reshape(-1, 2)
-    padded = np.ceil(sizes / np.float32(SIZE_DIVISIBLE)) * np.float32(SIZE_DIVISIBLE)
+    padded = np.ceil(sizes / np.float32(size_divisible)) * np.float32(size_divisible)
     return bool(sizes.shape[0] > 0 and (padded == np.asarray(canvas, np.float32)).all())
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .reference import ops as reference_ops
-from .settings import FPN_STRIDES, SIZE_DIVISIBLE, DetectorSettings
+from .settings import DetectorSettings
 
 
 @dataclass
@@ -30,7 +30,8 @@ def roi_step(proposals, features: list, image_sizes, settings: DetectorSettings,
 
     Args:
         proposals: ``[B, K, 6]`` float32 rpn output.
-        features: P2..P5, each ``[B, H/s, W/s, C]`` float32 or float16 on the canvas (channels last).
+        features: the pooled maps (``settings.roi_strides``), each ``[B, H/s, W/s, C]`` float32 or
+            float16 on the canvas (channels last).
         image_sizes: ``[B, 2]`` resized (h, w).
     Returns:
         :class:`RoiBatch`: rois ``[R, 4]``, features ``[R, S, S, C]``, counts ``[B]``.  On the
@@ -42,9 +43,9 @@ def roi_step(proposals, features: list, image_sizes, settings: DetectorSettings,
     """
     kept = ops.filter_proposals(proposals, settings.rpn_min_size, settings.rpn_score_thresh,
                                 settings.rpn_nms_thresh, settings.rpn_post_nms_top_n)
-    feats = ops.multilevel_roi_align(features, kept.rois, kept.roi_img, image_sizes, FPN_STRIDES,
+    feats = ops.multilevel_roi_align(features, kept.rois, kept.roi_img, image_sizes, settings.roi_strides,
                                      settings.roi_output_size, settings.roi_sampling_ratio, settings.canonical_scale,
-                                     settings.canonical_level, settings.level_eps, SIZE_DIVISIBLE,
+                                     settings.canonical_level, settings.level_eps, settings.size_divisible,
                                      num_rois=kept.num_rois)
     counts = kept.counts.astype(np.int64)
     total = kept.total()

@@ -1,5 +1,6 @@
 // Multi-level ROIAlign on channels-last maps: torchvision LevelMapper fused with
-// roi_align(aligned=False), one launch for all RoIs of all images and all four FPN levels.
+// roi_align(aligned=False), one launch for all RoIs of all images and all pooled maps (up to
+// ROI_MAX_LEVELS, each with its own stride: DetectorSettings.roi_strides).
 //
 // Layouts (channels last, the contract of python_backend/names.py):
 //   features  [B, H_l, W_l, C] per level (canvas-sized), float32 or float16 (ROI_HALF)
@@ -35,6 +36,7 @@
 #endif
 
 #define ROI_AXIS (ROI_OUT * ROI_SAMPLING)
+#define ROI_MAX_LEVELS 6  // python_backend/cuda/roi_align.py MAX_LEVELS: the pointer arguments f0..f5
 
 // The maps' element type: float32, or float16 with -DROI_HALF (the fp16 rpn's maps: half the bytes
 // gathered).  A float16 value converts to float32 exactly, so pooling float16 maps gives the
@@ -82,7 +84,9 @@ __device__ __forceinline__ float sample_coord(float start, float bin, int p, int
 
 extern "C" __global__ void __launch_bounds__(ROI_CT * ROI_BT, ROI_MINB)
 multilevel_roi_align(const feat_t* __restrict__ f0, const feat_t* __restrict__ f1, const feat_t* __restrict__ f2,
-                     const feat_t* __restrict__ f3, int h0, int w0, int h1, int w1, int h2, int w2, int h3, int w3,
+                     const feat_t* __restrict__ f3, const feat_t* __restrict__ f4, const feat_t* __restrict__ f5,
+                     int h0, int w0, int h1, int w1, int h2, int w2, int h3, int w3, int h4, int w4, int h5, int w5,
+                     int s0, int s1, int s2, int s3, int s4, int s5, int num_levels, int k_max,
                      const float4* __restrict__ rois, const int* __restrict__ roi_img,
                      const int* __restrict__ num_rois, const float* __restrict__ image_sizes, int C,
                      int size_divisible, int k_min, float canonical_scale, float canonical_level, float eps,
@@ -97,27 +101,31 @@ multilevel_roi_align(const feat_t* __restrict__ f0, const feat_t* __restrict__ f
     if (tid == 0) {
         const float4 roi = rois[r];
         const int b = roi_img[r];
-        // torchvision LevelMapper: floor(lvl0 + log2(sqrt(area) / s0) + eps), clamped to [k_min, k_min + 3].
+        // torchvision LevelMapper: floor(lvl0 + log2(sqrt(area) / s0) + eps), clamped to [k_min, k_max];
+        // the index level - k_min picks a map, whose own stride scales the RoI (MultiScaleRoIAlign)
         const float area = __fmul_rn(__fsub_rn(roi.z, roi.x), __fsub_rn(roi.w, roi.y));
         float lvl = floorf(__fadd_rn(__fadd_rn(canonical_level, log2f(__fdiv_rn(sqrtf(area), canonical_scale))), eps));
-        lvl = fminf(fmaxf(lvl, (float)k_min), (float)(k_min + 3));
+        lvl = fminf(fmaxf(lvl, (float)k_min), (float)k_max);
         const int level = (int)lvl - k_min;
-        const feat_t* feat;
-        int H, W;
+        const feat_t* feat = f0;
+        int H = 0, W = 1, stride = 1;
         switch (level) {
-            case 0: feat = f0; H = h0; W = w0; break;
-            case 1: feat = f1; H = h1; W = w1; break;
-            case 2: feat = f2; H = h2; W = w2; break;
-            default: feat = f3; H = h3; W = w3; break;
+            case 0: feat = f0; H = h0; W = w0; stride = s0; break;
+            case 1: feat = f1; H = h1; W = w1; stride = s1; break;
+            case 2: feat = f2; H = h2; W = w2; stride = s2; break;
+            case 3: feat = f3; H = h3; W = w3; stride = s3; break;
+            case 4: feat = f4; H = h4; W = w4; stride = s4; break;
+            case 5: feat = f5; H = h5; W = w5; stride = s5; break;
+            default: break;
         }
-        const int stride = 1 << (k_min + level);
-        // valid extent of image b on this level: its padded size / stride (settings.padded_extent)
+        // valid extent of image b on this map: ceil(padded size / stride) (settings.level_grid)
         const int pad_h = ((int)image_sizes[2 * b] + size_divisible - 1) / size_divisible * size_divisible;
         const int pad_w = ((int)image_sizes[2 * b + 1] + size_divisible - 1) / size_divisible * size_divisible;
-        const int eh = min(pad_h / stride, H), ew = min(pad_w / stride, W);
+        const int eh = min((pad_h + stride - 1) / stride, H), ew = min((pad_w + stride - 1) / stride, W);
         s_feat = feat + (size_t)b * H * W * C;
         s_w = W;
-        s_empty = eh <= 0 || ew <= 0;
+        // no map at this index (strides with gaps): torchvision leaves the row zero
+        s_empty = level >= num_levels || eh <= 0 || ew <= 0;
         if (!s_empty) {
             const float scale = 1.f / (float)stride;  // a power of two: exact
             const float x1 = __fmul_rn(roi.x, scale), y1 = __fmul_rn(roi.y, scale);

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import cupy as cp
 
-from ..settings import FPN_STRIDES, DetectorSettings, level_grid
+from ..settings import DetectorSettings, level_grid
 from ..steps import roi_step
 from . import ops
 
@@ -31,7 +31,7 @@ def warm_up_roi_step(settings: DetectorSettings, max_batch: int, features_dtype:
     proposals = cp.zeros((max_batch, settings.num_proposals, 6), dtype=cp.float32)
     proposals[..., 5] = -1
     features = [cp.zeros((max_batch, level_grid(h, s), level_grid(w, s), settings.fpn_channels), dtype=features_dtype)
-                for s in FPN_STRIDES]
+                for s in settings.roi_strides]
     sizes = cp.asarray([[h, w]] * max_batch, dtype=cp.float32)
     batch = roi_step(proposals, features, sizes, settings, ops)
     if int(batch.counts.sum()) != 0:

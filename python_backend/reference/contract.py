@@ -107,24 +107,27 @@ def check_sizes(name: str, sizes, b: int | None = None) -> int:
     return int(sizes.shape[0])
 
 
-def check_strides(strides: Sequence[int]) -> int:
-    """Consecutive powers of two, e.g. (4, 8, 16, 32); returns log2 of the first (LevelMapper's k_min)."""
+def check_strides(strides: Sequence[int]) -> tuple[int, int]:
+    """One stride per pooled map, powers of two in non-decreasing order, e.g. (4, 8, 16, 32), (16, 32)
+    or a dilated last stage's (4, 8, 16, 16); returns LevelMapper's (k_min, k_max): log2 of the
+    first and of the last (torchvision ``_setup_scales``)."""
     strides = tuple(int(s) for s in strides)
-    k_min = int(strides[0]).bit_length() - 1 if strides and strides[0] > 0 else -1
-    if k_min < 0 or strides != tuple(2 ** (k_min + i) for i in range(len(strides))):
-        raise ValueError(f"strides should be consecutive powers of two, e.g. (4, 8, 16, 32), got {strides}")
-    return k_min
+    if (not strides or any(s < 1 or s & (s - 1) for s in strides)
+            or any(a > b for a, b in zip(strides, strides[1:]))):
+        raise ValueError(f"strides should be powers of two in non-decreasing order, one per map, "
+                         f"e.g. (4, 8, 16, 32), got {strides}")
+    return strides[0].bit_length() - 1, strides[-1].bit_length() - 1
 
 
 def check_roi_align_inputs(features, rois, roi_img, image_sizes, strides, output_size: int, sampling_ratio: int,
                            num_rois=None, out=None) -> tuple[int, int, int]:
     """multilevel_roi_align: one ``[B, H, W, C]`` floating map per stride, rois ``[R, 4]``
     floating, roi_img ``[R]`` integer, image_sizes ``[B, 2]``, num_rois ``[1]`` integer, out
-    ``[R, S, S, C]`` float32.  Returns (B, C, LevelMapper's k_min)."""
+    ``[R, S, S, C]`` float32.  Returns (B, C, LevelMapper's (k_min, k_max))."""
     if not isinstance(features, (list, tuple)) or len(features) != len(strides):
         count = len(features) if isinstance(features, (list, tuple)) else type(features).__name__
         raise ValueError(f"features should be a list of one map per stride {tuple(strides)}, got {count}")
-    k_min = check_strides(strides)
+    levels = check_strides(strides)
     b = c = None
     for i, f in enumerate(features):
         if f.ndim != 4 or (b is not None and (f.shape[0] != b or f.shape[3] != c)):
@@ -148,7 +151,7 @@ def check_roi_align_inputs(features, rois, roi_img, image_sizes, strides, output
         expected = (r, int(output_size), int(output_size), c)
         if shape_of(out) != expected or out.dtype != np.float32:
             raise ValueError(f"out should be a float32 array of shape {expected}, got {out.dtype} {shape_of(out)}")
-    return b, c, k_min
+    return b, c, levels
 
 
 def check_header_outputs(class_scores, class_boxes) -> tuple[int, int]:

@@ -3,6 +3,13 @@
 Channels last: maps are ``[B, H, W, C]`` and pooled features ``[R, S, S, C]`` (the contract in
 python_backend/names.py), which lets the GPU kernel read and write whole cache lines.
 
+The maps' strides are the model's (``DetectorSettings.roi_strides``), as torchvision's
+MultiScaleRoIAlign infers them: a RoI's level index is LevelMapper's level minus k_min (log2 of
+the first map's stride), clamped to k_max (log2 of the last's), and indexes the list of maps.
+Where the strides are not consecutive powers of two, torchvision pools that index's map at that
+map's own scale, and a RoI whose index has no map gets zeros (its result tensor starts at zero);
+so does this.
+
 Feature maps live on a fixed canvas, but each image only owns the top-left part of it that
 torchvision would have allocated for that image alone (its resized size rounded up to 32).
 Sampling clamps at that extent, exactly as torchvision's kernel clamps at the edge of a
@@ -101,7 +108,9 @@ def multilevel_roi_align(features: list[np.ndarray], rois, roi_img, image_sizes,
         roi_img: ``[R]`` integer image of each RoI, in ``[0, B)``.
         image_sizes: ``[B, 2]`` resized (h, w); each image's extent on a level is that size
             rounded up to ``size_divisible`` (torchvision batch_images), divided by the stride.
-        strides: stride of each level, consecutive powers of two, e.g. (4, 8, 16, 32).
+        strides: stride of each map, powers of two in non-decreasing order, e.g. (4, 8, 16, 32)
+            (resnet50_fpn's P2..P5), (32, 32) (mobilenet_v3_large_fpn's) or (4, 8, 16, 16) (a
+            dilated last stage's).
         num_rois: optional ``[1]`` integer: only rows ``< num_rois[0]`` are pooled, the rest of
             the output is not written.
         out: optional ``[R, output_size, output_size, C]`` float32 to write into.
@@ -111,7 +120,7 @@ def multilevel_roi_align(features: list[np.ndarray], rois, roi_img, image_sizes,
     """
     features = [np.asarray(f) for f in features] if isinstance(features, (list, tuple)) else features
     rois, roi_img, image_sizes = np.asarray(rois), np.asarray(roi_img), np.asarray(image_sizes)
-    b, c, k_min = check_roi_align_inputs(features, rois, roi_img, image_sizes, strides, output_size, sampling_ratio,
+    b, c, (k_min, k_max) = check_roi_align_inputs(features, rois, roi_img, image_sizes, strides, output_size, sampling_ratio,
                                          None if num_rois is None else np.asarray(num_rois), out)
     features = [f.astype(np.float32, copy=False) for f in features]
     r = rois.shape[0]
@@ -125,9 +134,13 @@ def multilevel_roi_align(features: list[np.ndarray], rois, roi_img, image_sizes,
                          f"[{roi_img.min()}, {roi_img.max()}]")
     sd = int(size_divisible)
     padded = (image_sizes.astype(np.int64) + sd - 1) // sd * sd
-    levels = map_levels(rois, canonical_scale, canonical_level, eps, k_min, k_min + len(strides) - 1)
+    levels = map_levels(rois, canonical_scale, canonical_level, eps, k_min, k_max)
+    # a level index past the last map (strides with gaps): torchvision leaves those rows zero
+    out[:n][levels >= len(features)] = 0
     for level, (feature, stride) in enumerate(zip(features, strides)):
-        extents = np.minimum(padded // stride, np.array(feature.shape[1:3]))
+        # an image's cells on this map: ceil(padded / stride) (settings.level_grid), as the
+        # backbone's stride-2 steps round up beyond size_divisible
+        extents = np.minimum(-(-padded // int(stride)), np.array(feature.shape[1:3]))
         sel = np.flatnonzero(levels == level)
         for chunk in np.array_split(sel, max(1, -(-sel.size // 128))):
             if chunk.size:

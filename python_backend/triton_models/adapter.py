@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from python_backend import backends, names
-from python_backend.settings import FPN_STRIDES, DetectorSettings, format_canvases
+from python_backend.settings import DetectorSettings, format_canvases, level_grid
 from python_backend.triton_io import model_parameters, output, to_device_array, to_numpy
 
 # Triton config data types -> array dtype names (NumPy's, which CuPy and torch share after "torch.")
@@ -86,24 +86,25 @@ def split(outputs: Sequence, counts: Sequence[int]) -> list[tuple]:
 
 def request_canvas(inputs: dict, settings: DetectorSettings) -> tuple[int, int] | None:
     """The canvas (height, width) of a batch, read from its shapes: the rpn's ``images [B, 3, H, W]``
-    or the roi step's FPN maps (P2..P5, each ``[B, H/s, W/s, C]``); None when ``inputs`` has neither.
+    or the roi step's pooled maps (``settings.feature_names``, each ``[B, H/s, W/s, C]``, s from
+    ``settings.roi_strides``); None when ``inputs`` has neither.
 
     Raises :class:`BadRequest` unless it is one of the settings' canvases (the networks are served
     for those: a TensorRT profile or a TorchScript trace each) and the maps agree with it."""
     if names.IMAGES in inputs:
         canvas, what = tuple(int(d) for d in inputs[names.IMAGES].shape[-2:]), names.IMAGES
-    elif names.FEATURES[0] in inputs:
-        p2 = inputs[names.FEATURES[0]].shape
-        canvas, what = (int(p2[1]) * FPN_STRIDES[0], int(p2[2]) * FPN_STRIDES[0]), names.FEATURES[0]
+    elif settings.feature_names[0] in inputs:
+        first, stride = inputs[settings.feature_names[0]].shape, settings.roi_strides[0]
+        canvas, what = (int(first[1]) * stride, int(first[2]) * stride), settings.feature_names[0]
     else:
         return None
     if canvas not in settings.canvases:
         raise BadRequest(f"{what}: a {canvas[0]}x{canvas[1]} canvas (height x width); expected one of the "
                          f"canvases {format_canvases(settings.canvases)}")
-    for name, stride in zip(names.FEATURES, FPN_STRIDES):
+    for name, stride in zip(settings.feature_names, settings.roi_strides):
         if name in inputs:
             got = tuple(int(d) for d in inputs[name].shape[1:3])
-            want = (canvas[0] // stride, canvas[1] // stride)
+            want = (level_grid(canvas[0], stride), level_grid(canvas[1], stride))
             if got != want:
                 raise BadRequest(f"{name}: expected a {want[0]}x{want[1]} map (the {canvas[0]}x{canvas[1]} canvas "
                                  f"/ {stride}), got {got[0]}x{got[1]}")

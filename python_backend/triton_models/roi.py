@@ -21,7 +21,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.adapter = StepAdapter(args, pb_utils)
         a = self.adapter
-        maps = next(s.dtype for s in a.inputs if s.name == names.FEATURES[0])  # float16 from an fp16 torch rpn
+        maps = next(s.dtype for s in a.inputs if s.name == a.settings.feature_names[0])  # float16 from an fp16 torch rpn
         a.backend.warm_up(a.settings, max(a.max_batch, 1), features_dtype=maps)
 
     def execute(self, requests):
@@ -30,8 +30,8 @@ class TritonPythonModel:
     def _run(self, items):
         a = self.adapter
         sizes = a.join(items, names.IMAGE_SIZES)
-        features = [a.join(items, f) for f in names.FEATURES]
-        a.check_values({names.IMAGE_SIZES: sizes, **dict(zip(names.FEATURES, features))})
+        features = [a.join(items, f) for f in a.settings.feature_names]
+        a.check_values({names.IMAGE_SIZES: sizes, **dict(zip(a.settings.feature_names, features))})
         batch = a.backend.roi_step(a.join(items, names.PROPOSALS), features, sizes, a.settings)
         return split_rois(batch, a.to_host(batch.counts), rows(items, names.IMAGE_SIZES), a.backend.xp)
 
