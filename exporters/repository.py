@@ -162,7 +162,7 @@ def network_config(name: str, settings: DetectorSettings, options: RepositoryOpt
         # Triton's TensorRT backend makes an execution context only for the profiles an instance
         # group lists, and for profile 0 alone when it lists none (InitOptimizationProfiles in
         # triton-inference-server/tensorrt_backend src/instance_state.cc): list every profile,
-        # one per canvas for the rpn (exporters.tensorrt.profiles)
+        # one per group of canvases for the rpn (exporters.tensorrt.profiles.canvas_groups)
         count = len(optimization_profiles(settings, options.max_batch_size)[name])
         for group in cfg.instance_group:
             group.profile.extend(str(i) for i in range(count))

@@ -26,7 +26,8 @@ from exporters.repository import RepositoryOptions, read_config, write_repositor
 from exporters.specs import max_rois
 from exporters.tensorrt import build, cache, compare, gpus
 from exporters.tensorrt.gpus import GpuInfo
-from exporters.tensorrt.profiles import check_profile, check_profiles, optimization_profiles, profile_for, shapes_string
+from exporters.tensorrt.profiles import (canvas_groups, check_profile, check_profiles, optimization_profiles, profile_for,
+                                        shapes_string)
 from exporters.tensorrt.progress import BuildProgress
 from exporters.tensorrt.run import run_engine
 from python_backend import names
@@ -67,12 +68,13 @@ def _settings(**kw) -> DetectorSettings:
 # ----------------------------------------------------------------------------------------------
 
 def test_profiles_cover_batch_and_rois():
-    """rpn: one profile per canvas, the canvas fixed, the batch 1..max (opt at max); header: one."""
+    """rpn: one profile per group of canvases (landscape, portrait: tests/test_trt_profiles_memory.py),
+    spanning its canvases, opt at the largest, the batch 1..max (opt at max); header: one."""
     settings = _settings(rpn_post_nms_top_n=300)
     p = optimization_profiles(settings, 4)
     assert set(p) == {names.RPN, names.HEADER}
     assert [profile[names.IMAGES] for profile in p[names.RPN]] == [
-        ((1, 3, h, w), (4, 3, h, w), (4, 3, h, w)) for h, w in ((256, 256), (256, 320), (320, 256))]
+        ((1, 3, 256, 256), (4, 3, 256, 320), (4, 3, 256, 320)), ((1, 3, 320, 256), (4, 3, 320, 256), (4, 3, 320, 256))]
     assert all(profile[names.IMAGE_SIZES] == ((1, 2), (4, 2), (4, 2)) for profile in p[names.RPN])
     r = max_rois(settings, 4)
     assert r == 1200
@@ -82,9 +84,11 @@ def test_profiles_cover_batch_and_rois():
 
 
 def test_every_dynamic_axis_is_covered_by_a_profile(tiny):
-    """Each dynamic axis of the ONNX inputs, over the profiles, spans exactly what the server sends:
-    batches 1..max_batch_size, the canvases' heights and widths; and each batch the server can
-    send (a batch on one canvas) has exactly one profile, that canvas's."""
+    """Each dynamic axis of the ONNX inputs, over the profiles, spans what the server sends:
+    batches 1..max_batch_size, the canvases' heights and widths (and those between the canvases of
+    one profile); and each batch the server can
+    send (a batch on one canvas) has exactly one profile, that of the canvas's group (landscape 0,
+    portrait 1)."""
     settings, paths = tiny
     profiles = optimization_profiles(settings, 3)
     rpn = onnx.load(str(paths[names.RPN]))
@@ -94,8 +98,10 @@ def test_every_dynamic_axis_is_covered_by_a_profile(tiny):
             if not d.HasField("dim_value"):
                 spans.setdefault(d.dim_param, set()).update(
                     v for p in profiles[names.RPN] for v in range(p[value.name][0][axis], p[value.name][2][axis] + 1))
-    assert spans == {"batch": {1, 2, 3}, "height": {256, 320}, "width": {256, 320}}
-    for index, (h, w) in enumerate(settings.canvases):
+    # the landscape profile's widths run 256..320 (256x256 and 256x320 share it); heights are fixed
+    assert spans == {"batch": {1, 2, 3}, "height": {256, 320}, "width": set(range(256, 321))}
+    for h, w in settings.canvases:
+        index = int(h > w)
         for b in (1, 2, 3):
             shapes = {names.IMAGES: (b, 3, h, w), names.IMAGE_SIZES: (b, 2)}
             fitting = [i for i, p in enumerate(profiles[names.RPN]) if profile_for([p], shapes) == 0]
@@ -223,20 +229,22 @@ def test_network_configs_match_onnx_and_profiles(case, tiny, tmp_path):
             got = {t.name: (mc.DataType.Name(t.data_type), [-1] + list(t.dims)) for t in tensors}
             assert got == expected, f"{case}/{name}: config {got}, ONNX {expected}"
         # the batch axis: Triton's max_batch_size is each profile's max, and the non-batch dims
-        # of every profile shape are the config's dims, a dynamic one (-1) at the profile's canvas
-        canvases = settings.canvases if name == names.RPN else [None]
-        assert len(profiles[name]) == len(canvases)
-        for profile, canvas in zip(profiles[name], canvases):
+        # of every profile shape are the config's dims, a dynamic one (-1) within its canvases
+        groups = canvas_groups(settings.canvases) if name == names.RPN else [[None]]
+        assert len(profiles[name]) == len(groups)
+        for profile, group in zip(profiles[name], groups):
             for t in cfg.input:
                 lo, opt, hi = profile[t.name]
                 assert hi[0] == cfg.max_batch_size, f"{name}/{t.name}: profile max {hi[0]}, config {cfg.max_batch_size}"
                 assert lo[0] == 1
-                free = iter(canvas or ())
-                assert lo[1:] == opt[1:] == hi[1:] == tuple(next(free) if d == -1 else d for d in t.dims)
+                for shape, pick in ((lo, min), (hi, max)):
+                    canvas = None if group == [None] else (pick(h for h, _ in group), pick(w for _, w in group))
+                    free = iter(canvas or ())
+                    assert shape[1:] == tuple(next(free) if d == -1 else d for d in t.dims)
         version = repo / name / "1"
         # Triton's TensorRT backend makes contexts for the listed profiles only (profile 0 if none)
         listed = [list(g.profile) for g in cfg.instance_group]
-        assert listed == ([[str(i) for i in range(len(canvases))]] if options.target == "tensorrt" else [[]])
+        assert listed == ([[str(i) for i in range(len(groups))]] if options.target == "tensorrt" else [[]])
         if options.target == "tensorrt":
             assert cfg.platform == "tensorrt_plan"
             assert (version / "model.plan").read_bytes() == b"not a real engine"

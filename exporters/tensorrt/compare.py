@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             int(args.workspace_gib * 2**30), args.timing_cache, args.header_opt_rois, args.verbose,
                             device_index=args.device)
         if args.check:
-            # the header once, the rpn on every canvas (one optimization profile each)
+            # the header once, the rpn on every canvas (each through its group's optimization profile)
             checks = [(names.HEADER, random_inputs(settings)[names.HEADER], "")]
             checks += [(names.RPN, random_inputs(settings, canvas=c)[names.RPN], f" ({c[0]}x{c[1]})")
                        for c in settings.canvases]

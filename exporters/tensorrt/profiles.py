@@ -16,12 +16,16 @@ def optimization_profiles(settings: DetectorSettings, max_batch_size: int,
                           header_opt_rois: int | None = None) -> dict[str, list[Profile]]:
     """``{model: [profile, ...]}`` for the rpn and header engines, each profile ``{input: (min, opt, max)}``.
 
-    rpn: one profile per canvas, in ``settings.canvases`` order: height and width fixed at the
-    canvas (min = opt = max), the batch B of images 1..``max_batch_size``.  Triton's TensorRT
-    backend runs each batch with the profile whose ranges hold its shapes (the closest to opt
-    among those: ``GetMostOptimizedProfile`` in triton-inference-server/tensorrt_backend
-    src/instance_state.cc); one canvas per profile means every batch has exactly one, tuned for
-    that canvas.
+    rpn: one profile per group of :func:`canvas_groups` (landscape canvases, portrait canvases),
+    in ``settings.canvases`` order: height and width span the group's canvases (opt: its largest
+    canvas), the batch B of images 1..``max_batch_size``.  Triton's TensorRT backend runs each
+    batch with the listed profile whose ranges hold its shapes (the closest to opt among those:
+    ``GetMostOptimizedProfile`` in triton-inference-server/tensorrt_backend src/instance_state.cc).
+    Why groups and not one profile per canvas: that backend creates one execution context per
+    listed profile in every instance (``InitOptimizationProfiles``), and each context allocates
+    the activation memory of the engine's largest profile (``createExecutionContext``'s default
+    ``kSTATIC`` strategy, NvInferRuntime.h), so five canvases meant five times the rpn's largest
+    activations; docs/docker.md gives the estimate.
     header: one profile, the RoI count R 1..``max_batch_size * rpn_post_nms_top_n``, the same limit
     as the header's Triton ``max_batch_size`` (:func:`exporters.specs.max_rois`), because the
     header's dynamic batcher hands several images' RoIs over in one call.
@@ -48,11 +52,35 @@ def optimization_profiles(settings: DetectorSettings, max_batch_size: int,
     # per-item dims from the one place the repository's configs take them from
     inputs = {model: {t["name"]: t["dims"] for t in tensor_specs(settings)[model][0]}
               for model in (names.RPN, names.HEADER)}
+    rpn = []
+    for group in canvas_groups(settings.canvases):
+        lo = (min(h for h, _ in group), min(w for _, w in group))
+        hi = (max(h for h, _ in group), max(w for _, w in group))
+        opt = max(group, key=lambda c: c[0] * c[1])
+        rpn.append({n: ((1, *_at_canvas(d, lo)), (b, *_at_canvas(d, opt)), (b, *_at_canvas(d, hi)))
+                    for n, d in inputs[names.RPN].items()})
     return {
-        names.RPN: [{n: batch_axis(1, b, b, _at_canvas(d, canvas)) for n, d in inputs[names.RPN].items()}
-                    for canvas in settings.canvases],
+        names.RPN: rpn,
         names.HEADER: [{n: batch_axis(1, r_opt, r_max, d) for n, d in inputs[names.HEADER].items()}],
     }
+
+
+def canvas_groups(canvases: Sequence[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """The canvases that share one rpn profile, in first-seen order: the landscape ones (height <=
+    width) and the portrait ones, each group one profile when the box spanning its heights and
+    widths is no larger in area than the largest canvas (so no context needs more memory than one
+    canvas does), else one group per canvas.  ``800x800,800x1088,1088x800,800x1344,1344x800``:
+    ``[[800x800, 800x1088, 800x1344], [1088x800, 1344x800]]``, heights 800 and widths 800..1344,
+    then heights 1088..1344 and width 800."""
+    largest = max((h * w for h, w in canvases), default=0)
+    groups: dict[bool, list[tuple[int, int]]] = {}
+    for h, w in canvases:
+        groups.setdefault(h > w, []).append((int(h), int(w)))
+    out = []
+    for group in groups.values():
+        box = max(h for h, _ in group) * max(w for _, w in group)
+        out += [group] if box <= largest else [[c] for c in group]
+    return out
 
 
 def _at_canvas(dims: Sequence[int], canvas: tuple[int, int]) -> list[int]:
