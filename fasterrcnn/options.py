@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -17,6 +18,8 @@ from typing import Any, Callable, Mapping
 from exporters.export import ModelOptions
 from exporters.repository_options import DEVICES, ENGINE_PRECISIONS, JPEG_DECODERS, TRT_PRECISIONS, RepositoryOptions
 from python_backend.settings import parse_canvases, parse_flag
+
+from .values import at_least, between, parse_host, positive
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = ROOT / "model_repository"
@@ -28,7 +31,29 @@ ENV_ALIASES = {"CANVASES": "CANVAS"}
 
 
 class OptionsError(ValueError):
-    """An option value that is malformed or does not fit the others; the message names it."""
+    """An option value that is malformed or does not fit the others.  The message names each option
+    by its field (``max_batch_size must be >= 1, got 0``); ``fields`` lists them (by default the
+    field the message starts with), so that each surface spells them its own way (:meth:`spelled`:
+    ``--max-batch-size`` on the command line, ``MAX_BATCH_SIZE`` in Docker's environment)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        if not fields:
+            first = message.split(" ", 1)[0]
+            fields = (first,) if first in {f.name for f in dataclasses.fields(Options)} else ()
+        self.fields = fields
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message with each of :attr:`fields` written as ``spell(field)``."""
+        text = str(self)
+        for name in self.fields:
+            text = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", spell(name), text)
+        return text
+
+
+def flag_name(field_name: str) -> str:
+    """A field's command-line flag: ``max_batch_size`` -> ``--max-batch-size``."""
+    return "--" + field_name.replace("_", "-")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,12 +88,14 @@ def parse_optional_int(text: str) -> int | None:
 
 
 def _opt(default: Any, group: str, help: str, *, parse: Callable[[str], Any] = str, env: str | None = None,
-         choices=None, flag: bool = True, docker_default: Any = dataclasses.MISSING, metavar: str | None = None):
+         choices=None, flag: bool = True, docker_default: Any = dataclasses.MISSING, metavar: str | None = None,
+         check: Callable[[Any], str | None] | None = None):
     """A field with its command-line and environment spellings.  ``default`` is given as the text a
-    user would type where ``parse`` turns text into the value (so ``--help`` shows it as typed)."""
+    user would type where ``parse`` turns text into the value (so ``--help`` shows it as typed).
+    ``check``: what the value must be (:func:`at_least`, :func:`between`, :func:`positive`)."""
     value = parse(default) if isinstance(default, str) and parse is not str else default
     meta = dict(group=group, help=help, parse=parse, env=env, choices=choices, flag=flag, text_default=default,
-                docker_default=docker_default, metavar=metavar)
+                docker_default=docker_default, metavar=metavar, check=check)
     return field(default=value, metadata=meta)
 
 
@@ -84,15 +111,19 @@ class Options:
                         help="'coco' (torchvision's COCO weights, downloaded once into torch's cache), 'random' "
                              "(seeded random weights, offline: boxes and labels are meaningless) or the path of "
                              "a fasterrcnn_resnet50_fpn state_dict checkpoint")
-    num_classes: int = _opt(91, "model", parse=int, env="NUM_CLASSES",
+    arch: str | None = _opt(None, "model", metavar="BUILDER",
+                            help="torchvision builder: fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, "
+                                 "fasterrcnn_mobilenet_v3_large_fpn or fasterrcnn_mobilenet_v3_large_320_fpn "
+                                 "(default: a checkpoint's, from its keys and shapes; else fasterrcnn_resnet50_fpn)")
+    num_classes: int = _opt(91, "model", parse=int, env="NUM_CLASSES", check=at_least(2, " (background included)"),
                             help="classes incl. background, for --weights random")
     seed: int = _opt(0, "model", parse=int, env="SEED", help="seed of --weights random")
     class_names: str | None = _opt(None, "model", env="CLASS_NAMES", metavar="FILE",
                                    help="text file, one class name per line, background first (default: COCO's "
                                         "names for 91 classes, else class_<i>)")
-    min_size: int | None = _opt(None, "model", parse=parse_optional_int, env="MIN_SIZE",
+    min_size: int | None = _opt(None, "model", parse=parse_optional_int, env="MIN_SIZE", check=at_least(1),
                                 help="torchvision's resize min_size (default: the model's, 800)")
-    max_size: int | None = _opt(None, "model", parse=parse_optional_int, env="MAX_SIZE",
+    max_size: int | None = _opt(None, "model", parse=parse_optional_int, env="MAX_SIZE", check=at_least(1),
                                 help="torchvision's resize max_size (default: the model's, 1333)")
     # -- repository: what is written and how Triton runs it -------------------------------------
     canvases: str | tuple[tuple[int, int], ...] = _opt(
@@ -111,23 +142,24 @@ class Options:
                           help="precision of rpn and header: auto is fp16 for tensorrt and onnxruntime-trt, fp32 "
                                "otherwise; fp16 for torch and the TensorRT targets; tf32 (fp32 with TF32 tensor cores) for tensorrt "
                                "and torch")
-    max_batch_size: int = _opt(8, "repository", parse=int, env="MAX_BATCH_SIZE", help="images per batch")
-    instances: int = _opt(1, "repository", parse=int, env="INSTANCES",
+    max_batch_size: int = _opt(8, "repository", parse=int, env="MAX_BATCH_SIZE", check=between(1, 64),
+                               help="images per batch")
+    instances: int = _opt(1, "repository", parse=int, env="INSTANCES", check=at_least(1),
                           help="instances of every step, on each GPU of --gpus for GPU steps")
     postprocess_instances: int = _opt(0, "repository", parse=int, env="POSTPROCESS_INSTANCES",
-                                      help="instances of postprocess, the one step without a batcher; 0: one "
+                                      check=at_least(0), help="instances of postprocess, the one step without a batcher; 0: one "
                                            "more than the rpn's with --device gpu, else as --instances")
-    rpn_instances: int = _opt(0, "repository", parse=int,
+    rpn_instances: int = _opt(0, "repository", parse=int, check=at_least(0),
                               help="instances of the rpn (on each GPU of --gpus); 0: as --instances, and at "
                                    "least 2 for the torch target's fp16 rpn on the GPU")
-    queue_delay_us: int = _opt(0, "repository", parse=int, env="QUEUE_DELAY_US",
+    queue_delay_us: int = _opt(0, "repository", parse=int, env="QUEUE_DELAY_US", check=at_least(0),
                                help="dynamic batcher max_queue_delay_microseconds; 0 batches what is queued when "
                                     "an instance frees")
     gpus: tuple[int, ...] | None = _opt("all", "repository", parse=parse_gpus, env="GPUS", metavar="all|0,1,...",
                                         help="GPUs the GPU steps run on: 'all' writes no gpus list (Triton puts "
                                              "the instances on every GPU it sees), '0,1' pins them to those CUDA "
                                              "ids; serve sets Triton's CUDA memory pool on each")
-    workspace_gib: float = _opt(4.0, "repository", parse=float, env="WORKSPACE_GIB",
+    workspace_gib: float = _opt(4.0, "repository", parse=float, env="WORKSPACE_GIB", check=positive,
                                 help="TensorRT builder workspace in GiB (tensorrt, onnxruntime-trt)")
     channels_last: bool = _opt(True, "repository", parse=parse_bool,
                                help="torch target, fp16: the rpn in channels-last memory format")
@@ -141,7 +173,7 @@ class Options:
                               help="torch target: also trace the rpn without extent masks at every canvas, and run "
                                    "it for batches whose every image's padded size (rounded up to 32) is the canvas "
                                    "(the masks are all ones there: the same detections, fewer passes)")
-    rpn_memory_gib: float = _opt(8.0, "repository", parse=float,
+    rpn_memory_gib: float = _opt(8.0, "repository", parse=float, check=positive,
                                  help="torch target, --device gpu: the rpn process's cap on GPU memory in GiB (torch's "
                                       "caching allocator; cuDNN passes over plans whose workspace does not fit; the "
                                       "header's is 4)")
@@ -151,16 +183,22 @@ class Options:
                                   "detections) or gpu (opt-in: nvJPEG through torchvision.io.decode_jpeg, one call "
                                   "per batch; its pixels differ from libjpeg's, and so do the detections; other "
                                   "formats and JPEGs it can't take go to Pillow)")
-    decode_threads: int = _opt(0, "repository", parse=int, env="DECODE_THREADS",
+    decode_threads: int = _opt(0, "repository", parse=int, env="DECODE_THREADS", check=at_least(0),
                                help="threads that decode the requests of a batch side by side in each preprocess "
                                     "instance; 0: one per CPU of the serving machine, at most 8")
     repository: Path = _opt(DEFAULT_REPOSITORY, "repository", parse=Path, metavar="DIR",
                             help="the model repository to write (export) or serve")
     # -- server ----------------------------------------------------------------------------------
-    grpc_port: int = _opt(8001, "server", parse=int, help="tritonserver's gRPC port")
-    http_port: int = _opt(8000, "server", parse=int, help="tritonserver's HTTP port (health, metadata)")
-    metrics_port: int = _opt(8002, "server", parse=int, help="tritonserver's Prometheus metrics port")
-    cuda_pool_bytes: int = _opt(4 << 30, "server", parse=int, env="CUDA_POOL_BYTES",
+    host: str = _opt("0.0.0.0", "server", parse=parse_host, metavar="ADDRESS",
+                     help="the address tritonserver's gRPC, HTTP and metrics endpoints listen on (its "
+                          "--grpc-address and --http-address; metrics follow HTTP): 0.0.0.0 every interface, "
+                          "127.0.0.1 this machine only")
+    grpc_port: int = _opt(8001, "server", parse=int, check=between(1, 65535), help="tritonserver's gRPC port")
+    http_port: int = _opt(8000, "server", parse=int, check=between(1, 65535),
+                          help="tritonserver's HTTP port (health, metadata)")
+    metrics_port: int = _opt(8002, "server", parse=int, check=between(1, 65535),
+                             help="tritonserver's Prometheus metrics port")
+    cuda_pool_bytes: int = _opt(4 << 30, "server", parse=int, env="CUDA_POOL_BYTES", check=at_least(0),
                                 help="Triton's CUDA memory pool on every GPU in use (with GPU steps); it must hold "
                                      "the largest tensor passed between steps")
     tritonserver: str | None = _opt(None, "server", metavar="PATH",
@@ -169,22 +207,27 @@ class Options:
     mps: bool = _opt(False, "server", parse=parse_bool,
                      help="run the server under a CUDA MPS daemon of its own, so the python-backend steps' "
                           "processes share the GPU at once instead of by time slices")
+    drain_timeout: int = _opt(45, "server", parse=int,
+                              help="on SIGTERM or Ctrl-C, seconds the requests in flight get to finish before "
+                                   "tritonserver stops anyway (its --exit-timeout-secs; deploy/'s pods allow 45)")
     rebuild: bool = _opt(False, "server", parse=parse_bool, env="REBUILD",
                          help="export again even if the repository exists")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, check = getattr(self, f.name), f.metadata["check"]
+            problem = check(value) if check is not None and value is not None else None
+            if problem:
+                raise OptionsError(f"{f.name} {problem}, got {value}", f.name)
         if self.precision == "auto":
             object.__setattr__(self, "precision", "fp16" if self.target in ("tensorrt", "onnxruntime-trt") else "fp32")
         allowed = {"tensorrt": ENGINE_PRECISIONS, "onnxruntime-trt": TRT_PRECISIONS, "torch": ENGINE_PRECISIONS}
         allowed = allowed.get(self.target, ("fp32",))
         if self.precision not in allowed:
-            raise OptionsError(f"precision {self.precision!r} does not apply to target {self.target!r}: "
-                               f"choose one of {', '.join(allowed)}")
-        if self.workspace_gib <= 0:
-            raise OptionsError(f"workspace_gib must be positive, got {self.workspace_gib}")
-        for name in ("grpc_port", "http_port", "metrics_port"):
-            if not 0 < getattr(self, name) < 65536:
-                raise OptionsError(f"{name} must be in 1..65535, got {getattr(self, name)}")
+            raise OptionsError(f"precision {self.precision} does not apply to target {self.target}: "
+                               f"choose one of {', '.join(allowed)}", "precision", "target")
+        if self.drain_timeout < 0:
+            raise OptionsError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout}")
         try:
             self.model_options()
             self.repository_options()
@@ -193,7 +236,7 @@ class Options:
 
     # -- what the library takes --------------------------------------------------------------------
     def model_options(self) -> ModelOptions:
-        return ModelOptions(weights=str(self.weights), num_classes=self.num_classes, seed=self.seed,
+        return ModelOptions(weights=str(self.weights), arch=self.arch, num_classes=self.num_classes, seed=self.seed,
                             class_names=self.class_names, min_size=self.min_size, max_size=self.max_size,
                             canvases=self.canvases)
 
@@ -271,7 +314,11 @@ class Options:
                 values[f.name] = meta["parse"](text)
             except ValueError as e:
                 raise OptionsError(f"{name}: {e}") from None
-        return cls(**values)
+        try:
+            return cls(**values)
+        except OptionsError as e:  # named by the variables
+            variable = {f.name: f.metadata["env"] or f.name for f in dataclasses.fields(cls)}
+            raise OptionsError(e.spelled(variable.get)) from None
 
 
 RECORDED_GROUPS = ("model", "repository")

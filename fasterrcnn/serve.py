@@ -75,7 +75,7 @@ def make_server(options: Options) -> TritonServer:
     return TritonServer(options.repository, grpc_port=options.grpc_port, http_port=options.http_port,
                         metrics_port=options.metrics_port, binary=options.tritonserver,
                         cuda_pool_bytes=options.cuda_pool_bytes if options.uses_gpu else 0, gpus=options.gpus,
-                        mps=options.mps)
+                        mps=options.mps, drain_timeout_s=options.drain_timeout, host=options.host)
 
 
 def serve(options: Options, given: frozenset[str] = frozenset()) -> int:
@@ -91,7 +91,7 @@ def serve(options: Options, given: frozenset[str] = frozenset()) -> int:
             log.info("starting tritonserver on %s (gRPC %d, HTTP %d, metrics %d)", options.repository,
                      options.grpc_port, options.http_port, options.metrics_port)
             server.start()
-            log.info("server ready: gRPC %s; stop it with Ctrl-C or SIGTERM", server.grpc_url)
+            log.info("server ready: %s; stop it with Ctrl-C or SIGTERM", server.endpoints())
             code = server.wait()
             if code != 0:
                 log.error("tritonserver exited by itself with code %d; its log: %s", code, server.log_path)
@@ -99,7 +99,8 @@ def serve(options: Options, given: frozenset[str] = frozenset()) -> int:
             log.info("tritonserver exited by itself")
             return 0
         except Stopped as e:
-            log.info("%s: stopping tritonserver%s", e, " and the MPS daemon" if options.mps else "")
+            log.info("%s: stopping tritonserver%s; the requests in flight get up to %d s", e,
+                     " and the MPS daemon" if options.mps else "", options.drain_timeout)
             return 0
         finally:
             ignore_stop_signals()

@@ -9,6 +9,7 @@ the command line's business (``fasterrcnn serve``), not this module's.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -22,6 +23,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from exporters.tensorrt.gpus import cuda_devices
+
+from .drain import drain
+
+log = logging.getLogger(__name__)
 
 
 class ServerError(RuntimeError):
@@ -157,13 +162,22 @@ def wait_ready(grpc_url: str, exited: Callable[[], bool], timeout: float) -> boo
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
             return False
     return True
+
+
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # every interface -> this machine's loopback
+
+
+def dial_address(host: str, port: int) -> str:
+    """The HOST:PORT a client on this machine dials for a server bound to ``host``."""
+    host = WILDCARDS.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def free_port() -> int:
@@ -188,17 +202,33 @@ class TritonServer:
     gpus: Sequence[int] | None = None  # GPU ids the pools are set on; None: every visible GPU
     log_verbose: int = 0
     mps: bool = False  # run the server's processes under a CUDA MPS daemon of its own (MpsDaemon)
+    # the address gRPC and HTTP bind to (--grpc-address, --http-address; metrics follow HTTP's, as
+    # tritonserver --help says); tritonserver's own default, every interface
+    host: str = "0.0.0.0"
+    # On SIGTERM tritonserver refuses new requests and answers those it holds (queued or running)
+    # for up to this many seconds (--exit-timeout-secs) before it unloads the models regardless
+    drain_timeout_s: int = 45
     process: subprocess.Popen | None = field(default=None, init=False)
     _mps: MpsDaemon | None = field(default=None, init=False)
     log_path: Path | None = field(default=None, init=False)
+    ready: bool = field(default=False, init=False)  # it answered ready: stop() drains it first
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return dial_address(self.host, self.grpc_port)
+
+    def endpoints(self) -> str:
+        """Where the server listens: ``gRPC 0.0.0.0:8001 (every interface; from this machine
+        127.0.0.1:8001), HTTP 0.0.0.0:8000, metrics 0.0.0.0:8002``."""
+        bound = lambda port: f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"  # noqa: E731
+        grpc = f"gRPC {bound(self.grpc_port)}"
+        if self.host in WILDCARDS:
+            grpc += f" (every interface; from this machine {self.grpc_url})"
+        return f"{grpc}, HTTP {bound(self.http_port)}, metrics {bound(self.metrics_port)}"
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
-            if not port_free(port):
+            if not port_free(port, self.host):
                 raise ServerError(f"{name} port {port} is already in use; pick another with --{name.lower()}-port "
                                   "or stop what holds it")
         if not Path(self.repository).is_dir():
@@ -231,8 +261,11 @@ class TritonServer:
         """The tritonserver command line, a CUDA memory pool argument for every GPU in use."""
         cmd = [str(binary.path), f"--model-repository={Path(self.repository).resolve()}",
                f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
-               f"--metrics-port={self.metrics_port}", "--exit-on-error=true", "--strict-readiness=true",
-               "--exit-timeout-secs=5", f"--log-verbose={self.log_verbose}"]
+               f"--metrics-port={self.metrics_port}", f"--grpc-address={self.host}", f"--http-address={self.host}",
+               "--exit-on-error=true", "--strict-readiness=true",
+               f"--exit-timeout-secs={self.drain_timeout_s}", f"--log-verbose={self.log_verbose}",
+               # explicit control, every model loaded: stop() can unload the ensembles to drain them
+               "--model-control-mode=explicit", "--load-model=*"]
         if binary.backend_dir:
             cmd.append(f"--backend-directory={binary.backend_dir}")
         if self.cuda_pool_bytes:
@@ -251,6 +284,7 @@ class TritonServer:
     def _wait_ready(self, timeout: float) -> None:
         ready = wait_ready(self.grpc_url, lambda: _wait_exit(self.process.pid, 0), timeout)
         if ready:
+            self.ready = True
             return
         self.stop()  # the process group and the MPS daemon, if any
         if ready is False:
@@ -265,13 +299,20 @@ class TritonServer:
         info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to tritonserver (it unloads its models and stops their stub processes), then SIGKILL
-        to its whole process group, for what is left or for a server still running after ``timeout``
-        s; then the MPS daemon.  Safe to call twice."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM to tritonserver (it answers the requests in flight, unloads its models and stops
+        their stub processes), then SIGKILL to its whole process group, for what is left or for a
+        server still running after ``timeout`` s (default: the drain timeout and 30 s to unload);
+        then the MPS daemon.  Safe to call twice."""
+        timeout = self.drain_timeout_s + 30.0 if timeout is None else timeout
         proc = self.process
         try:
             if proc is not None and proc.returncode is None:
+                if self.ready and not _wait_exit(proc.pid, 0):
+                    drained = drain(self.grpc_url, self.drain_timeout_s)
+                    self.ready = False
+                    if not drained:
+                        log.warning("requests still in flight after %d s; stopping anyway", self.drain_timeout_s)
                 os.kill(proc.pid, signal.SIGTERM)
                 _wait_exit(proc.pid, timeout)
                 # not reaped yet, so the pid (the group's id, start_new_session) can't have been reused

@@ -1,0 +1,92 @@
+"""SIGTERM drains: ``fasterrcnn serve`` lets the requests in flight finish, then its process tree is gone.
+
+A real tritonserver on the session's small export, one instance of every step, batches of one:
+requests sent together queue behind each other, and SIGTERM arrives while most are still waiting.
+Their total work takes longer than tritonserver's old fixed 5 s exit timeout, so every answer
+after that point shows the drain at work.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from skimage import data
+
+from exporters.repository import RepositoryOptions, write_repository
+from fasterrcnn.server import free_port, wait_ready
+from python_backend import names
+
+from test_serve_lifecycle import _descendants, _survivors
+
+ROOT = Path(__file__).resolve().parent.parent
+OLD_EXIT_TIMEOUT_S = 5
+
+
+@pytest.fixture(scope="module")
+def serial_repo(small_export, tmp_path_factory):
+    settings, paths = small_export
+    out = tmp_path_factory.mktemp("drain_repo")
+    write_repository(out, settings, paths, RepositoryOptions(max_batch_size=1, instances=1, postprocess_instances=1),
+                     link=True)
+    return out
+
+
+def _request(client: grpcclient.InferenceServerClient, image: np.ndarray):
+    inp = grpcclient.InferInput(names.IMAGE_RAW, [1, *image.shape], "UINT8")
+    inp.set_data_from_numpy(image[None])
+    return client.infer(names.ENSEMBLE_RAW, [inp], client_timeout=300)
+
+
+@pytest.mark.triton
+def test_requests_in_flight_at_sigterm_are_answered(serial_repo):
+    grpc_port = free_port()
+    cmd = [sys.executable, "-m", "fasterrcnn", "serve", "--repository", str(serial_repo), "--grpc-port", str(grpc_port),
+           "--http-port", str(free_port()), "--metrics-port", str(free_port()), "--drain-timeout", "120"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"127.0.0.1:{grpc_port}"
+    try:
+        assert wait_ready(url, lambda: proc.poll() is not None, 300), "serve did not get ready"
+        image = data.astronaut()
+        client = grpcclient.InferenceServerClient(url)
+        t0 = time.monotonic()
+        _request(client, image)
+        one = time.monotonic() - t0
+        # enough requests that, run one after another, they outlast the old exit timeout twice over
+        count = max(4, int(2 * OLD_EXIT_TIMEOUT_S / one) + 2)
+        results: list = [None] * count
+
+        def send(i):
+            try:
+                results[i] = _request(grpcclient.InferenceServerClient(url), image)
+            except Exception as e:  # noqa: BLE001 - the test reports what each request got
+                results[i] = e
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        time.sleep(min(one, 1.0))  # the first is running, the rest are queued
+        children = _descendants(proc.pid)
+        t_signal = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=300)
+        drained = time.monotonic() - t_signal
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    failed = [r for r in results if not isinstance(r, grpcclient.InferResult)]
+    assert not failed, f"{len(failed)} of {count} requests in flight at SIGTERM failed: {[str(f) for f in failed[:3]]}"
+    for r in results:
+        assert r.as_numpy(names.NUM_DETECTIONS).shape == (1, 1)
+    assert drained > OLD_EXIT_TIMEOUT_S, (f"the {count} requests were answered {drained:.1f} s after SIGTERM, "
+                                          f"too fast to show a drain beyond {OLD_EXIT_TIMEOUT_S} s (one took {one:.2f} s)")
+    assert proc.returncode == 0, err[-3000:]
+    assert not _survivors(children), "processes of the server still running after serve exited"
