@@ -8,7 +8,7 @@ from pathlib import Path
 
 from exporters import loading
 
-from .options import ROOT, HelpFormatter, Options, OptionsError, add_arguments
+from .options import ROOT, HelpFormatter, Options, OptionsError, add_arguments, flag_name
 from .repository import StaleRepository
 from .server import ServerError
 
@@ -68,6 +68,11 @@ def given_options(argv: list[str]) -> frozenset[str]:
     return frozenset(vars(parser.parse_args(argv))) - {"command"}
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices[command]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "detect":
@@ -91,8 +96,8 @@ def main(argv=None) -> int:
 
             args.weights = choose_weights(args.weights)
         options = Options.from_args(args)
-    except OptionsError as e:
-        parser.error(str(e))  # exits 2, as argparse does for every usage error
+    except OptionsError as e:  # named by its flags, under the subcommand's usage; exits 2, as argparse does
+        _subcommand_parser(parser, args.command).error(e.spelled(flag_name))
     try:
         if args.command == "export":
             from .repository import export_repository

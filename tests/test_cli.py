@@ -88,12 +88,12 @@ def test_unwritable_output(tmp_path, capsys):
     (["--canvases", "800x1000"], "multiple of 32"), (["--canvases", "800x800,32x64"], "at least 64"),
     (["--canvases", "big"], "HEIGHTxWIDTH"), (["--gpus", "0,0"], "distinct GPU ids"),
     (["--gpus", "first"], "'all' or GPU ids"),
-    (["--precision", "fp16"], "precision 'fp16' does not apply to target 'python': choose one of fp32"),
+    (["--precision", "fp16"], "--precision fp16 does not apply to --target python: choose one of fp32"),
     (["--target", "onnxruntime-trt", "--precision", "tf32"], "choose one of fp32, fp16"),
     (["--gpus", "0,1"], "with device 'cpu' and target 'python' every step runs on the CPU"),
     (["--peaky", "50"], "unrecognized arguments: --peaky"),  # a test knob, not a product option
     (["--jpeg-decoder", "nvdec"], "invalid choice: 'nvdec'"),
-    (["--target", "torch", "--rpn-memory-gib", "0"], "torch memory caps must be positive GiB, got rpn 0.0"),
+    (["--target", "torch", "--rpn-memory-gib", "0"], "--rpn-memory-gib must be > 0, got 0.0"),
 ])
 def test_bad_options_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -156,7 +156,7 @@ def test_docker_defaults_differ_where_the_image_needs_them():
     ({"TARGET": "tflite"}, "TARGET must be one of"),
     ({"GPUS": "0,x"}, "GPUS: gpus must be 'all'"), ({"MAX_BATCH_SIZE": "eight"}, "MAX_BATCH_SIZE: invalid literal"),
     ({"REBUILD": "maybe"}, "REBUILD: expected 1/0"),
-    ({"TARGET": "python", "PRECISION": "fp16"}, "precision 'fp16' does not apply to target 'python'"),
+    ({"TARGET": "python", "PRECISION": "fp16"}, "PRECISION fp16 does not apply to TARGET python"),
 ])
 def test_bad_environment_names_the_variable(env, message):
     with pytest.raises(OptionsError, match=message):
