@@ -45,7 +45,8 @@ OVERLAYS = sorted(p.name for p in (DEPLOY / "overlays").iterdir() if (p / "kusto
 COMPONENTS = sorted(p.name for p in (DEPLOY / "components").iterdir() if (p / "kustomization.yaml").is_file())
 # What each render must ask for: GPUs per pod and engine precision.
 EXPECTED = {"single-gpu": (1, "fp16"), "multi-gpu": (2, "fp16"), "single-gpu-fp32": (1, "fp32"),
-            "single-gpu+fp32": (1, "fp32"), "single-gpu+node-cache": (1, "fp16")}
+            "single-gpu+fp32": (1, "fp32"), "single-gpu+node-cache": (1, "fp16"),
+            "single-gpu+restricted": (1, "fp16")}
 RENDERS = OVERLAYS + [f"single-gpu+{c}" for c in COMPONENTS]
 SERVER, PREPARE = "tritonserver", "prepare"
 
@@ -316,12 +317,16 @@ def test_cache_volume(render, name):
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         assert mounts.get(cache_dir) == "cache", f"{container['name']} does not mount the cache at {cache_dir}"
     sources = set(volumes["cache"]) - {"name"}
+    # the cache's owner: fsGroup alone fails where the volume's CSI driver ignores it
+    owner = containers(deployment).get("cache-owner")
+    if name.endswith("+restricted"):
+        assert owner is None, "the restricted Pod Security level admits no root container"
+    else:
+        assert deployment["spec"]["template"]["spec"]["initContainers"][0] is owner, "cache-owner runs first"
+        assert owner["command"][-2:] == [str(_dockerfile_uid()), cache_dir]
     if name.endswith("+node-cache"):
         assert sources == {"hostPath"}
         assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
-        owner = containers(deployment)["cache-owner"]
-        assert deployment["spec"]["template"]["spec"]["initContainers"][0] is owner
-        assert owner["command"] == ["chown", f"{_dockerfile_uid()}:{_dockerfile_uid()}", cache_dir]
     else:
         assert sources == {"persistentVolumeClaim"}
         claim = one(objects, "PersistentVolumeClaim", volumes["cache"]["persistentVolumeClaim"]["claimName"])
@@ -347,11 +352,48 @@ def test_security_context_matches_the_image(render, name):
         sc = c["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
         assert sc["capabilities"]["drop"] == ["ALL"]
-        if c["name"] == "cache-owner":  # root only to chown the hostPath folder, with CHOWN alone
+        if c["name"] == "cache-owner":  # root only to chown the cache folder, with CHOWN alone
             assert (sc["runAsUser"], sc["capabilities"]["add"]) == (0, ["CHOWN"])
         else:
             assert "runAsUser" not in sc and "add" not in sc["capabilities"]
         assert "memory" in c["resources"]["limits"] and "cpu" in c["resources"]["requests"]
+
+
+def _stand_in(folder: Path, name: str, status: int) -> None:
+    """An executable ``name`` that records its arguments in ``folder/name.args`` and exits ``status``."""
+    exe = folder / name
+    exe.write_text(f'#!/bin/sh\necho "$@" > "{folder / name}.args"\nexit {status}\n')
+    exe.chmod(0o755)
+
+
+@pytest.mark.parametrize("case", ["owned", "given", "root squashed"])
+def test_cache_owner_gives_the_cache_to_the_image_user(render, tmp_path, case):
+    """cache-owner's script, run here on a folder: it leaves a folder the image's uid owns, chowns
+    one it doesn't, and where chown fails (root squashed on NFS) says so without failing the pod
+    (a folder open to all still works; otherwise the entrypoint stops with the fix)."""
+    owner = containers(one(render("single-gpu"), "Deployment"))["cache-owner"]
+    *script, uid, _ = owner["command"]
+    assert script[:2] == ["sh", "-c"] and uid == str(_dockerfile_uid())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stand_in(bin_dir, "chown", 1 if case == "root squashed" else 0)
+    if case == "owned":
+        uid = str(cache.stat().st_uid)
+    result = subprocess.run([*script, uid, str(cache)], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr
+    chowned = (bin_dir / "chown.args").read_text().split() if (bin_dir / "chown.args").exists() else None
+    if case == "owned":
+        assert chowned is None and not result.stdout + result.stderr
+    else:
+        assert chowned == [f"{uid}:{uid}", str(cache)]
+    if case == "given":
+        assert result.stdout == f"cache-owner: gave {cache} to uid {uid}\n"
+    if case == "root squashed":
+        mode = f"{cache.stat().st_mode & 0o777:o}"
+        assert f"could not give {cache} to uid {uid}" in result.stderr and f"mode {mode}" in result.stderr
 
 
 def _port(container: dict, name_or_number) -> int:
