@@ -53,18 +53,50 @@ case "$TARGET" in
   *) die "TARGET must be tensorrt, onnxruntime, onnxruntime-trt or python, got '$TARGET'" ;;
 esac
 
+# prepare writes repos/, timing/, torch/ beside leases/: the cache's top folder must be ours to write
 mkdir -p "$CACHE_DIR/leases" 2>/dev/null || true
-[ -w "$CACHE_DIR/leases" ] || die "cache dir $CACHE_DIR is not writable by uid $(id -u): mount a volume there (-v fasterrcnn-cache:$CACHE_DIR)"
+if [ ! -w "$CACHE_DIR" ] || [ ! -w "$CACHE_DIR/leases" ]; then
+  OWNER=$(stat -c 'owner %u:%g, mode %a' "$CACHE_DIR" 2>/dev/null) || OWNER="missing"
+  die "cache dir $CACHE_DIR is not writable by uid $(id -u) ($OWNER). Docker: mount a volume there" \
+      "(-v fasterrcnn-cache:$CACHE_DIR). Kubernetes: the volume's CSI driver ignored fsGroup; the cache-owner" \
+      "init container (deploy/base) gives the folder to uid 10001 unless the storage squashes root (NFS" \
+      "root_squash): then give it to that uid on the storage side (docs/deploy.md)"
+fi
 [ -x "$EXPORT_PYTHON" ] || command -v "$EXPORT_PYTHON" >/dev/null || die "EXPORT_PYTHON $EXPORT_PYTHON not found"
 
 # The lease: prepare locks it and writes the repository's folder into it; descriptor 9 stays open
-# in this shell and then in tritonserver (exec), so the lock lasts as long as the server.
+# in this shell and then in tritonserver (exec), so the lock lasts as long as the server.  Opened
+# read-write: on NFS, flock is emulated with byte-range locks (flock(2), NOTES), and a shared lock
+# needs a descriptor open for reading, an exclusive one a descriptor open for writing.
 LEASE=$(mktemp "$CACHE_DIR/leases/${HOSTNAME:-container}.XXXXXX")
-exec 9>"$LEASE"
+exec 9<>"$LEASE"
 
+# prepare runs as a child that this shell waits for: the shell is the container's PID 1, to which
+# the kernel delivers only the signals it traps (pid_namespaces(7)), and bash runs a trap during
+# `wait` but not while a foreground command runs.  SIGTERM (docker stop, a pod's deletion) and
+# SIGINT reach prepare as SIGTERM (a background job of a non-interactive shell ignores SIGINT).
 # prepare prints the repository path as its last stdout line; its messages go to stderr.
-REPO=$("$EXPORT_PYTHON" -m fasterrcnn prepare --cache-dir "$CACHE_DIR" --lease-fd 9 | tail -n 1) \
-  || die "preparing the model repository failed (see the messages above)"
+PREPARED=$(mktemp "${TMPDIR:-/tmp}/fasterrcnn-prepare.XXXXXX") || die "cannot create a file in ${TMPDIR:-/tmp}"
+PREPARING=""
+stop() {
+  echo "entrypoint: $1 during the preparation: stopping it" >&2
+  if [ -n "$PREPARING" ]; then
+    kill -TERM "$PREPARING" 2>/dev/null || true
+    wait "$PREPARING" || true
+  fi
+  rm -f "$PREPARED" "$LEASE"
+  exit "$2"
+}
+trap 'stop SIGTERM 143' TERM
+trap 'stop SIGINT 130' INT
+"$EXPORT_PYTHON" -m fasterrcnn prepare --cache-dir "$CACHE_DIR" --lease-fd 9 >"$PREPARED" &
+PREPARING=$!
+STATUS=0
+wait "$PREPARING" || STATUS=$?
+trap - TERM INT
+REPO=$(tail -n 1 "$PREPARED")
+rm -f "$PREPARED"
+[ "$STATUS" -eq 0 ] || die "preparing the model repository failed (see the messages above)"
 [ -d "$REPO" ] || die "the preparation step printed '$REPO', which is not a folder"
 if [ "${PREPARE_ONLY:-0}" = "1" ]; then
   echo "$REPO"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -97,17 +98,29 @@ def _lock(path: Path):
     return held()
 
 
+# What a non-blocking lock request that meets another holder's lock fails with: EWOULDBLOCK
+# locally (flock(2)); on NFS, where flock is emulated with fcntl byte-range locks (flock(2),
+# NOTES), EACCES or EAGAIN (fcntl(2), F_SETLK).
+_HELD_ERRNOS = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})
+
+
 def _locked_by_someone(path: Path) -> bool:
-    """Whether another open file description holds a flock on ``path``."""
+    """Whether another open file description holds a flock on ``path``.
+
+    The probe's descriptor is open read-write: on NFS an exclusive lock needs a descriptor open
+    for writing (flock(2), NOTES), and a read-only one fails with EBADF.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return False
-    except BlockingIOError:
-        return True
+    except OSError as e:
+        if e.errno in _HELD_ERRNOS:
+            return True
+        raise
     finally:
         os.close(fd)
 
@@ -154,7 +167,9 @@ def collect_garbage(slot: Path, leases: Path, keep: Path) -> list[Path]:
 
 
 def _take_lease(lease_fd: int, generation: Path) -> None:
-    """Lock the lease (shared, on the caller's descriptor) and name ``generation`` in it."""
+    """Lock the lease (shared, on the caller's descriptor) and name ``generation`` in it.  The
+    descriptor must be open read-write (the entrypoint's ``exec 9<>``): on NFS a shared lock
+    needs it open for reading, and the name is written through it."""
     fcntl.flock(lease_fd, fcntl.LOCK_SH)
     data = f"{generation}\n".encode()
     os.ftruncate(lease_fd, 0)
