@@ -86,6 +86,13 @@ def check_model(client, model: str = names.ENSEMBLE, raw: bool | None = None) ->
     return config
 
 
+def weights_warning(config: dict) -> str | None:
+    """A warning where the ensemble's config says its weights are random (its ``weights`` parameter,
+    written by the exporter), else None."""
+    line = config.get("parameters", {}).get("weights", {}).get("string_value", "")
+    return f"the server's weights are {line}" if line.startswith("random") else None
+
+
 def class_names(config: dict) -> list[str]:
     raw = config.get("parameters", {}).get("class_names", {}).get("string_value", "[]")
     return list(json.loads(raw))
@@ -189,27 +196,36 @@ def infer_many(client, payloads: list, concurrency: int = 1, model: str | None =
 
 
 def detect_iter(url: str, images: list[Path], concurrency: int = 1, draw_dir: Path | None = None,
-                min_score: float = 0.0, raw: bool = False) -> Iterator[dict]:
+                min_score: float | None = None, raw: bool = False,
+                draw_max_side: int = output.DRAW_MAX_SIDE) -> Iterator[dict]:
     """Detect on image files; yield one record per image, in order, as answers arrive.
 
     A record is ``{"image", "detections", "latency_ms"}`` (+ ``"annotated"`` with ``draw_dir``),
-    or ``{"image", "error", "detections": []}`` for an image that failed.  ``raw``: decode here and
-    send uint8 pixels to ``fasterrcnn_raw`` (the server then does no decoding).  Raises
-    :class:`ClientError` (before any record) when the server or its model can't be used.
+    or ``{"image", "error", "detections": []}`` for an image that failed.  ``min_score``: the
+    detections below it are dropped (None: records keep every detection, and drawings leave out
+    those below :data:`output.DRAW_MIN_SCORE`).  ``draw_max_side``: drawings are scaled down to
+    it (0: never).  ``raw``: decode here and send uint8 pixels to ``fasterrcnn_raw`` (the server
+    then does no decoding).  Raises :class:`ClientError` (before any record) when the server or
+    its model can't be used.
     """
     client = connect(url)
-    labels = class_names(check_model(client, names.ENSEMBLE_RAW if raw else names.ENSEMBLE, raw=raw))
+    config = check_model(client, names.ENSEMBLE_RAW if raw else names.ENSEMBLE, raw=raw)
+    labels = class_names(config)
+    if weights_warning(config):
+        print(f"warning: {weights_warning(config)}", file=sys.stderr)
     annotated = output.annotated_paths(images, draw_dir) if draw_dir is not None else {}
     replies = infer_iter(client, read_payloads(images, raw), concurrency)
     for path, (res, seconds) in zip(images, replies):
         if isinstance(res, Exception):
             yield output.error_record(str(path), res.message() if hasattr(res, "message") else str(res))
             continue
-        dets = [d for d in parse_result(res, labels) if d["score"] >= min_score]
+        dets = [d for d in parse_result(res, labels) if min_score is None or d["score"] >= min_score]
         record = {"image": str(path), "detections": dets, "latency_ms": round(seconds * 1e3, 2)}
         if path in annotated:
-            try:
-                output.draw(path, dets, annotated[path])
+            shown = output.DRAW_MIN_SCORE if min_score is None else min_score
+            try:  # the pixels the server saw (decoded as it decodes them), not the file as an image viewer shows it
+                output.draw(decode_image(path.read_bytes()), [d for d in dets if d["score"] >= shown], annotated[path],
+                            max_side=draw_max_side)
                 record["annotated"] = str(annotated[path])
             except (OSError, ValueError) as e:
                 record["error"] = f"cannot write the annotated image {annotated[path]}: {e}"
@@ -217,9 +233,9 @@ def detect_iter(url: str, images: list[Path], concurrency: int = 1, draw_dir: Pa
 
 
 def run(url: str, images: list[Path], concurrency: int = 1, draw_dir: Path | None = None,
-        min_score: float = 0.0, raw: bool = False) -> list[dict]:
+        min_score: float | None = None, raw: bool = False, draw_max_side: int = output.DRAW_MAX_SIDE) -> list[dict]:
     """:func:`detect_iter` as a list."""
-    return list(detect_iter(url, images, concurrency, draw_dir, min_score, raw))
+    return list(detect_iter(url, images, concurrency, draw_dir, min_score, raw, draw_max_side))
 
 
 def sample_images(folder: Path) -> list[Path]:
@@ -234,6 +250,13 @@ def sample_images(folder: Path) -> list[Path]:
         Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(path, format=fmt, quality=95)
         paths.append(path)
     return paths
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -278,10 +301,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true",
                    help=f"decode images here and send pixels to {names.ENSEMBLE_RAW} (default: send the "
                         f"encoded files to {names.ENSEMBLE})")
-    p.add_argument("--min-score", type=float, default=0.0, metavar="S", help="drop detections below this score")
+    p.add_argument("--min-score", type=float, metavar="S",
+                   help=f"drop detections below this score, from the output and the drawings (default: the output "
+                        f"keeps every detection the server returns; --draw's drawings leave out those below "
+                        f"{output.DRAW_MIN_SCORE}, so that the picture stays readable)")
     p.add_argument("--draw", type=Path, metavar="DIR",
                    help="write annotated copies into DIR as <file name>.png (x.jpg -> x.jpg.png; a second "
                         "x.jpg from another folder -> x.jpg.2.png); files of an earlier run are replaced")
+    p.add_argument("--draw-max-side", type=_non_negative_int, default=output.DRAW_MAX_SIDE, metavar="PIXELS",
+                   help="drawings of larger images are scaled down to this longest side (0: full size); lines "
+                        "and captions scale with the drawing")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per image on stdout instead of the summary line")
     p.add_argument("--output", type=Path, metavar="FILE",
@@ -315,7 +344,8 @@ def _detect_and_report(args, jsonl) -> int:
             report.add(record)
         if images:
             with report.timed():
-                for record in detect_iter(args.url, images, args.concurrency, args.draw, args.min_score, args.raw):
+                for record in detect_iter(args.url, images, args.concurrency, args.draw, args.min_score, args.raw,
+                                          args.draw_max_side):
                     report.add(record)
     except ClientError as e:
         report.close(summary=False)

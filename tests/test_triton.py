@@ -16,6 +16,8 @@ import skimage.data
 
 from client import detect
 from fasterrcnn.server import ServerError, TritonServer, free_port
+from conftest import SMALL
+from exporters.export import ModelOptions
 from exporters.repository import RepositoryOptions, write_repository
 from evaluation.parity import assert_parity, from_packed, torchvision_detect
 from evaluation.payloads import encode, textured_image
@@ -37,8 +39,10 @@ def server(small_export, tmp_path_factory):
     settings, paths = small_export
     repo = tmp_path_factory.mktemp("triton_repo")
     # a long queue delay so concurrent requests are batched
+    # the small model's weights as an export records them (seeded random): detect warns about them
+    weights = ModelOptions(weights="random", seed=SMALL["seed"], num_classes=SMALL["num_classes"]).weights_record()
     write_repository(repo, settings, paths, RepositoryOptions(max_batch_size=MAX_BATCH, queue_delay_us=200_000),
-                     link=True)
+                     link=True, weights=weights)
     srv = TritonServer(repo, **_ports())
     try:
         srv.start(timeout=240)
@@ -252,8 +256,11 @@ def test_client_cli_json_and_draw(server, tmp_path, capsys):
     code = detect.main([str(folder), "--url", server.grpc_url, "--concurrency", "2", "--draw", str(tmp_path / "out"),
                         "--json"])
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     assert len(lines) == 2 and all('"detections"' in ln for ln in lines)
+    assert "warning: the server's weights are random (seed 0, 91 classes): boxes and labels are meaningless" \
+        in captured.err
     assert (tmp_path / "out" / "a.png.png").is_file() and (tmp_path / "out" / "b.jpg.png").is_file()
 
 
