@@ -17,4 +17,4 @@ demo: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m fasterrcnn demo
 
 test: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
