@@ -10,6 +10,11 @@ from pathlib import Path
 # A bar for a handful of images would only flicker.
 PROGRESS_MIN_IMAGES = 8
 TOP_CLASSES = 3
+# Drawings: the boxes shown unless --min-score says otherwise (the server returns up to 100 per
+# image, down to the model's score threshold, which would bury the picture), and the longest side
+# a drawing is scaled down to
+DRAW_MIN_SCORE = 0.5
+DRAW_MAX_SIDE = 2048
 
 
 def error_record(image: str, message: str) -> dict:
@@ -60,16 +65,36 @@ def annotated_paths(images: list[Path], folder: Path) -> dict[Path, Path]:
     return out
 
 
-def draw(image_path: Path, detections: list[dict], out_path: Path) -> None:
-    """The image with a box and a "label score" caption per detection, saved as PNG."""
-    from PIL import Image, ImageDraw
+def drawing_style(width: int, height: int) -> tuple[int, int]:
+    """(line width, caption font size) in pixels for a drawing of ``width`` x ``height``: both
+    grow with the longest side, so boxes and captions read the same on a thumbnail and a photo."""
+    side = max(width, height)
+    return max(2, round(side / 320)), max(11, round(side / 50))
 
-    img = Image.open(image_path).convert("RGB")
+
+def draw(image, detections: list[dict], out_path: Path, max_side: int = DRAW_MAX_SIDE) -> None:
+    """``image`` (``[H, W, 3]`` uint8 RGB, as decoded for the server) with a box and a "label score"
+    caption per detection (boxes x1, y1, x2, y2 in its pixels), saved as PNG; scaled down to
+    ``max_side`` on its longest side where it is larger (0: never)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(image)
+    scale = min(1.0, max_side / max(img.size)) if max_side else 1.0
+    if scale < 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+    width, font_size = drawing_style(*img.size)
+    font = ImageFont.load_default(size=font_size)
     pen = ImageDraw.Draw(img)
     for d in detections:
-        x1, y1, x2, y2 = d["box"]
-        pen.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=2)
-        pen.text((x1 + 2, y1 + 2), f"{d['label']} {d['score']:.2f}", fill=(255, 255, 0))
+        x1, y1, x2, y2 = (v * scale for v in d["box"])
+        pen.rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=width)
+        # the caption on a filled band above the box (inside it at the picture's top edge)
+        text = f"{d['label']} {d['score']:.2f}"
+        left, top, right, bottom = pen.textbbox((0, 0), text, font=font)
+        pad = width
+        y = y1 - (bottom - top) - 2 * pad if y1 - (bottom - top) - 2 * pad >= 0 else y1
+        pen.rectangle([x1, y, x1 + right - left + 2 * pad, y + bottom - top + 2 * pad], fill=(255, 40, 40))
+        pen.text((x1 + pad - left, y + pad - top), text, fill=(255, 255, 255), font=font)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     img.save(out_path, format="PNG")
 
@@ -104,9 +129,8 @@ class Report:
         self.json_lines = json_lines
         self.jsonl = jsonl
         self.failed = 0
-        self.timed_images = 0
+        self.answered = 0
         self.seconds = 0.0
-        self._timing = False
         show = progress and total > PROGRESS_MIN_IMAGES and sys.stderr.isatty()
         self._bar = _progress_bar(total) if show else None
 
@@ -120,20 +144,19 @@ class Report:
         if "error" in record:
             self.failed += 1
             print(error_line(record), file=sys.stderr, flush=True)
-        if self._timing:
-            self.timed_images += 1
+        else:
+            self.answered += 1
         if self._bar is not None:
             self._bar.advance(self._bar.task_ids[0])
 
     @contextlib.contextmanager
     def timed(self):
-        """Counts the records added inside, and their wall time, for the throughput line."""
-        t0, self._timing = time.perf_counter(), True
+        """The wall time of the records added inside, for the throughput line."""
+        t0 = time.perf_counter()
         try:
             yield
         finally:
             self.seconds += time.perf_counter() - t0
-            self._timing = False
 
     def close(self, summary: bool = True) -> None:
         if self._bar is not None:
@@ -141,9 +164,13 @@ class Report:
             self._bar = None
         if not summary:
             return
-        failed = f"; {self.failed} failed" if self.failed else ""
-        if self.timed_images and self.seconds > 0:
-            print(f"{self.timed_images} image{'' if self.timed_images == 1 else 's'} in {self.seconds:.2f} s, "
-                  f"{self.timed_images / self.seconds:.1f} images/s{failed}", file=sys.stderr)
-        else:
-            print(f"no images processed{failed}", file=sys.stderr)
+        print(self.summary(), file=sys.stderr)
+
+    def summary(self) -> str:
+        """``11 inputs: 6 answered in 2.00 s (3.0 images/s), 5 failed``: every input is answered or
+        failed, and the throughput is over the answered images only."""
+        total = self.answered + self.failed
+        answered = f"{self.answered} answered"
+        if self.answered and self.seconds > 0:
+            answered += f" in {self.seconds:.2f} s ({self.answered / self.seconds:.1f} images/s)"
+        return f"{total} input{'' if total == 1 else 's'}: {answered}, {self.failed} failed"
