@@ -40,6 +40,7 @@ class ModelOptions:
     """
 
     weights: str = "random"
+    arch: str | None = None  # exporters.builders.ARCHS; None: a checkpoint's own, else fasterrcnn_resnet50_fpn
     num_classes: int = 91
     seed: int = 0
     class_names: str | None = None
@@ -65,18 +66,20 @@ class ModelOptions:
     def load(self):
         """The torchvision model in eval mode (raises loading.CheckpointError for a bad checkpoint)."""
         sizes = {"min_size": self.min_size, "max_size": self.max_size}
+        arch = self.arch or loading.DEFAULT_ARCH
         if self.weights == "random":
-            return loading.random_model(self.num_classes, seed=self.seed, **sizes)
+            return loading.random_model(self.num_classes, seed=self.seed, arch=arch, **sizes)
         if self.weights == "coco":
-            return loading.coco_model(**sizes)
-        return loading.checkpoint_model(self.weights, **sizes)
+            return loading.coco_model(arch, **sizes)
+        return loading.checkpoint_model(self.weights, self.arch, **sizes)
 
     def digest(self) -> str:
         """Names the weights for cache keys: the checkpoint file's SHA-256, or what makes them."""
+        arch = self.arch or loading.DEFAULT_ARCH
         if self.weights == "coco":
-            return COCO_DIGEST
+            return COCO_DIGEST if arch == loading.DEFAULT_ARCH else f"torchvision-{arch}-COCO_V1"
         if self.weights == "random":
-            return f"random-{self.num_classes}-{self.seed}"
+            return f"random-{self.num_classes}-{self.seed}" + ("" if arch == loading.DEFAULT_ARCH else f"-{arch}")
         h = hashlib.sha256()
         with open(self.weights, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):

@@ -1,4 +1,5 @@
-"""Load torchvision's fasterrcnn_resnet50_fpn from a checkpoint, COCO weights or a seed.
+"""Load a torchvision Faster R-CNN (any builder of :mod:`exporters.builders`) from a checkpoint,
+COCO weights or a seed.
 
 The detector's settings (transform sizes, RPN and box-head thresholds) are read from the
 loaded model object into :class:`~python_backend.settings.DetectorSettings`, which travels with
@@ -11,15 +12,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights, fasterrcnn_resnet50_fpn
+import torchvision
+from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights  # noqa: F401  (export.py)
 
 from python_backend.settings import DetectorSettings, coco_class_names
 
-from . import structure
+from . import builders, structure
+from .builders import DEFAULT_ARCH
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit fasterrcnn_resnet50_fpn; the message says why."""
+CheckpointError = builders.CheckpointError  # a checkpoint the exporters can't load; the message says why
 
 
 class CocoWeightsUnavailable(OSError):
@@ -32,7 +34,8 @@ def _settings_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def random_model(num_classes: int = 91, seed: int = 0, peaky: float = 1.0, **model_kwargs) -> FasterRCNN:
+def random_model(num_classes: int = 91, seed: int = 0, peaky: float = 1.0, arch: str = DEFAULT_ARCH,
+                 **model_kwargs) -> FasterRCNN:
     """Seeded random weights (no download), backbone included (``weights_backbone=None``).
 
     A test needs many detections with distinct scores.  A classifier whose logits barely
@@ -43,89 +46,79 @@ def random_model(num_classes: int = 91, seed: int = 0, peaky: float = 1.0, **mod
     peaky 0.5 -> scores 0.19..0.40; 1.0 -> 0.42..0.92, 100 distinct, 8 labels;
     2 -> 0.75..0.999; 4 -> up to 1.0 with ties; 20 -> all 1.0.  The random backbone's
     un-normalized activations already spread the logits, so 1.0 (torchvision's init) is the default.
+    ``arch``: the builder (:data:`exporters.builders.ARCHS`).
+    Other builders' random backbones (batch norms at their initial statistics) shrink the maps
+    until every RoI scores the same, so their norms take the statistics of a seeded noise batch
+    (:func:`calibrate_norms`), as a trained backbone's would be of its data.
     """
     torch.manual_seed(seed)
-    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
-                                    **_settings_kwargs(model_kwargs))
+    model = builders.build(arch, num_classes=num_classes, **_settings_kwargs(model_kwargs))
+    if arch != DEFAULT_ARCH:
+        calibrate_norms(model, seed)
     if peaky != 1.0:
         with torch.no_grad():
             model.roi_heads.box_predictor.cls_score.weight.mul_(peaky)
     return model.eval()
 
 
-def coco_model(**model_kwargs) -> FasterRCNN:
-    """torchvision's COCO weights, through torchvision's own download and cache.
+@torch.no_grad()
+def calibrate_norms(model: FasterRCNN, seed: int = 0, size: int = 256) -> int:
+    """Give each BatchNorm2d of the backbone the statistics of a seeded batch of two noise images
+    (normalized as the transform would), then eval mode; returns how many."""
+    g = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: the batch's own statistics
+        m.train()
+    model.backbone((torch.rand(2, 3, size, size, generator=g) - 0.45) / 0.225)
+    for m in norms:
+        m.momentum = 0.1
+        m.eval()
+    return len(norms)
+
+
+def coco_model(arch: str = DEFAULT_ARCH, **model_kwargs) -> FasterRCNN:
+    """torchvision's COCO weights of builder ``arch``, through torchvision's own download and cache.
 
     Raises :class:`CocoWeightsUnavailable` when they are not cached and the download fails.
     """
-    weights = FasterRCNN_ResNet50_FPN_Weights.DEFAULT
+    weights = builders.coco_weights(arch)
     try:
         # The weights' only I/O is torch.hub's cache lookup and download; the network's failures
         # (no route, DNS, proxy, HTTP errors) all arrive as OSError (urllib's URLError included).
-        model = fasterrcnn_resnet50_fpn(weights=weights, **_settings_kwargs(model_kwargs))
+        model = torchvision.models.get_model(arch, weights=weights, **_settings_kwargs(model_kwargs))
     except OSError as e:
-        path = coco_weights_path()
+        path = coco_weights_path(arch)
         raise CocoWeightsUnavailable(
             f"cannot download torchvision's COCO weights from {weights.url} ({e}); use --weights random "
-            f"(seeded random weights, offline), --weights PATH (a fasterrcnn_resnet50_fpn state_dict), "
+            f"(seeded random weights, offline), --weights PATH (a {arch} state_dict), "
             f"or copy that file to {path}"
         ) from e
     return model.eval()
 
 
-def coco_weights_path() -> Path:
-    """Where torchvision's COCO checkpoint is (or would be) in torch's hub cache."""
-    url = FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url
+def coco_weights_path(arch: str = DEFAULT_ARCH) -> Path:
+    """Where torchvision's COCO checkpoint of ``arch`` is (or would be) in torch's hub cache."""
+    url = builders.coco_weights(arch).url
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def coco_weights_cached() -> Path | None:
-    """Path of torchvision's COCO checkpoint in torch's hub cache, or None."""
-    path = coco_weights_path()
+def coco_weights_cached(arch: str = DEFAULT_ARCH) -> Path | None:
+    """Path of torchvision's COCO checkpoint of ``arch`` in torch's hub cache, or None."""
+    path = coco_weights_path(arch)
     return path if path.is_file() else None
 
 
-def checkpoint_model(path: str | os.PathLike, **model_kwargs) -> FasterRCNN:
-    """A state_dict saved from fasterrcnn_resnet50_fpn; the number of classes comes from it.
+def checkpoint_model(path: str | os.PathLike, arch: str | None = None, **model_kwargs) -> FasterRCNN:
+    """A state_dict saved from a builder of :mod:`exporters.builders`: ``arch``, or the one the
+    checkpoint records or its keys and shapes show; the number of classes comes from it.
 
     Accepts a bare state_dict or a dict holding one under ``"model"`` or ``"state_dict"``.
-    Raises :class:`CheckpointError` for an unreadable file, missing/unexpected keys or shapes
-    that don't fit.
+    Raises :class:`CheckpointError` (one sentence: what was found, what is expected, how to fix)
+    for a missing, damaged, text or pickled-model file, and for a state_dict of another model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    if isinstance(state, dict):
-        for key in ("model", "state_dict"):
-            if key in state and isinstance(state[key], dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} is not a state_dict of tensors")
-    key = "roi_heads.box_predictor.cls_score.weight"
-    if key not in state:
-        raise CheckpointError(f"checkpoint {path} has no {key!r}: not a fasterrcnn_resnet50_fpn state_dict")
-    num_classes = int(state[key].shape[0])
-    bbox = state.get("roi_heads.box_predictor.bbox_pred.weight")
-    if bbox is None or bbox.shape[0] != 4 * num_classes:
-        got = None if bbox is None else int(bbox.shape[0])
-        raise CheckpointError(
-            f"checkpoint {path}: bbox_pred has {got} outputs, expected 4 x {num_classes} classes"
-        )
-    model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
-                                    **_settings_kwargs(model_kwargs))
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit fasterrcnn_resnet50_fpn: "
-            f"missing keys {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
-            f"unexpected keys {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
-        )
-    return model.eval()
+    return builders.checkpoint_model(path, arch, **_settings_kwargs(model_kwargs))
 
 
 def read_class_names(path: str | os.PathLike | None, num_classes: int) -> tuple[str, ...]:
