@@ -79,10 +79,12 @@ exec 9<>"$LEASE"
 PREPARED=$(mktemp "${TMPDIR:-/tmp}/fasterrcnn-prepare.XXXXXX") || die "cannot create a file in ${TMPDIR:-/tmp}"
 PREPARING=""
 stop() {
-  echo "entrypoint: $1 during the preparation: stopping it" >&2
   if [ -n "$PREPARING" ]; then
+    echo "entrypoint: $1 during the preparation: stopping it" >&2
     kill -TERM "$PREPARING" 2>/dev/null || true
     wait "$PREPARING" || true
+  else
+    echo "entrypoint: $1 before tritonserver started: stopping" >&2
   fi
   rm -f "$PREPARED" "$LEASE"
   exit "$2"
@@ -93,7 +95,7 @@ trap 'stop SIGINT 130' INT
 PREPARING=$!
 STATUS=0
 wait "$PREPARING" || STATUS=$?
-trap - TERM INT
+PREPARING=""  # the traps stay until exec: tritonserver then handles the signals itself
 REPO=$(tail -n 1 "$PREPARED")
 rm -f "$PREPARED"
 [ "$STATUS" -eq 0 ] || die "preparing the model repository failed (see the messages above)"
