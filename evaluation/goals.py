@@ -37,6 +37,7 @@ class Targets:
     fp32_vs_eager: float = 2.0  # x torchvision eager's best fp32, TF32 off on both sides
     p99_c1_ms: dict = field(default_factory=lambda: {"fp16": 10.0, "fp32": 20.0})
     memory_gib: float = 20.0  # the whole server, fp16 and fp32, default settings
+    jpeg_vs_raw: float = 0.95  # JPEG 640x480 requests (decoded by the server) x decoded-pixel requests, best of each
 
 
 TARGETS = Targets()
@@ -201,9 +202,11 @@ def accuracy_goals(acc_rows: list[dict], precisions, trained: bool) -> list[Goal
     return goals
 
 
-def input_notes(perf_rows: list[dict], precisions, kinds: dict[str, str], decoder: str) -> list[Goal]:
+def input_notes(perf_rows: list[dict], precisions, kinds: dict[str, str], decoder: str,
+                targets: Targets = TARGETS) -> list[Goal]:
     """Information rows: throughput and p99 at concurrency 1 of the ensemble for each encoded input
-    kind (``kinds``: {input key: description}), and which image decoder the server said it used."""
+    kind (``kinds``: {input key: description}), and which image decoder the server said it used;
+    and the goal that JPEG 640x480 keeps ``targets.jpeg_vs_raw`` of the decoded input's throughput."""
     goals = []
     for precision in precisions:
         for kind, description in kinds.items():
@@ -215,6 +218,11 @@ def input_notes(perf_rows: list[dict], precisions, kinds: dict[str, str], decode
             goals.append(Goal(f"{precision}, {description}",
                               f"{best['infer_per_s']:.1f} images/s (concurrency {best['concurrency']}){p99_text}",
                               "information", INFO))
+            raw = best_throughput(perf_rows, "ensemble", precision, "raw")
+            if kind == "jpeg" and raw is not None and precision in GATED:
+                ratio = best["infer_per_s"] / raw["infer_per_s"]
+                goals.append(Goal(f"{precision}, JPEG 640x480 / decoded 640x480 throughput", f"{ratio:.3f}",
+                                  f">= {targets.jpeg_vs_raw:g}", MET if ratio >= targets.jpeg_vs_raw else NOT_MET))
     if decoder:
         goals.append(Goal("image decoder (server log)", decoder, "information", INFO))
     return goals
@@ -233,7 +241,7 @@ def evaluate(card: str, precisions, perf_rows: list[dict], eager_rows: list[dict
             + latency_goals(perf_rows, precisions, why_missing, targets)
             + memory_goals(memory_rows, precisions, targets)
             + accuracy_goals(acc_rows, precisions, trained)
-            + input_notes(perf_rows, precisions, encoded_kinds or {}, decoder))
+            + input_notes(perf_rows, precisions, encoded_kinds or {}, decoder, targets))
 
 
 def exit_code(goals: list[Goal]) -> int:
