@@ -14,7 +14,8 @@ started with ``-I -S`` and that folder alone imports what the image's would:
 * CUDA-only distributions (``cupy-cuda*``) have no CPU wheel and stay absent: only GPU instances
   import them, and the loader run in that Python reports every module that needs one;
 * an unpinned dependency is linked from this venv, or installed from PyPI where the venv lacks it;
-* ``pip install .`` installs this project: its packages are linked from the checkout.
+* ``pip install .`` installs this project: the packages the Dockerfile COPYs are linked from
+  the checkout.
 """
 from __future__ import annotations
 
@@ -32,8 +33,6 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
-# the packages `pip install .` puts into site-packages (pyproject.toml, tool.setuptools.packages.find)
-PROJECT_PACKAGES = ("exporters", "python_backend", "client", "fasterrcnn", "evaluation")
 # wheels too large to fetch in CI: this venv's copy stands in, at the pinned version only
 FROM_VENV_ONLY = {"torch", "torchvision"}
 CUDA_ONLY = re.compile(r"cupy-cuda\d+x?")
@@ -104,6 +103,17 @@ def serving_pins(dockerfile: Path = DOCKERFILE) -> tuple[list[Requirement], bool
     return pins, project
 
 
+def copied_packages(dockerfile: Path = DOCKERFILE) -> list[str]:
+    """The project's packages the image holds: COPY sources that are Python packages here."""
+    packages = []
+    for line in dockerfile.read_text().splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0].upper() == "COPY":
+            packages += [a.rstrip("/") for a in words[1:-1]
+                         if not a.startswith("--") and (ROOT / a / "__init__.py").is_file()]
+    return packages
+
+
 def _pin(req: Requirement) -> Version:
     return Version(next(iter(req.specifier)).version)
 
@@ -134,25 +144,17 @@ def _pip_install(site: Path, specs: list[str]) -> None:
         raise ServingEnvError(f"pip could not install {specs} here: {result.stderr[-2000:]}")
 
 
-def _shared_top_dirs() -> set[str]:
-    """Top-level folders of this venv's site-packages that several distributions fill (nvidia/,
-    cuda/, google/): these are linked one level deeper, per distribution."""
-    owners: dict[str, set[str]] = {}
-    for dist in md.distributions():
-        for f in dist.files or ():
-            parts = PurePosixPath(f).parts
-            if len(parts) > 1 and parts[0] != "..":
-                owners.setdefault(parts[0], set()).add(dist.metadata["Name"])
-    return {top for top, names in owners.items() if len(names) > 1}
-
-
-def _link_dist(dist: md.Distribution, site: Path, shared: set[str]) -> None:
-    """Symlink the site-packages entries of ``dist`` (a venv distribution) into ``site``."""
+def _link_dist(dist: md.Distribution, site: Path) -> None:
+    """Symlink the site-packages entries of ``dist`` (a venv distribution) into ``site``: its
+    top-level modules, packages and .dist-info, and inside a namespace folder that several
+    distributions fill (nvidia/, cuda/: no ``__init__.py``) only its own subfolders."""
     for f in dist.files or ():
         parts = PurePosixPath(f).parts
         if not parts or parts[0] in ("..", "__pycache__"):
             continue  # console scripts live outside site-packages
-        depth = 2 if parts[0] in shared and len(parts) > 1 else 1
+        top = Path(dist.locate_file(parts[0]))
+        namespace = len(parts) > 2 and top.is_dir() and not (top / "__init__.py").exists()
+        depth = 2 if namespace else 1
         rel = Path(*parts[:depth])
         dest = site / rel
         if dest.is_symlink() or dest.exists():
@@ -162,8 +164,9 @@ def _link_dist(dist: md.Distribution, site: Path, shared: set[str]) -> None:
         os.symlink(source, dest)
 
 
-def build_site(site: Path, pins: list[Requirement], project: bool) -> dict[str, list[str]]:
-    """Fill ``site`` with the serving environment; returns {"linked", "installed", "absent"} names."""
+def build_site(site: Path, pins: list[Requirement], packages: list[str]) -> dict[str, list[str]]:
+    """Fill ``site`` with the serving environment and this project's ``packages``; returns
+    {"linked", "installed", "absent"} distribution names."""
     site.mkdir(parents=True, exist_ok=True)
     report = {"linked": [], "installed": [], "absent": []}
     wanted: dict[str, set[str]] = {}  # canonical name -> extras
@@ -185,7 +188,7 @@ def build_site(site: Path, pins: list[Requirement], project: bool) -> dict[str, 
     _pip_install(site, to_install)
     report["installed"] += to_install
 
-    shared, done = _shared_top_dirs(), set()
+    done = set()
     queue = [n for n in wanted if not CUDA_ONLY.fullmatch(n)]
     for _ in range(10):  # a dependency found missing is installed, then its own are walked
         missing = []
@@ -199,7 +202,7 @@ def build_site(site: Path, pins: list[Requirement], project: bool) -> dict[str, 
                 continue
             done.add(name)
             if name not in _site_dists(site):
-                _link_dist(dist, site, shared)
+                _link_dist(dist, site)
                 report["linked"].append(f"{name}=={dist.version}")
             for text in dist.requires or ():
                 dep = Requirement(text)
@@ -216,7 +219,6 @@ def build_site(site: Path, pins: list[Requirement], project: bool) -> dict[str, 
         _pip_install(site, sorted(missing))
         report["installed"] += sorted(missing)
         queue = missing
-    if project:
-        for package in PROJECT_PACKAGES:
-            os.symlink(ROOT / package, site / package)
+    for package in packages:
+        os.symlink(ROOT / package, site / package)
     return report

@@ -30,7 +30,9 @@ def _load(path: str, args: dict):
 
 def _run_ensemble(fake, np, steps: list, instances: dict, image: bytes) -> list:
     """One encoded image through the ensemble's steps, each output feeding the steps after it."""
-    tensors = {"image": np.frombuffer(image, np.uint8)[None]}
+    # a copy: frombuffer's array is read-only, which numpy 2 refuses to export through DLPack
+    # (Triton's own input tensors are writable)
+    tensors = {"image": np.frombuffer(image, np.uint8)[None].copy()}
     for step in steps:
         inputs = {model_input: tensors[tensor] for model_input, tensor in step["input_map"].items()}
         (response,) = instances[step["model"]].execute([fake.Request(**inputs)])
@@ -44,7 +46,7 @@ def _run_ensemble(fake, np, steps: list, instances: dict, image: bytes) -> list:
 def main(spec_file: str) -> None:
     spec = json.loads(open(spec_file).read())
     site.addsitedir(spec["site"])
-    sys.path.append(spec["tests_dir"])  # triton_fake, the stand-in for triton_python_backend_utils
+    site.addsitedir(spec["stub"])  # triton_fake, standing in for the stub's triton_python_backend_utils
     result = {"failures": [], "cuda_only": [], "ran": []}
     try:
         import numpy as np

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 DOCS = ROOT / "docs" / "docker.md"
-BASE_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+BASE_IMAGE = "nvcr.io/nvidia/tritonserver:25.10-py3"
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -103,9 +103,10 @@ def test_every_pip_package_is_pinned():
     assert packages, "no pip install found"
     unpinned = [p for p in packages if not re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.+]+", p)]
     assert not unpinned, f"unpinned pip packages: {unpinned}"
-    # the TensorRT bindings match the base image's TensorRT 10.5, CuPy its CUDA 12
-    assert "tensorrt-cu12-bindings==10.5.0" in packages
-    assert any(p.startswith("cupy-cuda12x==") for p in packages)
+    # the TensorRT bindings match the base image's TensorRT 10.13.3, CuPy and torch its CUDA 13
+    assert "tensorrt-cu13-bindings==10.13.3.9" in packages
+    assert any(p.startswith("cupy-cuda13x==") for p in packages)
+    assert "torch==2.14.1" in packages  # PyPI's Linux wheel: a CUDA 13.0 build (docs/docker.md)
 
 
 def test_copy_sources_exist_and_entrypoint_is_wired():

@@ -35,7 +35,9 @@ def serving_site(tmp_path_factory):
     pins, project = serving_env.serving_pins()
     assert project, "the serving Python must install this project (`python3 -m pip install --no-deps .`)"
     site = tmp_path_factory.mktemp("serving") / "site-packages"
-    return site, serving_env.build_site(site, pins, project)
+    packages = serving_env.copied_packages()
+    assert "python_backend" in packages, packages
+    return site, serving_env.build_site(site, pins, packages)
 
 
 def _repository(target: str, small_export, small_traces, out: Path) -> Path:
@@ -92,7 +94,10 @@ def test_serving_python_loads_every_model_for_every_target(serving_site, small_e
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     image.write_bytes(buffer.getvalue())
-    spec = {"site": str(site), "tests_dir": str(TESTS), "image": str(image), "cuda_only_modules": ["cupy"],
+    stub = tmp_path / "stub"  # only the stand-in, not the rest of tests/
+    stub.mkdir()
+    (stub / "triton_fake.py").symlink_to(TESTS / "triton_fake.py")
+    spec = {"site": str(site), "stub": str(stub), "image": str(image), "cuda_only_modules": ["cupy"],
             "repositories": [_spec(_repository(t, small_export, small_traces, tmp_path / t), t) for t in TARGETS]}
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
