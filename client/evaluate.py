@@ -65,6 +65,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="coco|random|PATH",
                    help="the reference's weights, as for export (default: those the served repository's "
                         "provenance.json records, in --repository)")
+    p.add_argument("--arch", metavar="BUILDER", default=None,
+                   help="the reference's torchvision builder, as for export (default: the recorded one with the "
+                        "recorded weights; with --weights, a checkpoint's own, else fasterrcnn_resnet50_fpn)")
     p.add_argument("--seed", type=int, default=None, help="seed of --weights random (default: the recorded one, or 0)")
     p.add_argument("--repository", type=Path, default=None, metavar="DIR",
                    help="the served model repository, for its provenance.json (default: ./model_repository of "
@@ -150,14 +153,15 @@ def reference_model(args, settings):
     """torchvision's model with ``--weights`` (default: the served repository's recorded weights) and
     the served settings, on ``--reference-device``."""
     if args.weights is not None:
-        source = {"weights": args.weights, "seed": args.seed or 0}
+        source = {"weights": args.weights, "seed": args.seed or 0, "arch": None}
     else:
         from fasterrcnn.options import DEFAULT_REPOSITORY
 
         source = coco.recorded_weights(args.repository or DEFAULT_REPOSITORY)
         if args.seed is not None:
             source["seed"] = args.seed
-    return coco.reference_model(source["weights"], settings, source["seed"], args.reference_device)
+    return coco.reference_model(source["weights"], settings, source["seed"], args.reference_device,
+                                args.arch or source.get("arch"))
 
 
 def reference_results(model, annotations: dict, paths: list[Path], label_to_category: dict, precision: str,

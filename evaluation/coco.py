@@ -157,7 +157,8 @@ def classes_that_differ(served: Evaluation, reference: Evaluation, count: int = 
 
 def recorded_weights(repository: str | Path) -> dict:
     """The weights the repository's ``provenance.json`` records: ``{"weights": "coco" | "random" |
-    path, "seed": int, "num_classes": int}``.  Raises :class:`EvaluationError` where it records none."""
+    path, "seed": int, "num_classes": int, "arch": builder name or None}``.  Raises
+    :class:`EvaluationError` where it records none."""
     path = Path(repository) / MANIFEST
     if not path.is_file():
         raise EvaluationError(f"{path} does not exist, so the served weights are unknown: pass --weights "
@@ -175,11 +176,13 @@ def recorded_weights(repository: str | Path) -> dict:
     settings = manifest.get("settings") or {}
     seed = (weights.get("seed") if isinstance(weights, dict) else None) or options.get("seed") or manifest.get("seed")
     return {"weights": str(source), "seed": int(seed or 0),
-            "num_classes": int(settings.get("num_classes") or options.get("num_classes") or 91)}
+            "num_classes": int(settings.get("num_classes") or options.get("num_classes") or 91),
+            "arch": options.get("arch") or settings.get("arch")}
 
 
-def reference_model(weights: str, settings, seed: int = 0, device: str = "auto"):
-    """torchvision's detector with ``weights`` ("coco", "random" with ``seed``, or a checkpoint) and
+def reference_model(weights: str, settings, seed: int = 0, device: str = "auto", arch: str | None = None):
+    """torchvision's detector ``arch`` (a builder name; None: a checkpoint's own, else
+    fasterrcnn_resnet50_fpn) with ``weights`` ("coco", "random" with ``seed``, or a checkpoint) and
     the served ``settings`` (DetectorSettings: resize, thresholds), in eval mode on ``device``
     ("auto": CUDA where there is one).  Raises :class:`EvaluationError` where a setting that
     shapes the detections differs from the served one."""
@@ -188,7 +191,7 @@ def reference_model(weights: str, settings, seed: int = 0, device: str = "auto")
     from exporters.export import ModelOptions
     from exporters.loading import settings_from_model
 
-    options = ModelOptions(weights=weights, num_classes=settings.num_classes, seed=seed,
+    options = ModelOptions(weights=weights, arch=arch, num_classes=settings.num_classes, seed=seed,
                            min_size=settings.min_size, max_size=settings.max_size)
     model = options.load()
     mine = settings_from_model(model)

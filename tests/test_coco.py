@@ -95,7 +95,7 @@ def test_recorded_weights_are_read_from_the_provenance_manifest(tmp_path):
     manifest = {"weights": {"source": "random", "digest": "random-91-3", "line": "random (seed 3, 91 classes)"},
                 "settings": {"num_classes": 91}, "options": {"seed": 3, "num_classes": 91}}
     (tmp_path / coco.MANIFEST).write_text(json.dumps(manifest))
-    assert coco.recorded_weights(tmp_path) == {"weights": "random", "seed": 3, "num_classes": 91}
+    assert coco.recorded_weights(tmp_path) == {"weights": "random", "seed": 3, "num_classes": 91, "arch": None}
     (tmp_path / coco.MANIFEST).write_text(json.dumps({**manifest, "weights": None}))
     with pytest.raises(coco.EvaluationError, match="records no weights"):
         coco.recorded_weights(tmp_path)
