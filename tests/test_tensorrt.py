@@ -420,7 +420,7 @@ def test_missing_tensorrt_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt_bindings", None)
     onnx_file = tmp_path / "rpn.onnx"
     onnx_file.write_bytes(b"")
-    expected = r"not importable \(import tensorrt: .*tensorrt-cu12-bindings==10\.5\.0"
+    expected = r"not importable \(import tensorrt: .*tensorrt-cu13-bindings==10\.13\.3\.9"
     with pytest.raises(build.TensorRTUnavailable, match=expected):
         build.build_engine(onnx_file, tmp_path / "rpn.plan", [])
     assert not (tmp_path / "rpn.plan").exists()

@@ -2,7 +2,7 @@
 
 TensorRT is imported lazily (:func:`import_tensorrt`); where it or a GPU is missing the
 functions raise :class:`TensorRTUnavailable` naming what is missing.  Written against the
-TensorRT 10 Python API (NGC ``tritonserver:24.10-py3`` ships TensorRT 10.5).
+TensorRT 10 Python API (NGC ``tritonserver:25.10-py3``, the Docker image's base, ships TensorRT 10.13.3).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ PRECISIONS = ("fp32", "tf32", "fp16")
 DEFAULT_WORKSPACE_BYTES = 4 << 30
 MIN_TENSORRT_MAJOR = 10  # execute_async_v3, set_memory_pool_limit, IProgressMonitor
 INSTALL_HINT = (
-    "run inside nvcr.io/nvidia/tritonserver:24.10-py3 with `pip install tensorrt-cu12-bindings==10.5.0` "
+    "run inside nvcr.io/nvidia/tritonserver:25.10-py3 with `pip install tensorrt-cu13-bindings==10.13.3.9` "
     "(see Dockerfile and docs/docker.md); TensorRT can't be installed on the CPU/CI machines"
 )
 _LIBRARY = "libnvinfer.so"
@@ -51,7 +51,7 @@ def _major(version: str) -> int:
 
 
 def import_tensorrt():
-    """The ``tensorrt`` module, or the ``tensorrt_bindings`` module of the ``tensorrt-cu12-bindings``
+    """The ``tensorrt`` module, or the ``tensorrt_bindings`` module of the ``tensorrt-cu13-bindings``
     wheel (the Docker image's choice: it links the image's own libnvinfer).  Raises
     :class:`TensorRTUnavailable` naming what is missing."""
     errors = []
