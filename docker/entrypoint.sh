@@ -34,6 +34,8 @@
 #   PREPARE_ONLY=1   print the repository path and exit instead of starting tritonserver
 #   GPU_NAME         override the GPU name read from nvidia-smi (the cache key)
 #   EXPORT_PYTHON    the Python with torch/onnxsim/TensorRT bindings                              [/opt/export/bin/python]
+#   SERVING_PYTHON   the Python that runs the drain on SIGTERM (fasterrcnn.drain)                 [python3]
+#   DRAIN_TIMEOUT    on SIGTERM/SIGINT, seconds the requests in flight get before tritonserver stops [45]
 # Arguments are passed on to tritonserver (for example --log-verbose=1).
 set -euo pipefail
 
@@ -41,6 +43,8 @@ export CACHE_DIR="${CACHE_DIR:-/cache}"
 export TARGET="${TARGET:-tensorrt}"
 CUDA_POOL_BYTES="${CUDA_POOL_BYTES:-4294967296}"
 EXPORT_PYTHON="${EXPORT_PYTHON:-/opt/export/bin/python}"
+SERVING_PYTHON="${SERVING_PYTHON:-python3}"
+DRAIN_TIMEOUT="${DRAIN_TIMEOUT:-45}"
 # torchvision downloads COCO weights here once, into the volume
 export TORCH_HOME="${TORCH_HOME:-$CACHE_DIR/torch}"
 # GPU ids mean the same GPU to Triton (CUDA's numbering) as to nvidia-smi and GPUS
@@ -65,7 +69,7 @@ fi
 [ -x "$EXPORT_PYTHON" ] || command -v "$EXPORT_PYTHON" >/dev/null || die "EXPORT_PYTHON $EXPORT_PYTHON not found"
 
 # The lease: prepare locks it and writes the repository's folder into it; descriptor 9 stays open
-# in this shell and then in tritonserver (exec), so the lock lasts as long as the server.  Opened
+# in this shell and in tritonserver, its child, so the lock lasts as long as the server.  Opened
 # read-write: on NFS, flock is emulated with byte-range locks (flock(2), NOTES), and a shared lock
 # needs a descriptor open for reading, an exclusive one a descriptor open for writing.
 LEASE=$(mktemp "$CACHE_DIR/leases/${HOSTNAME:-container}.XXXXXX")
@@ -95,7 +99,7 @@ trap 'stop SIGINT 130' INT
 PREPARING=$!
 STATUS=0
 wait "$PREPARING" || STATUS=$?
-PREPARING=""  # the traps stay until exec: tritonserver then handles the signals itself
+PREPARING=""  # the traps stay until tritonserver starts; then they drain it
 REPO=$(tail -n 1 "$PREPARED")
 rm -f "$PREPARED"
 [ "$STATUS" -eq 0 ] || die "preparing the model repository failed (see the messages above)"
@@ -118,4 +122,33 @@ for id in $GPU_IDS; do
 done
 [ "${#POOLS[@]}" -gt 0 ] || die "no GPU found for the CUDA memory pools (GPUS=${GPUS:-all})"
 
-exec tritonserver --model-repository="$REPO" "${POOLS[@]}" "$@"
+# tritonserver runs as this shell's child, so that SIGTERM and SIGINT drain it before it stops: the
+# ensembles are unloaded once their requests in flight are answered (fasterrcnn/drain.py: Triton
+# itself refuses an ensemble's next step once it is stopping), then tritonserver gets SIGTERM and
+# exits with up to DRAIN_TIMEOUT more seconds (--exit-timeout-secs).  Arguments given to the
+# container come last and win; they may move the HTTP port the drain talks to.
+HTTP_PORT=8000
+previous=""
+for arg in "$@"; do
+  case "$arg" in --http-port=*) HTTP_PORT="${arg#--http-port=}" ;; esac
+  [ "$previous" = "--http-port" ] && HTTP_PORT="$arg"
+  previous="$arg"
+done
+tritonserver --model-repository="$REPO" "${POOLS[@]}" --model-control-mode=explicit --load-model='*' \
+  --exit-timeout-secs="$DRAIN_TIMEOUT" "$@" &
+SERVER=$!
+drain_and_stop() {
+  echo "entrypoint: $1: draining tritonserver (the requests in flight get up to $DRAIN_TIMEOUT s), then stopping it" >&2
+  "$SERVING_PYTHON" -m fasterrcnn.drain "http://127.0.0.1:$HTTP_PORT" "$DRAIN_TIMEOUT" || true
+  kill -TERM "$SERVER" 2>/dev/null || true
+}
+trap 'drain_and_stop SIGTERM' TERM
+trap 'drain_and_stop SIGINT' INT
+STATUS=0
+wait "$SERVER" || STATUS=$?
+# a trapped signal ends `wait` early: wait on until tritonserver itself has exited
+while kill -0 "$SERVER" 2>/dev/null; do
+  STATUS=0
+  wait "$SERVER" || STATUS=$?
+done
+exit "$STATUS"

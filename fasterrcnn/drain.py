@@ -7,14 +7,18 @@ the ensembles are unloaded (the server runs with ``--model-control-mode=explicit
 does once their requests in flight are answered, refusing new ones meanwhile, while the steps stay
 loaded to finish them.  SIGTERM then finds nothing in flight.
 
-``python -m fasterrcnn.drain URL TIMEOUT`` does the same from a shell (the Docker entrypoint).
+Through Triton's HTTP model-repository API and the standard library alone, so any Python can run
+it: ``python3 -m fasterrcnn.drain http://127.0.0.1:8000 45`` (the Docker entrypoint does, on SIGTERM).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import threading
 import time
+import urllib.error
+import urllib.request
 
 from python_backend import names
 
@@ -25,54 +29,66 @@ ENSEMBLES = (names.ENSEMBLE, names.ENSEMBLE_RAW)
 BUSY_STATES = ("READY", "LOADING", "UNLOADING")
 
 
-def _busy(client, models) -> list[str]:
-    index = client.get_model_repository_index()
-    return [m.name for m in index.models if m.name in models and m.state in BUSY_STATES]
+def _post(url: str, timeout: float):
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+    return json.loads(body) if body else None
 
 
-def drain(grpc_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) -> bool:
-    """Unload ``models`` from the server at ``grpc_url`` and wait up to ``timeout`` s until none of them
-    is loaded, that is, until the requests they held are answered.  True when drained in time;
-    False when time ran out or the server could not be asked (then SIGTERM stops it as it would)."""
-    import tritonclient.grpc as grpcclient
+def _busy(http_url: str, models) -> list[str]:
+    index = _post(f"{http_url}/v2/repository/index", timeout=10)
+    return [m["name"] for m in index if m.get("name") in models and m.get("state") in BUSY_STATES]
 
-    client = grpcclient.InferenceServerClient(grpc_url)
+
+def _unload(http_url: str, name: str, timeout: float, refused: list[str]) -> None:
+    try:
+        _post(f"{http_url}/v2/repository/models/{name}/unload", timeout=timeout)
+    except urllib.error.HTTPError as e:  # a server not in explicit model control refuses at once
+        refused.append(f"{name}: HTTP {e.code} {e.read().decode(errors='replace')[:200]}")
+    except (OSError, ValueError) as e:  # the index poll in drain() tells the outcome
+        log.debug("unloading %s: %s", name, e)
+
+
+def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) -> bool:
+    """Unload ``models`` from the server whose HTTP endpoint is ``http_url`` (``http://host:port``) and
+    wait up to ``timeout`` s until none is loaded, that is, until the requests they held are
+    answered.  True when drained in time; False when time ran out or the server could not be asked
+    (then SIGTERM stops it as it would have)."""
+    http_url = http_url if "://" in http_url else f"http://{http_url}"
     deadline = time.monotonic() + timeout
     try:
-        busy = _busy(client, models)
-    except Exception as e:  # noqa: BLE001 - a server that does not answer can't be drained
-        log.warning("could not drain the server at %s: %s", grpc_url, e)
+        busy = _busy(http_url, models)
+    except (OSError, ValueError) as e:
+        log.warning("could not drain the server at %s: %s", http_url, e)
         return False
-    # unloading returns once the model is gone, which is when its requests are answered: one thread each
+    # an unload call returns once the model is gone, which is when its requests are answered: a thread each
+    refused: list[str] = []
     for name in busy:
-        threading.Thread(target=_unload, args=(grpc_url, name, timeout), daemon=True).start()
+        threading.Thread(target=_unload, args=(http_url, name, timeout, refused), daemon=True).start()
     while busy and time.monotonic() < deadline:
         time.sleep(poll_s)
+        if refused:
+            log.warning("the server refused to unload %s (started without --model-control-mode=explicit?)",
+                        "; ".join(refused))
+            return False
         try:
-            busy = _busy(client, models)
-        except Exception:  # noqa: BLE001 - the server went away: nothing left to wait for
+            busy = _busy(http_url, models)
+        except (OSError, ValueError):  # the server went away: nothing left to wait for
             return False
     return not busy
 
 
-def _unload(grpc_url: str, name: str, timeout: float) -> None:
-    import tritonclient.grpc as grpcclient
-
-    try:
-        grpcclient.InferenceServerClient(grpc_url).unload_model(name, client_timeout=timeout)
-    except Exception as e:  # noqa: BLE001 - the poll in drain() tells the outcome
-        log.debug("unloading %s: %s", name, e)
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Drain a tritonserver before stopping it: unload the ensembles "
-                                                 "once their requests in flight are answered.")
-    parser.add_argument("url", help="the server's gRPC address, host:port")
-    parser.add_argument("timeout", type=float, help="seconds to wait for the requests in flight")
+    parser = argparse.ArgumentParser(prog="python3 -m fasterrcnn.drain",
+                                     description="Drain a tritonserver before stopping it: unload the ensembles once "
+                                                 "their requests in flight are answered. Exit 0 drained, 1 not.")
+    parser.add_argument("url", help="the server's HTTP endpoint, http://host:port")
+    parser.add_argument("timeout", type=float, help="seconds the requests in flight get")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="drain: %(message)s")
     ok = drain(args.url, args.timeout)
-    log.info("drained" if ok else "not drained in %.0f s", args.timeout)
+    log.info("ensembles drained" if ok else "requests still in flight after %.0f s", args.timeout)
     return 0 if ok else 1
 
 

@@ -309,7 +309,7 @@ class TritonServer:
         try:
             if proc is not None and proc.returncode is None:
                 if self.ready and not _wait_exit(proc.pid, 0):
-                    drained = drain(self.grpc_url, self.drain_timeout_s)
+                    drained = drain(dial_address(self.host, self.http_port), self.drain_timeout_s)
                     self.ready = False
                     if not drained:
                         log.warning("requests still in flight after %d s; stopping anyway", self.drain_timeout_s)
