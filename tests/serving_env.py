@@ -153,7 +153,7 @@ def _link_dist(dist: md.Distribution, site: Path) -> None:
         if not parts or parts[0] in ("..", "__pycache__"):
             continue  # console scripts live outside site-packages
         top = Path(dist.locate_file(parts[0]))
-        namespace = len(parts) > 2 and top.is_dir() and not (top / "__init__.py").exists()
+        namespace = len(parts) > 1 and top.is_dir() and not (top / "__init__.py").exists()
         depth = 2 if namespace else 1
         rel = Path(*parts[:depth])
         dest = site / rel
