@@ -303,7 +303,7 @@ def test_prepare_then_serve(render, name):
     assert _env(server)["REBUILD"] == "0", "the server must reuse what prepare built"
     readers = [ENTRYPOINT, *sorted((ROOT / "fasterrcnn").glob("*.py"))]
     assert any("PREPARE_ONLY" in p.read_text() for p in readers), "the image no longer reads PREPARE_ONLY"
-    assert {c["image"] for c in containers(deployment).values()} == {"fasterrcnn-triton:24.10"}
+    assert {c["image"] for c in containers(deployment).values()} == {"fasterrcnn-triton:25.10"}
     assert "command" not in prepare and "command" not in server, "both go through the image's entrypoint"
 
 
