@@ -136,7 +136,6 @@ def python_step_config(name: str, settings: DetectorSettings, options: Repositor
     if name == names.PREPROCESS:  # (preprocess_raw takes decoded pixels)
         params["jpeg_decoder"] = options.jpeg_decoder if gpu else "pillow"
         params["decode_threads"] = str(options.decode_threads)
-        params["decode_threads"] = str(options.decode_threads)
     if gpu:
         # keep GPU tensors on the GPU between steps (DLPack, no host round trip)
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
