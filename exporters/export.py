@@ -148,7 +148,7 @@ def export_loaded(detector, settings: DetectorSettings, model: ModelOptions, rep
             log.info("[2/3] tracing the header and the rpn at each canvas %s (TorchScript, %s, on %s)",
                      canvases, repo.torch_precision, repo.device)
             traces = export_torch(detector, settings, work / "torch", device=repo.device,
-                                  precision="fp32" if repo.torch_precision == "tf32" else repo.torch_precision,
+                                  precision=repo.torch_precision,
                                   unmasked=repo.torch_unmasked_rpn)
             log.info("[3/3] writing the model repository to %s (target torch, device %s)", out, repo.device)
             write_repository(out, settings, {}, repo, torch_models=traces, **recorded)

@@ -10,8 +10,13 @@ forward (anchor grids, extent masks, -inf fill values) without a ``device=`` arg
 index, so at run time it means the current device, which the runner sets to its instance's GPU.
 
 Precisions (proposals, class scores and boxes are float32 in both):
-  fp32  everything in float32.  TF32 is a run-time switch, not part of the trace: the runner
-        turns it off (``torch.backends.cuda.matmul.allow_tf32`` and ``cudnn.allow_tf32``).
+  fp32  everything in float32, TF32 off.
+  tf32  the fp32 networks with TF32 convolutions.  A trace records each convolution as
+        ``aten::_convolution(..., benchmark, deterministic, cudnn_enabled, allow_tf32)`` with the
+        flags ``torch.backends.cudnn`` had while tracing, as constants: the run-time switch
+        (``cudnn.allow_tf32``) no longer reaches them, so tf32 gets traces of its own, recorded
+        with TF32 on (:func:`trace`).  Matmuls (the header's linear layers) follow the runner's
+        ``torch.backends.cuda.matmul.allow_tf32`` at run time.
   fp16  the dense parts (backbone + FPN + RPN head; box head + predictor) in float16; anchors,
         top-k, sigmoid/softmax, box decode and clipping in float32.  The FPN maps are float16
         outputs (the configs say TYPE_FP16; the roi step pools them in float32).  Box decode in float16 would
@@ -33,7 +38,7 @@ from .split import HeaderNetwork, RpnNetwork
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "tf32", "fp16")
 
 
 def _to_float(x):
@@ -70,7 +75,7 @@ def rpn_module(model, settings: DetectorSettings, precision: str = "fp32", exten
     precision's float type (exporters/specs.py ``maps_type``)."""
     _check_precision(precision)
     net = RpnNetwork(model, settings, extent_masks=extent_masks).eval()
-    if precision == "fp32":
+    if precision != "fp16":  # fp32, tf32
         return net
     # Backbone takes float16 images; the RPN head returns float32 logits and deltas, so
     # top-k and box decode (with float32 anchors) stay in float32.
@@ -114,26 +119,44 @@ def example_inputs(settings: DetectorSettings, device: torch.device, canvas: tup
     return (images, sizes), (feats, boxes)
 
 
-def trace(module: nn.Module, inputs: tuple, device: torch.device) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` on ``device`` with factory calls defaulting to that device (see module doc)."""
+def trace(module: nn.Module, inputs: tuple, device: torch.device, tf32: bool = False) -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` on ``device`` with factory calls defaulting to that device (see module doc);
+    its convolutions keep ``tf32`` as their TF32 flag, and cuDNN's heuristics (no autotuner)."""
     module = module.to(device).eval()
     # "cuda" without an index: the trace then means "the current device" (see module doc).
     default = torch.device(device.type)
-    with torch.no_grad(), default, _tf32_off():
+    with torch.no_grad(), default, _convolution_flags(tf32):
         traced = torch.jit.trace(module, inputs, check_trace=False)
     return traced
 
 
-class _tf32_off:
-    """TF32 off while tracing (the trace runs the network once); restores the previous flags."""
+class _convolution_flags:
+    """cuDNN's flags while tracing, which the trace keeps in every convolution (module doc): TF32 as
+    asked, the autotuner off; matmul TF32 off.  Restores the previous flags."""
+
+    def __init__(self, tf32: bool):
+        self.tf32 = tf32
 
     def __enter__(self):
-        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                      torch.backends.cudnn.benchmark)
         torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = self.tf32
+        torch.backends.cudnn.benchmark = False
 
     def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = self.saved
+
+
+def convolution_flags(traced: torch.jit.ScriptModule) -> set[tuple[bool, bool]]:
+    """The (benchmark, allow_tf32) pairs a trace's convolutions carry."""
+    flags = set()
+    graph = traced.inlined_graph  # held: its nodes live only as long as it does
+    for node in graph.findAllNodes("aten::_convolution"):
+        args = list(node.inputs())
+        flags.add((bool(args[-4].toIValue()), bool(args[-1].toIValue())))
+    return flags
 
 
 def resolve_device(device: str) -> torch.device:
@@ -173,7 +196,7 @@ def export_torch(model, settings: DetectorSettings, out_dir: Path, device: str =
     paths = {}
     for name, module, inputs in jobs:
         log.info("tracing %s (%s) on %s", name, precision, dev)
-        traced = trace(module, inputs, dev)
+        traced = trace(module, inputs, dev, tf32=precision == "tf32")
         path = out_dir / f"{name}.pt"
         torch.jit.save(traced, str(path))
         paths[name] = path
