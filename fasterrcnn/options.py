@@ -210,6 +210,9 @@ class Options:
     drain_timeout: int = _opt(45, "server", parse=int,
                               help="on SIGTERM or Ctrl-C, seconds the requests in flight get to finish before "
                                    "tritonserver stops anyway (its --exit-timeout-secs; deploy/'s pods allow 45)")
+    log_dir: Path | None = _opt(None, "server", parse=Path, metavar="DIR",
+                                help="folder for tritonserver's log, one file per start, kept after it stops "
+                                     "(default: logs/ beside the repository)")
     rebuild: bool = _opt(False, "server", parse=parse_bool, env="REBUILD",
                          help="export again even if the repository exists")
 

@@ -75,7 +75,8 @@ def make_server(options: Options) -> TritonServer:
     return TritonServer(options.repository, grpc_port=options.grpc_port, http_port=options.http_port,
                         metrics_port=options.metrics_port, binary=options.tritonserver,
                         cuda_pool_bytes=options.cuda_pool_bytes if options.uses_gpu else 0, gpus=options.gpus,
-                        mps=options.mps, drain_timeout_s=options.drain_timeout, host=options.host)
+                        mps=options.mps, drain_timeout_s=options.drain_timeout, host=options.host,
+                        log_dir=options.log_dir)
 
 
 def serve(options: Options, given: frozenset[str] = frozenset()) -> int:
@@ -91,7 +92,7 @@ def serve(options: Options, given: frozenset[str] = frozenset()) -> int:
             log.info("starting tritonserver on %s (gRPC %d, HTTP %d, metrics %d)", options.repository,
                      options.grpc_port, options.http_port, options.metrics_port)
             server.start()
-            log.info("server ready: %s; stop it with Ctrl-C or SIGTERM", server.endpoints())
+            log.info("server ready: %s; log: %s; stop it with Ctrl-C or SIGTERM", server.endpoints(), server.log_path)
             code = server.wait()
             if code != 0:
                 log.error("tritonserver exited by itself with code %d; its log: %s", code, server.log_path)
@@ -105,3 +106,5 @@ def serve(options: Options, given: frozenset[str] = frozenset()) -> int:
         finally:
             ignore_stop_signals()
             server.stop()
+            if server.log_path is not None:
+                log.info("tritonserver stopped; its log: %s", server.log_path)

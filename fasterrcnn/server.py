@@ -5,7 +5,8 @@ Finds the binary in this order: an explicit path, the nvidia-pytriton wheel's tr
 
 The server runs in a process group of its own; :meth:`TritonServer.stop` stops the group, so the
 python-backend stub processes go with it, and the CUDA MPS daemon if one was started.  Signals are
-the command line's business (``fasterrcnn serve``), not this module's.
+the command line's business (``fasterrcnn serve``), not this module's.  The server's output goes to
+a log file of its own under ``log_dir`` (default ``logs/`` beside the repository), kept after it stops.
 """
 from __future__ import annotations
 
@@ -208,6 +209,9 @@ class TritonServer:
     # On SIGTERM tritonserver refuses new requests and answers those it holds (queued or running)
     # for up to this many seconds (--exit-timeout-secs) before it unloads the models regardless
     drain_timeout_s: int = 45
+    # where tritonserver's log goes, a file per start, kept after it stops; None: logs/ beside the
+    # repository (a user's next to their model_repository, a test's in its temporary folder)
+    log_dir: Path | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     _mps: MpsDaemon | None = field(default=None, init=False)
     log_path: Path | None = field(default=None, init=False)
@@ -242,11 +246,14 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        fd, self.log_path = self._open_log()
         if self.mps:
-            self._mps = MpsDaemon().start()
+            try:
+                self._mps = MpsDaemon().start()
+            except BaseException:
+                os.close(fd)
+                raise
             env.update(self._mps.env())
-        fd, log_name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
-        self.log_path = Path(log_name)
         try:
             self.process = subprocess.Popen(cmd, stdout=fd, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         except BaseException:
@@ -256,6 +263,23 @@ class TritonServer:
             os.close(fd)
         self._wait_ready(timeout)
         return self
+
+    def logs_folder(self) -> Path:
+        """``log_dir``, or ``logs/`` beside the repository."""
+        return Path(self.log_dir) if self.log_dir is not None else Path(self.repository).resolve().parent / "logs"
+
+    def _open_log(self) -> tuple[int, Path]:
+        """A new log file ``tritonserver-<date>-<time>-<random>.log`` in :meth:`logs_folder`: its
+        descriptor (for the server's stdout and stderr) and its path."""
+        folder = self.logs_folder()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=time.strftime("tritonserver-%Y%m%d-%H%M%S-"), suffix=".log",
+                                        dir=folder)
+        except OSError as e:
+            raise ServerError(f"cannot write tritonserver's log in {folder}: {e.strerror or e}; "
+                              "choose a writable folder with --log-dir") from None
+        return fd, Path(name)
 
     def command(self, binary: TritonBinary) -> list[str]:
         """The tritonserver command line, a CUDA memory pool argument for every GPU in use."""
