@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from exporters import provenance
 from exporters.repository import RepositoryOptions, write_repository
 from fasterrcnn.options import Options
 from fasterrcnn.server import free_port, wait_ready
@@ -128,9 +129,12 @@ class FakeMps:
 
 
 def _repository_stub(folder: Path) -> Path:
+    """Model folders with empty configs, and the manifest of a repository the Python API wrote."""
     for name in (names.ENSEMBLE, *names.STEPS):
         (folder / name).mkdir(parents=True)
         (folder / name / "config.pbtxt").write_text("")
+    provenance.write(folder, {"format": provenance.FORMAT, "package": provenance.package_record(), "weights": None,
+                              "settings": {}, "repository": {}, "options": None})
     return folder
 
 
