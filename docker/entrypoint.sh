@@ -9,7 +9,9 @@
 # server uses from being deleted by another container's rebuild on the same volume.
 #
 # Environment (defaults in brackets):
-#   MODEL            coco | random | /path/to/checkpoint.pt (a fasterrcnn_resnet50_fpn state_dict)  [coco]
+#   MODEL            coco | random | /path/to/checkpoint.pt (a state_dict of a builder of ARCH)     [coco]
+#   ARCH             torchvision builder: fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2,        [a checkpoint's,
+#                    fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn          else the first]
 #   NUM_CLASSES      classes incl. background, for MODEL=random                                    [91]
 #   SEED             random weights' seed, for MODEL=random                                        [0]
 #   CLASS_NAMES      file with one class name a line, background first                             [COCO's or class_<i>]

@@ -110,8 +110,8 @@ class Options:
     weights: str = _opt("random", "model", env="MODEL", docker_default="coco", metavar="coco|random|PATH",
                         help="'coco' (torchvision's COCO weights, downloaded once into torch's cache), 'random' "
                              "(seeded random weights, offline: boxes and labels are meaningless) or the path of "
-                             "a fasterrcnn_resnet50_fpn state_dict checkpoint")
-    arch: str | None = _opt(None, "model", metavar="BUILDER",
+                             "a state_dict checkpoint of a torchvision Faster R-CNN (--arch)")
+    arch: str | None = _opt(None, "model", env="ARCH", metavar="BUILDER",
                             help="torchvision builder: fasterrcnn_resnet50_fpn, fasterrcnn_resnet50_fpn_v2, "
                                  "fasterrcnn_mobilenet_v3_large_fpn or fasterrcnn_mobilenet_v3_large_320_fpn "
                                  "(default: a checkpoint's, from its keys and shapes; else fasterrcnn_resnet50_fpn)")
