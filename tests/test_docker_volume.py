@@ -122,8 +122,9 @@ def test_entrypoint_leases_hold_on_nfs(tmp_path):
     """Under NFS' lock rules: a server starts (its lease locked through the entrypoint's descriptor),
     a rebuild beside it keeps its generation, and once it stops the next rebuild removes it."""
     cache = tmp_path / "cache"
+    # a process group of its own, as a container's processes are: the container's end kills them all
     server = subprocess.Popen([str(ENTRYPOINT)], env=_nfs_env(tmp_path, cache, PREPARE_ONLY="0"), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (tmp_path / "args").exists():
@@ -136,7 +137,7 @@ def test_entrypoint_leases_hold_on_nfs(tmp_path):
         assert rebuilt != served and (served.parent / "current").resolve() == rebuilt
         assert (served / "complete.json").is_file(), "a rebuild deleted the generation a server uses"
     finally:
-        server.send_signal(signal.SIGKILL)
+        os.killpg(server.pid, signal.SIGKILL)  # the entrypoint and tritonserver, its child
         server.communicate(timeout=30)
     newest = _prepared(_nfs_env(tmp_path, cache, REBUILD="1"))
     assert sorted(p.name for p in served.parent.iterdir() if p.is_dir() and not p.is_symlink()) == [newest.name]
