@@ -115,9 +115,9 @@ def describe_state(state: dict) -> str:
     keys = list(state)
     if not any(k.startswith("roi_heads.box_predictor.") for k in keys):
         tops = sorted({k.split(".")[0] for k in keys})
-        kind = "a RetinaNet, FCOS or SSD" if "head" in tops else "not a Faster R-CNN"
+        kind = "a RetinaNet, FCOS or SSD" if "head" in tops else "a model that is not a Faster R-CNN"
         if any(k.startswith("roi_heads.mask_") or k.startswith("roi_heads.keypoint_") for k in keys):
-            kind = "Mask/Keypoint R-CNN"
+            kind = "a Mask or Keypoint R-CNN"
         return f"{kind} (top-level modules {tops[:8]})"
     if any(k.startswith("roi_heads.mask_") or k.startswith("roi_heads.keypoint_") for k in keys):
         return "a Mask or Keypoint R-CNN (roi_heads has a mask or keypoint head)"

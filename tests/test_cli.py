@@ -47,7 +47,9 @@ def test_bad_checkpoint_wrong_keys(tmp_path, capsys):
     ckpt = tmp_path / "bad.pt"
     torch.save({"conv.weight": torch.zeros(3, 3)}, ckpt)
     assert main(["export", "--weights", str(ckpt), "--repository", str(tmp_path / "r"), *SMALL]) == 2
-    assert "not a fasterrcnn_resnet50_fpn state_dict" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "looks like a model that is not a Faster R-CNN (top-level modules ['conv'])" in err
+    assert err.count("\n") == 1 and "fasterrcnn_resnet50_fpn" in err  # one sentence naming what is expected
 
 
 def test_bad_checkpoint_wrong_class_count(tmp_path):
@@ -64,14 +66,14 @@ def test_bad_checkpoint_extra_keys(tmp_path):
     state["roi_heads.mask_head.weight"] = torch.zeros(1)
     ckpt = tmp_path / "extra.pt"
     torch.save(state, ckpt)
-    with pytest.raises(CheckpointError, match="unexpected keys"):
+    with pytest.raises(CheckpointError, match="looks like a Mask or Keypoint R-CNN"):
         checkpoint_model(ckpt)
 
 
 def test_not_a_checkpoint(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a zip or pickle")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="is a text file, not a PyTorch checkpoint"):
         checkpoint_model(junk)
     with pytest.raises(CheckpointError, match="does not exist"):
         checkpoint_model(tmp_path / "missing.pt")
