@@ -13,7 +13,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from exporters import torch_export
 from fasterrcnn.__main__ import main as cli_main
-from exporters.repository import RepositoryOptions, canvas_key, read_config, write_repository
+from exporters.repository import RepositoryOptions, all_configs, canvas_key, read_config, write_repository
 from exporters.split import HeaderNetwork, RpnNetwork
 from evaluation.parity import assert_parity, from_packed, torchvision_detect
 from evaluation.payloads import encode, textured_image
@@ -279,9 +279,16 @@ def test_gpu_rpn_options_per_precision(small_traces, tmp_path, precision, graphs
 def test_torch_configs_match_the_traces_io(torch_repo, model):
     """Run each trace on inputs built from its config (the rpn's at each canvas, where the config's
     height and width are -1) and check every output against the config: a -1 there is the
-    canvas's map size."""
-    out, settings, _, _ = torch_repo
+    canvas's map size.  Both devices' repositories hold the same traces (hard links) and the same
+    tensor specs, so the traces run once, under the CPU repository's configs (float16 runs slowly
+    on the CPU), and the GPU repository's specs must equal those."""
+    out, settings, _, device = torch_repo
     cfg = _configs(out)[model]
+    if device == "gpu":
+        cpu_cfg = all_configs(settings, RepositoryOptions(target="torch", device="cpu", max_batch_size=4,
+                                                          torch_precision="fp16"))[model]
+        assert (list(cfg.input), list(cfg.output)) == (list(cpu_cfg.input), list(cpu_cfg.output))
+        return
     batch = 2
     files = {c: canvas_file(*c) for c in settings.canvases} if model == names.RPN else {None: "model.pt"}
     for canvas, file in files.items():
