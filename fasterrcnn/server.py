@@ -175,10 +175,14 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # every interface -> this machine's loopback
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def dial_address(host: str, port: int) -> str:
     """The HOST:PORT a client on this machine dials for a server bound to ``host``."""
-    host = WILDCARDS.get(host, host)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(WILDCARDS.get(host, host), port)
 
 
 def free_port() -> int:
@@ -206,8 +210,8 @@ class TritonServer:
     # the address gRPC and HTTP bind to (--grpc-address, --http-address; metrics follow HTTP's, as
     # tritonserver --help says); tritonserver's own default, every interface
     host: str = "0.0.0.0"
-    # On SIGTERM tritonserver refuses new requests and answers those it holds (queued or running)
-    # for up to this many seconds (--exit-timeout-secs) before it unloads the models regardless
+    # stop() gives the requests in flight up to this many seconds (fasterrcnn.drain), and tritonserver
+    # as many again after SIGTERM (--exit-timeout-secs)
     drain_timeout_s: int = 45
     # where tritonserver's log goes, a file per start, kept after it stops; None: logs/ beside the
     # repository (a user's next to their model_repository, a test's in its temporary folder)
@@ -224,11 +228,10 @@ class TritonServer:
     def endpoints(self) -> str:
         """Where the server listens: ``gRPC 0.0.0.0:8001 (every interface; from this machine
         127.0.0.1:8001), HTTP 0.0.0.0:8000, metrics 0.0.0.0:8002``."""
-        bound = lambda port: f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"  # noqa: E731
-        grpc = f"gRPC {bound(self.grpc_port)}"
+        grpc = f"gRPC {host_port(self.host, self.grpc_port)}"
         if self.host in WILDCARDS:
             grpc += f" (every interface; from this machine {self.grpc_url})"
-        return f"{grpc}, HTTP {bound(self.http_port)}, metrics {bound(self.metrics_port)}"
+        return f"{grpc}, HTTP {host_port(self.host, self.http_port)}, metrics {host_port(self.host, self.metrics_port)}"
 
     def start(self, timeout: float = 300.0) -> "TritonServer":
         for name, port in (("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)):
@@ -324,10 +327,10 @@ class TritonServer:
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
     def stop(self, timeout: float | None = None) -> None:
-        """SIGTERM to tritonserver (it answers the requests in flight, unloads its models and stops
-        their stub processes), then SIGKILL to its whole process group, for what is left or for a
-        server still running after ``timeout`` s (default: the drain timeout and 30 s to unload);
-        then the MPS daemon.  Safe to call twice."""
+        """Drain a ready server (:func:`fasterrcnn.drain.drain`: the requests in flight are answered),
+        SIGTERM to tritonserver (it unloads its models and stops their stub processes), then SIGKILL
+        to its whole process group, for what is left or for a server still running after ``timeout``
+        s (default: the drain timeout and 30 s to unload); then the MPS daemon.  Safe to call twice."""
         timeout = self.drain_timeout_s + 30.0 if timeout is None else timeout
         proc = self.process
         try:
@@ -336,7 +339,8 @@ class TritonServer:
                     drained = drain(dial_address(self.host, self.http_port), self.drain_timeout_s)
                     self.ready = False
                     if not drained:
-                        log.warning("requests still in flight after %d s; stopping anyway", self.drain_timeout_s)
+                        log.warning("the drain did not end within %d s (requests still in flight, or the server "
+                                    "did not answer); stopping anyway", self.drain_timeout_s)
                 os.kill(proc.pid, signal.SIGTERM)
                 _wait_exit(proc.pid, timeout)
                 # not reaped yet, so the pid (the group's id, start_new_session) can't have been reused
