@@ -27,18 +27,28 @@ log = logging.getLogger(__name__)
 ENSEMBLES = (names.ENSEMBLE, names.ENSEMBLE_RAW)
 # a model in one of these states may still hold requests (Triton's model repository index)
 BUSY_STATES = ("READY", "LOADING", "UNLOADING")
+INDEX_TIMEOUT_S = 10.0  # one index call; a server too busy to answer in time is asked again
+
+
+# the server is asked directly, never through a proxy that http_proxy or the like may name
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _post(url: str, timeout: float):
     request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with _OPENER.open(request, timeout=timeout) as response:
         body = response.read()
     return json.loads(body) if body else None
 
 
 def _busy(http_url: str, models) -> list[str]:
-    index = _post(f"{http_url}/v2/repository/index", timeout=10)
+    index = _post(f"{http_url}/v2/repository/index", timeout=INDEX_TIMEOUT_S)
     return [m["name"] for m in index if m.get("name") in models and m.get("state") in BUSY_STATES]
+
+
+def _gone(error: Exception) -> bool:
+    """The server is not there any more (refused or reset), rather than slow to answer."""
+    return isinstance(getattr(error, "reason", error), ConnectionError)
 
 
 def _unload(http_url: str, name: str, timeout: float, refused: list[str]) -> None:
@@ -74,8 +84,10 @@ def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) 
             return False
         try:
             busy = _busy(http_url, models)
-        except (OSError, ValueError):  # the server went away: nothing left to wait for
-            return False
+        except (OSError, ValueError) as e:
+            if _gone(e):  # nothing left to wait for
+                return False
+            log.debug("the index did not answer yet: %s", e)  # a busy server: ask again until the deadline
     return not busy
 
 
