@@ -16,5 +16,6 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m fasterrcnn demo
 
+# -n: the tests run in as many processes as cores, at most 4 (pytest-xdist), a test file per process
 test: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)

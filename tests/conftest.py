@@ -1,7 +1,15 @@
-"""Session fixtures: one small exported model shared by the alignment, config and Triton tests."""
+"""Session fixtures: one small exported model shared by the alignment, config and Triton tests.
+
+``make test`` runs the tests in two processes (pytest-xdist, a file per process at a time); the
+export and the traces are made once, by whichever process asks first, and read by the other.
+"""
 from __future__ import annotations
 
+import os
+import pickle
+
 import pytest
+from filelock import FileLock
 
 # Small sizes keep CI fast.  min/max sizes are torchvision transform settings; the model and the
 # exported artifacts read them from the same model object.  Its canvases are the default ones
@@ -18,15 +26,33 @@ def small_model():
     return random_model(**SMALL)
 
 
+def shared(name: str, tmp_path_factory, make):
+    """``make(folder)``'s value, made once per run: by this process alone, or, under pytest-xdist,
+    by the first worker to ask (the others wait on a lock, then read its pickled value)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # the run's folder, above every worker's own
+    done = root / f"{name}.pickle"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder = root / name
+            folder.mkdir()
+            done.write_bytes(pickle.dumps(make(folder)))
+    return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def small_export(small_model, tmp_path_factory):
     """(settings, {"rpn": path, "header": path}) with the default canvases of the small resize."""
     from exporters.loading import read_class_names, settings_from_model
     from exporters.onnx_export import export_all
 
-    settings = settings_from_model(small_model, "auto", read_class_names(None, 91))
-    assert settings.canvases == SMALL_CANVASES
-    return settings, export_all(small_model, settings, tmp_path_factory.mktemp("onnx"))
+    def make(folder):
+        settings = settings_from_model(small_model, "auto", read_class_names(None, 91))
+        assert settings.canvases == SMALL_CANVASES
+        return settings, export_all(small_model, settings, folder)
+
+    return shared("onnx", tmp_path_factory, make)
 
 
 @pytest.fixture(scope="session")
@@ -37,4 +63,5 @@ def small_traces(small_model, small_export, tmp_path_factory):
     from exporters import torch_export
 
     settings, _ = small_export
-    return settings, torch_export.export_torch(small_model, settings, tmp_path_factory.mktemp("torch"), device="cpu")
+    return shared("torch", tmp_path_factory,
+                  lambda folder: (settings, torch_export.export_torch(small_model, settings, folder, device="cpu")))
