@@ -18,4 +18,4 @@ demo: venv
 
 # -n: the tests run in as many processes as cores, at most 4 (pytest-xdist), a test file per process
 test: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs --durations=15 -n auto --maxprocesses=4 --dist loadfile $(PYTEST_ARGS)
