@@ -18,7 +18,8 @@ import torch
 import torchvision
 from torchvision.models.detection import FasterRCNN
 
-DEFAULT_ARCH = "fasterrcnn_resnet50_fpn"
+from .model_options import DEFAULT_ARCH  # noqa: F401  (defined there, for the command line)
+
 # builder -> what sets it apart, for messages
 ARCHS = {
     "fasterrcnn_resnet50_fpn": "ResNet-50 FPN, one-conv RPN head, TwoMLPHead box head",

@@ -6,91 +6,20 @@ both from its arguments or from the Docker environment is ``python -m fasterrcnn
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from python_backend.settings import DetectorSettings, check_canvases, format_canvases
+from python_backend.settings import DetectorSettings, format_canvases
 
-from . import loading, provenance
+from . import loading
+from .model_options import COCO_DIGEST, WEIGHT_SOURCES, ModelOptions  # noqa: F401  (their home before)
 from .repository import RepositoryOptions, write_repository
 from .tensorrt.gpus import GpuInfo, cuda_devices, plan_targets
 
 log = logging.getLogger(__name__)
-
-WEIGHT_SOURCES = ("coco", "random")  # or the path of a state_dict checkpoint
-COCO_DIGEST = "torchvision-" + loading.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.name
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """Which detector to export, and the canvases its rpn runs on.
-
-    ``weights``: ``"coco"`` (torchvision's COCO weights, through torchvision's download cache),
-    ``"random"`` (seeded random weights with ``num_classes`` classes, offline) or the path of a
-    ``fasterrcnn_resnet50_fpn`` state_dict (its class count comes from the file).
-    ``min_size``/``max_size``: torchvision's resize, None for the model's own (800/1333).
-    ``canvases``: ``"auto"`` (:func:`python_backend.settings.default_canvases` of the model's
-    resize: every image fits one) or ((height, width), ...), multiples of 32.  Each request is
-    padded onto the smallest that holds it.
-    """
-
-    weights: str = "random"
-    arch: str | None = None  # exporters.builders.ARCHS; None: a checkpoint's own, else fasterrcnn_resnet50_fpn
-    num_classes: int = 91
-    seed: int = 0
-    class_names: str | None = None
-    min_size: int | None = None
-    max_size: int | None = None
-    canvases: str | tuple[tuple[int, int], ...] = "auto"
-
-    def __post_init__(self) -> None:
-        if not self.weights:
-            raise ValueError("weights must be 'coco', 'random' or a checkpoint path, got ''")
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (background included), got {self.num_classes}")
-        if isinstance(self.canvases, str):
-            if self.canvases != "auto":
-                raise ValueError(f"canvases must be 'auto' or ((height, width), ...), got {self.canvases!r}")
-        else:
-            object.__setattr__(self, "canvases", check_canvases(self.canvases))
-
-    @property
-    def is_random(self) -> bool:
-        return self.weights == "random"
-
-    def load(self):
-        """The torchvision model in eval mode (raises loading.CheckpointError for a bad checkpoint)."""
-        sizes = {"min_size": self.min_size, "max_size": self.max_size}
-        arch = self.arch or loading.DEFAULT_ARCH
-        if self.weights == "random":
-            return loading.random_model(self.num_classes, seed=self.seed, arch=arch, **sizes)
-        if self.weights == "coco":
-            return loading.coco_model(arch, **sizes)
-        return loading.checkpoint_model(self.weights, self.arch, **sizes)
-
-    def digest(self) -> str:
-        """Names the weights for cache keys: the checkpoint file's SHA-256, or what makes them."""
-        arch = self.arch or loading.DEFAULT_ARCH
-        if self.weights == "coco":
-            return COCO_DIGEST if arch == loading.DEFAULT_ARCH else f"torchvision-{arch}-COCO_V1"
-        if self.weights == "random":
-            return f"random-{self.num_classes}-{self.seed}" + ("" if arch == loading.DEFAULT_ARCH else f"-{arch}")
-        h = hashlib.sha256()
-        with open(self.weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-
-    def weights_record(self) -> dict:
-        """The weights as the repository's provenance records them (:mod:`exporters.provenance`)."""
-        source = self.weights if self.weights in WEIGHT_SOURCES else str(Path(self.weights).resolve())
-        return provenance.weights_record(source, self.digest(), self.seed, self.num_classes)
-
 
 def load_model(options: ModelOptions):
     """(model, settings): the model and every setting the serving pipeline reads from it."""

@@ -6,8 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-from exporters import loading
-
 from .options import ROOT, HelpFormatter, Options, OptionsError, add_arguments, flag_name
 from .repository import StaleRepository
 from .server import ServerError
@@ -111,7 +109,7 @@ def main(argv=None) -> int:
         from .demo import demo
 
         return demo(options, args.out, command=f"{COMMAND} demo")
-    except (loading.CheckpointError, ServerError, StaleRepository, OSError, ValueError, RuntimeError) as e:
+    except (ServerError, StaleRepository, OSError, ValueError, RuntimeError) as e:  # a CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -5,8 +5,6 @@ import json
 import logging
 from pathlib import Path
 
-from exporters import loading
-
 from .options import Options
 from .serve import Stopped, ensure_repository, ignore_stop_signals, make_server, stop_signals
 
@@ -17,7 +15,9 @@ def choose_weights(weights: str) -> str:
     """``auto``: torchvision's COCO weights when they are in torch's cache (no download), else random."""
     if weights != "auto":
         return weights
-    return "coco" if loading.coco_weights_cached() else "random"
+    from exporters.loading import coco_weights_cached
+
+    return "coco" if coco_weights_cached() else "random"
 
 
 def weights_statement(weights: str, command: str = "python -m fasterrcnn demo") -> str:

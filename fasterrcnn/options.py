@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from exporters.export import ModelOptions
+from exporters.model_options import ModelOptions
 from exporters.repository_options import DEVICES, ENGINE_PRECISIONS, JPEG_DECODERS, TRT_PRECISIONS, RepositoryOptions
 from python_backend.settings import parse_canvases, parse_flag
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, fields
 
-from exporters import loading, provenance
-from exporters.export import ModelOptions, export
+from exporters import provenance
+from exporters.model_options import ModelOptions
 
 from .options import RECORDED_GROUPS, Options
 
@@ -43,6 +43,8 @@ RECORDED = frozenset(f.name for f in fields(Options) if f.metadata["group"] in R
 
 def export_repository(options: Options):
     """Export ``options``' detector into ``options.repository``, its options recorded in the manifest."""
+    from exporters.export import export  # torch: only when there is something to export
+
     return export(options.model_options(), options.repository_options(), options.repository,
                   options_record=options.record())
 
@@ -73,8 +75,10 @@ def _content_reasons(options: Options, recorded: dict) -> list[str]:
                            f"(sha256 {str(weights.get('digest'))[:12]})")
     if options.class_names:
         built = tuple((recorded.get("settings") or {}).get("class_names") or ())
+        from exporters.loading import read_class_names
+
         try:
-            names = loading.read_class_names(options.class_names, len(built))
+            names = read_class_names(options.class_names, len(built))
         except (OSError, ValueError):
             names = None
         if names != built:

@@ -345,10 +345,11 @@ def test_demo_prints_the_statement_last(tmp_path, monkeypatch, capsys):
 
 def test_demo_auto_weights(monkeypatch):
     import fasterrcnn.demo as demo_mod
+    from exporters import loading
 
-    monkeypatch.setattr(demo_mod.loading, "coco_weights_cached", lambda: None)
+    monkeypatch.setattr(loading, "coco_weights_cached", lambda: None)
     assert demo_mod.choose_weights("auto") == "random"
-    monkeypatch.setattr(demo_mod.loading, "coco_weights_cached", lambda: Path("/cache/coco.pth"))
+    monkeypatch.setattr(loading, "coco_weights_cached", lambda: Path("/cache/coco.pth"))
     assert demo_mod.choose_weights("auto") == "coco"
     assert demo_mod.choose_weights("random") == "random"
 

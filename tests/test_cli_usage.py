@@ -128,3 +128,27 @@ def test_grpc_url_dials_the_bound_address(host, url):
     from fasterrcnn.server import TritonServer
 
     assert TritonServer(Path("."), host=host).grpc_url == url
+
+
+# --- the command line starts without torch ------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--help"], ["detect", "--help"], ["serve", "--help"],
+                                  ["export", "--max-batch-size", "0"]], ids=" ".join)
+def test_the_command_line_does_not_import_torch_to_parse(args):
+    """Help, usage errors and ``detect`` (a gRPC client) don't load torch: only exporting needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fasterrcnn.__main__ import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, 'torchvision' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stderr.strip().splitlines()[-1] == "False False", result.stderr[-2000:]
+
+
+def test_the_coco_digest_names_torchvisions_default_weights():
+    from exporters.model_options import COCO_DIGEST
+    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+    assert COCO_DIGEST == "torchvision-" + FasterRCNN_ResNet50_FPN_Weights.DEFAULT.name

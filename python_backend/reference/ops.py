@@ -7,8 +7,16 @@ The same names and signatures as :mod:`python_backend.cuda.ops` (listed with the
 """
 from .boxes import batched_nms, nms
 from .detection import filter_proposals, postprocess_detections
-from ..torch_image import preprocess_batch
 from .roi_align import multilevel_roi_align
+
+
+def preprocess_batch(*args, **kwargs):
+    """:func:`python_backend.torch_image.preprocess_batch`, imported on the first call: torch is
+    loaded by the step that resizes (preprocess) and not by every step on this operator set."""
+    from ..torch_image import preprocess_batch as resize_batch
+
+    return resize_batch(*args, **kwargs)
+
 
 __all__ = ["nms", "batched_nms", "filter_proposals", "multilevel_roi_align", "postprocess_detections",
            "preprocess_batch"]
