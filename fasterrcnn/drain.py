@@ -63,31 +63,37 @@ def _unload(http_url: str, name: str, timeout: float, refused: list[str]) -> Non
 def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) -> bool:
     """Unload ``models`` from the server whose HTTP endpoint is ``http_url`` (``http://host:port``) and
     wait up to ``timeout`` s until none is loaded, that is, until the requests they held are
-    answered.  True when drained in time; False when time ran out or the server could not be asked
-    (then SIGTERM stops it as it would have)."""
+    answered.  True when drained in time, or when nothing listens there yet (a server still
+    starting holds no request); False when time ran out, the server refused to unload, or it went
+    away meanwhile (then SIGTERM stops it as it would have)."""
     http_url = http_url if "://" in http_url else f"http://{http_url}"
     deadline = time.monotonic() + timeout
-    try:
-        busy = _busy(http_url, models)
-    except (OSError, ValueError) as e:
-        log.warning("could not drain the server at %s: %s", http_url, e)
-        return False
-    # an unload call returns once the model is gone, which is when its requests are answered: a thread each
+    busy = None  # the models still holding requests, once the index has answered
     refused: list[str] = []
-    for name in busy:
-        threading.Thread(target=_unload, args=(http_url, name, timeout, refused), daemon=True).start()
-    while busy and time.monotonic() < deadline:
-        time.sleep(poll_s)
+    while busy is None or (busy and time.monotonic() < deadline):
+        if busy is not None:
+            time.sleep(poll_s)
         if refused:
             log.warning("the server refused to unload %s (started without --model-control-mode=explicit?)",
                         "; ".join(refused))
             return False
         try:
-            busy = _busy(http_url, models)
+            now = _busy(http_url, models)
         except (OSError, ValueError) as e:
-            if _gone(e):  # nothing left to wait for
+            if _gone(e):  # not listening (yet, or any more): nothing left to wait for
+                if busy is None:
+                    log.debug("nothing listens at %s: nothing to drain", http_url)
+                return busy is None
+            if time.monotonic() >= deadline:
+                log.warning("could not drain the server at %s: %s", http_url, e)
                 return False
             log.debug("the index did not answer yet: %s", e)  # a busy server: ask again until the deadline
+            continue
+        if busy is None:
+            # an unload call returns once Triton has taken it; the index tells when its requests are answered
+            for name in now:
+                threading.Thread(target=_unload, args=(http_url, name, timeout, refused), daemon=True).start()
+        busy = now
     return not busy
 
 

@@ -219,7 +219,6 @@ class TritonServer:
     process: subprocess.Popen | None = field(default=None, init=False)
     _mps: MpsDaemon | None = field(default=None, init=False)
     log_path: Path | None = field(default=None, init=False)
-    ready: bool = field(default=False, init=False)  # it answered ready: stop() drains it first
 
     @property
     def grpc_url(self) -> str:
@@ -311,9 +310,8 @@ class TritonServer:
     def _wait_ready(self, timeout: float) -> None:
         ready = wait_ready(self.grpc_url, lambda: _wait_exit(self.process.pid, 0), timeout)
         if ready:
-            self.ready = True
             return
-        self.stop()  # the process group and the MPS daemon, if any
+        self.stop(drain_first=False)  # the process group and the MPS daemon, if any
         if ready is False:
             raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; "
                               f"model errors:\n{self._load_errors()}\n(full log: {self.log_path})")
@@ -326,18 +324,21 @@ class TritonServer:
         info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOWAIT)
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Drain a ready server (:func:`fasterrcnn.drain.drain`: the requests in flight are answered),
-        SIGTERM to tritonserver (it unloads its models and stops their stub processes), then SIGKILL
-        to its whole process group, for what is left or for a server still running after ``timeout``
-        s (default: the drain timeout and 30 s to unload); then the MPS daemon.  Safe to call twice."""
+    def stop(self, timeout: float | None = None, drain_first: bool = True) -> None:
+        """Drain the server (:func:`fasterrcnn.drain.drain`: the requests in flight are answered;
+        ``drain_first``), SIGTERM to tritonserver (it unloads its models and stops their stub
+        processes), then SIGKILL to its whole process group, for what is left or for a server still
+        running after ``timeout`` s (default: the drain timeout and 30 s to unload); then the MPS
+        daemon.  Safe to call twice.
+
+        The drain doesn't wait for :meth:`start` to have seen the server ready: clients (a load
+        balancer's probe, a test) may see it ready first and send requests before a stop signal."""
         timeout = self.drain_timeout_s + 30.0 if timeout is None else timeout
         proc = self.process
         try:
             if proc is not None and proc.returncode is None:
-                if self.ready and not _wait_exit(proc.pid, 0):
+                if drain_first and not _wait_exit(proc.pid, 0):
                     drained = drain(dial_address(self.host, self.http_port), self.drain_timeout_s)
-                    self.ready = False
                     if not drained:
                         log.warning("the drain did not end within %d s (requests still in flight, or the server "
                                     "did not answer); stopping anyway", self.drain_timeout_s)
