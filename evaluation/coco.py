@@ -188,12 +188,12 @@ def reference_model(weights: str, settings, seed: int = 0, device: str = "auto",
     shapes the detections differs from the served one."""
     import torch
 
-    from exporters.export import ModelOptions
-    from exporters.loading import settings_from_model
+    from exporters.loading import load, settings_from_model
+    from exporters.model_options import ModelOptions
 
     options = ModelOptions(weights=weights, arch=arch, num_classes=settings.num_classes, seed=seed,
                            min_size=settings.min_size, max_size=settings.max_size)
-    model = options.load()
+    model = load(options)
     mine = settings_from_model(model)
     differ = [f"{k} {getattr(mine, k)!r} (served {getattr(settings, k)!r})" for k in COMPARED_SETTINGS
               if getattr(mine, k) != getattr(settings, k)]

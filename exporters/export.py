@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def load_model(options: ModelOptions):
     """(model, settings): the model and every setting the serving pipeline reads from it."""
-    model = options.load()
+    model = loading.load(options)
     num_classes = int(model.roi_heads.box_predictor.cls_score.out_features)
     class_names = loading.read_class_names(options.class_names, num_classes)
     return model, loading.settings_from_model(model, options.canvases, class_names)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 import torchvision
-from torchvision.models.detection import FasterRCNN, FasterRCNN_ResNet50_FPN_Weights  # noqa: F401  (export.py)
+from torchvision.models.detection import FasterRCNN
 
 from python_backend.settings import DetectorSettings, coco_class_names
 
@@ -119,6 +119,18 @@ def checkpoint_model(path: str | os.PathLike, arch: str | None = None, **model_k
     for a missing, damaged, text or pickled-model file, and for a state_dict of another model.
     """
     return builders.checkpoint_model(path, arch, **_settings_kwargs(model_kwargs))
+
+
+def load(options) -> FasterRCNN:
+    """The torchvision model an :class:`~exporters.model_options.ModelOptions` names, in eval mode
+    (raises :class:`CheckpointError` for a bad checkpoint)."""
+    sizes = {"min_size": options.min_size, "max_size": options.max_size}
+    arch = options.arch or DEFAULT_ARCH
+    if options.weights == "random":
+        return random_model(options.num_classes, seed=options.seed, arch=arch, **sizes)
+    if options.weights == "coco":
+        return coco_model(arch, **sizes)
+    return checkpoint_model(options.weights, options.arch, **sizes)
 
 
 def read_class_names(path: str | os.PathLike | None, num_classes: int) -> tuple[str, ...]:

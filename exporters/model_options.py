@@ -1,7 +1,7 @@
 """Which detector to export: :class:`ModelOptions`.
 
 Apart from the export core (:mod:`exporters.export`) so that the command line can parse and check
-its options without importing torch; the model is loaded (and torch imported) by :meth:`ModelOptions.load`.
+its options without importing torch; :func:`exporters.loading.load` loads the model it names.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from . import provenance
 
 DEFAULT_ARCH = "fasterrcnn_resnet50_fpn"  # the builder of a random or COCO model when none is named
 WEIGHT_SOURCES = ("coco", "random")  # or the path of a state_dict checkpoint
-# torchvision's FasterRCNN_ResNet50_FPN_Weights.DEFAULT by name (tests/test_provenance.py checks it)
+# torchvision's FasterRCNN_ResNet50_FPN_Weights.DEFAULT by name (tests/test_cli_usage.py checks it)
 COCO_DIGEST = "torchvision-COCO_V1"
 
 
@@ -55,18 +55,6 @@ class ModelOptions:
     @property
     def is_random(self) -> bool:
         return self.weights == "random"
-
-    def load(self):
-        """The torchvision model in eval mode (raises loading.CheckpointError for a bad checkpoint)."""
-        from . import loading
-
-        sizes = {"min_size": self.min_size, "max_size": self.max_size}
-        arch = self.arch or DEFAULT_ARCH
-        if self.weights == "random":
-            return loading.random_model(self.num_classes, seed=self.seed, arch=arch, **sizes)
-        if self.weights == "coco":
-            return loading.coco_model(arch, **sizes)
-        return loading.checkpoint_model(self.weights, self.arch, **sizes)
 
     def digest(self) -> str:
         """Names the weights for cache keys: the checkpoint file's SHA-256, or what makes them."""

@@ -22,6 +22,34 @@ from python_backend import names
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--min-size", "224", "--max-size", "320"]  # default canvases of this resize: 224x224, 224x320, 320x224
+
+_ONNX_EXPORTS: dict[str, dict[str, Path]] = {}
+
+
+@pytest.fixture(autouse=True)
+def onnx_export_once_per_model(monkeypatch, tmp_path_factory):
+    """The export tests here differ in their options, mostly not in their model (random weights, 3
+    classes): each distinct model and settings is exported to ONNX once (the real export, checked
+    TensorRT-ready), and a later export of the same gets copies of those files."""
+    import hashlib
+    import shutil
+
+    from exporters import onnx_export
+
+    real = onnx_export.export_all
+
+    def export_all(model, settings, out_dir):
+        h = hashlib.sha256(repr(settings).encode())
+        for k, v in model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().numpy().tobytes())
+        key = h.hexdigest()
+        if key not in _ONNX_EXPORTS:
+            _ONNX_EXPORTS[key] = real(model, settings, tmp_path_factory.mktemp("onnx_once"))
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return {name: Path(shutil.copy(path, Path(out_dir) / path.name)) for name, path in _ONNX_EXPORTS[key].items()}
+
+    monkeypatch.setattr(onnx_export, "export_all", export_all)
 DIST = "fasterrcnn-triton"
 
 

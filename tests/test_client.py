@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 from exporters import loading
 from evaluation.parity import Detections, assert_parity, torchvision_detect
@@ -29,7 +30,7 @@ from python_backend import names
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, "-m", "client.detect"]
-COCO_FILE = Path(loading.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url).name
+COCO_FILE = Path(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.url).name
 
 
 def cli(*args, env: dict | None = None, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
