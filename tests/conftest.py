@@ -65,3 +65,14 @@ def small_traces(small_model, small_export, tmp_path_factory):
     settings, _ = small_export
     return shared("torch", tmp_path_factory,
                   lambda folder: (settings, torch_export.export_torch(small_model, settings, folder, device="cpu")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup`` a group runs on one process: each file is a group
+    (its module fixtures, servers included, are made once), except that a file may split itself by
+    the first parameter of its tests (``SPLIT_BY_PARAMETER``: test_builders.py, a model each)."""
+    for item in items:
+        group = item.module.__name__
+        if getattr(item.module, "SPLIT_BY_PARAMETER", False) and getattr(item, "callspec", None):
+            group += "[" + item.callspec.id.split("-")[0] + "]"
+        item.add_marker(pytest.mark.xdist_group(group))

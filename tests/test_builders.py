@@ -25,6 +25,7 @@ from exporters import loading
 from exporters.api import load_model_object
 from exporters.onnx_export import export_all
 
+SPLIT_BY_PARAMETER = True  # tests/conftest.py: each model's tests may run in a process of their own
 PHOTOS = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "rocket")}
 SMALL = dict(min_size=256, max_size=320)
 
@@ -52,7 +53,10 @@ def _anchors(levels: int, sizes=((24, 48), (64, 96), (128, 192), (256, 384), (51
 
 MODELS = {
     # name: (builder, expected rpn strides, expected pooled strides)
-    "fasterrcnn_resnet50_fpn_v2": (lambda: loading.random_model(91, arch="fasterrcnn_resnet50_fpn_v2", **SMALL),
+    # 300 proposals, not 1000: its box head (four 3x3 convolutions on every RoI) is most of its time on a CPU
+    "fasterrcnn_resnet50_fpn_v2": (lambda: loading.random_model(91, arch="fasterrcnn_resnet50_fpn_v2", **SMALL,
+                                                                rpn_pre_nms_top_n_test=300,
+                                                                rpn_post_nms_top_n_test=300),
                                    (4, 8, 16, 32, 64), (4, 8, 16, 32)),
     "fasterrcnn_mobilenet_v3_large_fpn": (
         lambda: loading.random_model(91, arch="fasterrcnn_mobilenet_v3_large_fpn", **SMALL), (32, 32, 64), (32, 32)),
@@ -154,9 +158,9 @@ NEAR_TIES_TURNED = pytest.mark.xfail(reason="rounding-level map differences reor
 
 @pytest.mark.triton
 def test_the_cpu_server_matches_torchvision_in_every_orientation(served, tmp_path, request):
-    """Each builder and custom model through a real tritonserver: photographs as taken and turned by
-    90, 180 and 270 degrees (landscape, portrait and square canvases), each alone and the two of
-    each size in one request."""
+    """Each builder and custom model through a real tritonserver: a landscape photograph as taken
+    and turned by 90, 180 and 270 degrees and a square one (landscape, portrait and square
+    canvases), each alone and those of one size together in one request."""
     import tritonclient.grpc as grpcclient
 
     from exporters.repository import RepositoryOptions, write_repository
@@ -166,10 +170,10 @@ def test_the_cpu_server_matches_torchvision_in_every_orientation(served, tmp_pat
     if name == "fasterrcnn_mobilenet_v3_large_fpn":
         request.applymarker(NEAR_TIES_TURNED)
     turned = {f"{n} {90 * k}": np.ascontiguousarray(np.rot90(PHOTOS[n], k))
-              for n, turns in (("coffee", 4), ("astronaut", 2)) for k in range(turns)}
+              for n, turns in (("coffee", 4), ("astronaut", 1)) for k in range(turns)}
     refs = {n: torchvision_detect(model, img) for n, img in turned.items()}
     found = [n for n, r in refs.items() if len(r.scores) >= 10]
-    assert len(found) >= 4, f"{name}: torchvision found too few detections ({[len(r.scores) for r in refs.values()]})"
+    assert len(found) >= 3, f"{name}: torchvision found too few detections ({[len(r.scores) for r in refs.values()]})"
     repo = write_repository(tmp_path / "repo", settings, paths, RepositoryOptions(max_batch_size=4), link=True)
     with TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
