@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m fasterrcnn demo
 
-# -n: the tests run in as many processes as cores, at most 4 (pytest-xdist), a file per process
-# (tests/conftest.py groups them)
+# -n: the tests run in as many processes as cores, at most 4 (pytest-xdist), a file per process,
+# the longest files first (tests/conftest.py)
 test: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs --durations=15 -n auto --maxprocesses=4 --dist loadgroup $(PYTEST_ARGS)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -rs --durations=15 -n auto --maxprocesses=4 --dist loadfile $(PYTEST_ARGS)

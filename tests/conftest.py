@@ -67,12 +67,12 @@ def small_traces(small_model, small_export, tmp_path_factory):
                   lambda folder: (settings, torch_export.export_torch(small_model, settings, folder, device="cpu")))
 
 
+# The files with the most work (minutes on a 2-core machine), run first: with a file per process
+# (pytest-xdist --dist loadfile) a long file started last would run alone at the end
+LONGEST_FIRST = ("test_builders", "test_torch_target", "test_cli", "test_docker", "test_triton", "test_client",
+                 "test_alignment", "test_step_isolation", "test_evaluate", "test_serve_lifecycle")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's ``--dist loadgroup`` a group runs on one process: each file is a group
-    (its module fixtures, servers included, are made once), except that a file may split itself by
-    the first parameter of its tests (``SPLIT_BY_PARAMETER``: test_builders.py, a model each)."""
-    for item in items:
-        group = item.module.__name__
-        if getattr(item.module, "SPLIT_BY_PARAMETER", False) and getattr(item, "callspec", None):
-            group += "[" + item.callspec.id.split("-")[0] + "]"
-        item.add_marker(pytest.mark.xdist_group(group))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))

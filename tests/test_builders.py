@@ -25,7 +25,6 @@ from exporters import loading
 from exporters.api import load_model_object
 from exporters.onnx_export import export_all
 
-SPLIT_BY_PARAMETER = True  # tests/conftest.py: each model's tests may run in a process of their own
 PHOTOS = {name: getattr(skimage.data, name)() for name in ("astronaut", "coffee", "rocket")}
 SMALL = dict(min_size=256, max_size=320)
 
