@@ -60,6 +60,25 @@ def _unload(http_url: str, name: str, timeout: float, refused: list[str]) -> Non
         log.debug("unloading %s: %s", name, e)
 
 
+class _NoAnswer(Exception):
+    """The index did not answer before the drain's deadline."""
+
+
+def _ask(http_url: str, models, deadline: float) -> list[str] | None:
+    """The models still holding requests; None when nothing listens at ``http_url``.  A server too
+    busy to answer in time is asked again until ``deadline`` (then :class:`_NoAnswer`)."""
+    while True:
+        try:
+            return _busy(http_url, models)
+        except (OSError, ValueError) as e:
+            if _gone(e):
+                return None
+            if time.monotonic() >= deadline:
+                log.warning("could not drain the server at %s: %s", http_url, e)
+                raise _NoAnswer from e
+            log.debug("the index did not answer yet: %s", e)
+
+
 def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) -> bool:
     """Unload ``models`` from the server whose HTTP endpoint is ``http_url`` (``http://host:port``) and
     wait up to ``timeout`` s until none is loaded, that is, until the requests they held are
@@ -68,32 +87,26 @@ def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) 
     away meanwhile (then SIGTERM stops it as it would have)."""
     http_url = http_url if "://" in http_url else f"http://{http_url}"
     deadline = time.monotonic() + timeout
-    busy = None  # the models still holding requests, once the index has answered
-    refused: list[str] = []
-    while busy is None or (busy and time.monotonic() < deadline):
-        if busy is not None:
-            time.sleep(poll_s)
-        if refused:
-            log.warning("the server refused to unload %s (started without --model-control-mode=explicit?)",
-                        "; ".join(refused))
-            return False
-        try:
-            now = _busy(http_url, models)
-        except (OSError, ValueError) as e:
-            if _gone(e):  # not listening (yet, or any more): nothing left to wait for
-                if busy is None:
-                    log.debug("nothing listens at %s: nothing to drain", http_url)
-                return busy is None
-            if time.monotonic() >= deadline:
-                log.warning("could not drain the server at %s: %s", http_url, e)
-                return False
-            log.debug("the index did not answer yet: %s", e)  # a busy server: ask again until the deadline
-            continue
+    try:
+        busy = _ask(http_url, models, deadline)
         if busy is None:
-            # an unload call returns once Triton has taken it; the index tells when its requests are answered
-            for name in now:
-                threading.Thread(target=_unload, args=(http_url, name, timeout, refused), daemon=True).start()
-        busy = now
+            log.debug("nothing listens at %s: nothing to drain", http_url)
+            return True
+        # an unload call returns once Triton has taken it; the index tells when its requests are answered
+        refused: list[str] = []
+        for name in busy:
+            threading.Thread(target=_unload, args=(http_url, name, timeout, refused), daemon=True).start()
+        while busy and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            if refused:
+                log.warning("the server refused to unload %s (started without --model-control-mode=explicit?)",
+                            "; ".join(refused))
+                return False
+            busy = _ask(http_url, models, deadline)
+            if busy is None:  # it went away meanwhile
+                return False
+    except _NoAnswer:
+        return False
     return not busy
 
 
