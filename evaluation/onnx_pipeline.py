@@ -8,18 +8,17 @@ import numpy as np
 from evaluation.parity import Detections, from_packed
 from python_backend import names
 from python_backend.backends import get_backend
+from python_backend.onnx_session import open_session
 from python_backend.reference.image import decode_image
 
 
 class OnnxPipeline:
-    """``rpn_path`` and ``header_path``: the exported ONNX networks; ``settings``: their DetectorSettings."""
+    """``rpn_path`` and ``header_path``: the exported ONNX networks; ``settings``: their DetectorSettings;
+    ``threads``: ONNX Runtime's intra-op threads (python_backend/onnx_session.py)."""
 
-    def __init__(self, rpn_path, header_path, settings):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        self.rpn = ort.InferenceSession(str(rpn_path), opts, providers=["CPUExecutionProvider"])
-        self.header = ort.InferenceSession(str(header_path), opts, providers=["CPUExecutionProvider"])
+    def __init__(self, rpn_path, header_path, settings, threads: int | None = None):
+        self.rpn = open_session(rpn_path, threads)
+        self.header = open_session(header_path, threads)
         self.settings = settings
         self.steps = get_backend("cpu")
 

@@ -11,6 +11,14 @@ import pickle
 import pytest
 from filelock import FileLock
 
+# Under pytest-xdist each process gets its share of the cores for torch's and ONNX Runtime's threads
+# (python_backend/onnx_session.py reads the same variable), and so do the servers and commands it
+# starts: by default every process would start a thread per core, and the processes together would
+# ask for several times the cores there are, spinning threads included.  Set before torch is imported.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 # Small sizes keep CI fast.  min/max sizes are torchvision transform settings; the model and the
 # exported artifacts read them from the same model object.  Its canvases are the default ones
 # ("auto") of this resize: 256x256, 256x320 (landscape) and 320x256 (portrait), the same logic

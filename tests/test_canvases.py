@@ -9,7 +9,6 @@ Shapes only, where sizes are the question (the canvas choice is preprocess's own
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -18,6 +17,7 @@ from exporters.loading import random_model, settings_from_model
 from exporters.split import RpnNetwork
 from exporters.tensorrt.compare import anchor_scaled_atol, proposal_mismatches
 from python_backend import names
+from python_backend.onnx_session import open_session
 from python_backend.reference.image import BadImageError, batch_canvas, batch_sizes
 from python_backend.settings import FPN_STRIDES, DetectorSettings
 
@@ -122,7 +122,7 @@ def test_one_onnx_export_serves_every_canvas(small_export, eager_rpn, canvas):
     for i, (ih, iw) in enumerate(sizes.astype(int)):  # zero beyond each image, as preprocess pads
         images[i, :, ih:] = 0
         images[i, :, :, iw:] = 0
-    session = ort.InferenceSession(str(paths[names.RPN]), providers=["CPUExecutionProvider"])
+    session = open_session(paths[names.RPN])
     got = session.run(None, {names.IMAGES: images, names.IMAGE_SIZES: sizes})
     with torch.no_grad():
         want = [o.numpy() for o in eager_rpn(torch.from_numpy(images), torch.from_numpy(sizes))]

@@ -52,9 +52,9 @@ def output_diff(name: str, engine: np.ndarray, reference: np.ndarray) -> OutputD
 
 def onnxruntime_outputs(onnx_path: str | Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output of the ONNX on ONNX Runtime's CPU provider: the reference."""
-    import onnxruntime as ort
+    from python_backend.onnx_session import open_session
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = open_session(onnx_path)
     feeds = {i.name: np.asarray(inputs[i.name], dtype=np.float32) for i in session.get_inputs()}
     out_names = [o.name for o in session.get_outputs()]
     return dict(zip(out_names, session.run(out_names, feeds)))

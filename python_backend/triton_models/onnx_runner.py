@@ -7,9 +7,9 @@ along the batch axis (images for rpn, RoIs for header).
 """
 import os
 
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+from python_backend.onnx_session import THREADS_PARAMETER, open_session
 from python_backend.triton_models.adapter import StepAdapter, rows, split
 
 
@@ -18,7 +18,7 @@ class TritonPythonModel:
         self.adapter = StepAdapter(args, pb_utils, arrays="numpy")
         path = os.path.join(args["model_repository"], args["model_version"],
                             self.adapter.params.get("onnx_file", "model.onnx"))
-        self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.session = open_session(path, self.adapter.params.get(THREADS_PARAMETER))
 
     def execute(self, requests):
         return self.adapter.execute(requests, self._run)
