@@ -352,9 +352,12 @@ def test_torch_target_needs_traces(small_traces, tmp_path):
         write_repository(tmp_path, settings, {}, RepositoryOptions(target="torch"), torch_models=partial, link=True)
 
 
+# The command-line exports below check options, configs and files, not numbers: they trace the
+# detector at the 64/96 resize (TINY), where each trace costs less
+
 def test_cli_exports_the_torch_target(tmp_path):
     repo = tmp_path / "repo"
-    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--min-size", "256", "--max-size", "320",
+    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--min-size", "64", "--max-size", "96",
                    "--postprocess-instances", "3", "--repository", str(repo)])
     assert rc == 0
     assert (repo / names.HEADER / "1" / "model.pt").is_file()
@@ -364,16 +367,16 @@ def test_cli_exports_the_torch_target(tmp_path):
     # --canvases auto (the default): the rpn traced at each default canvas of this resize, with and
     # without extent masks (--unmasked-rpn, the default)
     assert sorted(p.name for p in (repo / names.RPN / "1").glob("model*.pt")) == [
-        "model_256x256.pt", "model_256x256_unmasked.pt", "model_256x320.pt", "model_256x320_unmasked.pt",
-        "model_320x256.pt", "model_320x256_unmasked.pt"]
+        "model_64x64.pt", "model_64x64_unmasked.pt", "model_64x96.pt", "model_64x96_unmasked.pt",
+        "model_96x64.pt", "model_96x64_unmasked.pt"]
     assert [g.count for g in read_config(repo / names.POSTPROCESS / "config.pbtxt").instance_group] == [3]
     assert [g.count for g in read_config(repo / names.RPN / "config.pbtxt").instance_group] == [1]
 
 
-@pytest.mark.parametrize("arg, want", [("320x320", ((320, 320),)), ("288x320, 256x256", ((256, 256), (288, 320)))])
+@pytest.mark.parametrize("arg, want", [("96x96", ((96, 96),)), ("96x64, 64x64", ((64, 64), (96, 64)))])
 def test_cli_canvases(tmp_path, arg, want):
     repo = tmp_path / "repo"
-    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--min-size", "256", "--max-size", "320",
+    rc = cli_main(["export", "--target", "torch", "--device", "cpu", "--min-size", "64", "--max-size", "96",
                    "--canvases", arg, "--repository", str(repo)])
     assert rc == 0
     params = read_config(repo / names.RPN / "config.pbtxt").parameters
@@ -919,24 +922,24 @@ def test_gpu_path_matches_torchvision_on_a_flat_logo(tmp_path):
 @pytest.mark.parametrize("flag, unmasked", [("--unmasked-rpn", True), ("--no-unmasked-rpn", False)])
 def test_cli_unmasked_rpn_writes_both_traces_per_canvas(tmp_path, flag, unmasked):
     out = tmp_path / "repo"
-    assert cli_main(["export", "--target", "torch", flag, "--canvases", "256x256,256x320",
-                     "--min-size", "256", "--max-size", "320", "--num-classes", "5", "--repository", str(out)]) == 0
+    assert cli_main(["export", "--target", "torch", flag, "--canvases", "64x64,64x96",
+                     "--min-size", "64", "--max-size", "96", "--num-classes", "5", "--repository", str(out)]) == 0
     assert read_config(out / names.RPN / "config.pbtxt").parameters["unmasked_rpn"].string_value == str(unmasked).lower()
     assert sorted(p.name for p in (out / names.RPN / "1").glob("*.pt")) == (
-        ["model_256x256.pt", "model_256x256_unmasked.pt", "model_256x320.pt", "model_256x320_unmasked.pt"] if unmasked
-        else ["model_256x256.pt", "model_256x320.pt"])
+        ["model_64x64.pt", "model_64x64_unmasked.pt", "model_64x96.pt", "model_64x96_unmasked.pt"] if unmasked
+        else ["model_64x64.pt", "model_64x96.pt"])
 
 
 def test_tf32_torch_target_serves_float32_traces_with_tf32_on(tmp_path):
     """--precision tf32 for the torch target: the traces are fp32's (TF32 is a run-time switch, not
     part of a trace) and the configs say tf32, which the runner reads to turn TF32 on."""
     out = tmp_path / "repo"
-    assert cli_main(["export", "--target", "torch", "--precision", "tf32", "--canvases", "256x256",
-                     "--min-size", "256", "--max-size", "320", "--num-classes", "5", "--repository", str(out)]) == 0
+    assert cli_main(["export", "--target", "torch", "--precision", "tf32", "--canvases", "64x64",
+                     "--min-size", "64", "--max-size", "96", "--num-classes", "5", "--repository", str(out)]) == 0
     for model in (names.RPN, names.HEADER):
         params = {k: v.string_value for k, v in read_config(out / model / "config.pbtxt").parameters.items()}
         assert params["precision"] == "tf32"
-    rpn = torch.jit.load(str(out / names.RPN / "1" / "model_256x256.pt"))
+    rpn = torch.jit.load(str(out / names.RPN / "1" / "model_64x64.pt"))
     assert {p.dtype for p in rpn.parameters()} == {torch.float32}
     assert params.get("channels_last") is None  # the header's; the rpn keeps fp32's NCHW
     rpn_params = {k: v.string_value for k, v in read_config(out / names.RPN / "config.pbtxt").parameters.items()}
