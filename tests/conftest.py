@@ -11,13 +11,19 @@ import pickle
 import pytest
 from filelock import FileLock
 
-# Under pytest-xdist each process gets its share of the cores for torch's and ONNX Runtime's threads
-# (python_backend/onnx_session.py reads the same variable), and so do the servers and commands it
-# starts: by default every process would start a thread per core, and the processes together would
-# ask for several times the cores there are, spinning threads included.  Set before torch is imported.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    os.environ.setdefault("OMP_NUM_THREADS",
-                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+def pytest_configure(config):
+    """Under pytest-xdist each test process gets its share of the cores for torch's and ONNX
+    Runtime's threads (``OMP_NUM_THREADS``, which python_backend/onnx_session.py reads too), and so
+    do the servers and commands it starts: by default every process starts a thread per core, and
+    the processes together ask for several times the cores there are, spinning threads included.
+    Set here, in the process that starts the workers, so that each of them has it before it imports
+    torch, and one count holds for a test and the servers it compares with (torch's resize rounds
+    differently with another number of threads)."""
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and "PYTEST_XDIST_WORKER" not in os.environ:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
 
 # Small sizes keep CI fast.  min/max sizes are torchvision transform settings; the model and the
 # exported artifacts read them from the same model object.  Its canvases are the default ones
