@@ -83,8 +83,9 @@ def small_traces(small_model, small_export, tmp_path_factory):
 
 # The files with the most work (minutes on a 2-core machine), run first: with a file per process
 # (pytest-xdist --dist loadfile) a long file started last would run alone at the end
-LONGEST_FIRST = ("test_builders", "test_torch_target", "test_cli", "test_docker", "test_triton", "test_client",
-                 "test_alignment", "test_step_isolation", "test_evaluate", "test_serve_lifecycle")
+LONGEST_FIRST = ("test_builders", "test_torch_target", "test_docker", "test_triton", "test_client",
+                 "test_step_isolation", "test_evaluate", "test_alignment", "test_cli", "test_drain",
+                 "test_docker_drain", "test_serve_lifecycle")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -85,9 +85,21 @@ def served(request, tmp_path_factory):
     return request.param, model, settings, OnnxPipeline(paths["rpn"], paths["header"], settings), paths
 
 
+_REFERENCES: dict[tuple[str, str], object] = {}
+
+
+def _reference(served, label: str, image: np.ndarray):
+    """torchvision's detections of ``image`` (named ``label``) by the served model, computed once
+    per model (the tests below share photographs)."""
+    name, model = served[:2]
+    if (name, label) not in _REFERENCES:
+        _REFERENCES[name, label] = torchvision_detect(model, image)
+    return _REFERENCES[name, label]
+
+
 def test_alone_and_batched_match_torchvision(served):
     name, model, settings, pipeline, _ = served
-    refs = {n: torchvision_detect(model, img) for n, img in PHOTOS.items()}
+    refs = {n: _reference(served, f"{n} 0", img) for n, img in PHOTOS.items()}
     found = {n: r for n, r in refs.items() if len(r.scores) >= 10}
     assert len(found) >= 2, f"{name}: torchvision found too few detections to compare ({[len(r.scores) for r in refs.values()]})"
     for n in found:
@@ -170,7 +182,7 @@ def test_the_cpu_server_matches_torchvision_in_every_orientation(served, tmp_pat
         request.applymarker(NEAR_TIES_TURNED)
     turned = {f"{n} {90 * k}": np.ascontiguousarray(np.rot90(PHOTOS[n], k))
               for n, turns in (("coffee", 4), ("astronaut", 1)) for k in range(turns)}
-    refs = {n: torchvision_detect(model, img) for n, img in turned.items()}
+    refs = {n: _reference(served, n, img) for n, img in turned.items()}
     found = [n for n, r in refs.items() if len(r.scores) >= 10]
     assert len(found) >= 3, f"{name}: torchvision found too few detections ({[len(r.scores) for r in refs.values()]})"
     repo = write_repository(tmp_path / "repo", settings, paths, RepositoryOptions(max_batch_size=4), link=True)
