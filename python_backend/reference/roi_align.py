@@ -92,16 +92,13 @@ def roi_align_level(feature: np.ndarray, rois: np.ndarray, batch_idx: np.ndarray
     cells = feature.reshape(-1, c)
     rows = batch_idx[:, None, None] * height
     valid = yvalid[:, :, None] & xvalid[:, None, :]
-    out = None
+    out = np.zeros((r, ylo.shape[1], xlo.shape[1], c), dtype=np.float32)
     for yi, wy in ((ylo, wylo), (yhi, wyhi)):
         for xi, wx in ((xlo, wxlo), (xhi, wxhi)):
             w = (wy[:, :, None] * wx[:, None, :]) * valid
             corner = np.take(cells, (rows + yi[:, :, None]) * width + xi[:, None, :], axis=0)
             corner *= w[..., None]
-            if out is None:
-                out = corner
-            else:
-                out += corner
+            out += corner
     g = sampling_ratio
     out = out.reshape(r, output_size, g, output_size, g, c).sum(axis=(2, 4)) / np.float32(g * g)
     out[empty] = 0
@@ -134,7 +131,7 @@ def multilevel_roi_align(features: list[np.ndarray], rois, roi_img, image_sizes,
     rois, roi_img, image_sizes = np.asarray(rois), np.asarray(roi_img), np.asarray(image_sizes)
     b, c, (k_min, k_max) = check_roi_align_inputs(features, rois, roi_img, image_sizes, strides, output_size, sampling_ratio,
                                          None if num_rois is None else np.asarray(num_rois), out)
-    features = [f.astype(np.float32, copy=False) for f in features]
+    features = [np.ascontiguousarray(f, dtype=np.float32) for f in features]  # rows of C (roi_align_level)
     r = rois.shape[0]
     n = r if num_rois is None else max(0, min(r, int(np.asarray(num_rois)[0])))
     if out is None:
