@@ -64,9 +64,10 @@ class _NoAnswer(Exception):
     """The index did not answer before the drain's deadline."""
 
 
-def _ask(http_url: str, models, deadline: float) -> list[str] | None:
+def _ask(http_url: str, models, deadline: float, poll_s: float) -> list[str] | None:
     """The models still holding requests; None when nothing listens at ``http_url``.  A server too
-    busy to answer in time is asked again until ``deadline`` (then :class:`_NoAnswer`)."""
+    busy to answer in time, or answering with an error, is asked again every ``poll_s`` until
+    ``deadline`` (then :class:`_NoAnswer`)."""
     while True:
         try:
             return _busy(http_url, models)
@@ -77,6 +78,7 @@ def _ask(http_url: str, models, deadline: float) -> list[str] | None:
                 log.warning("could not drain the server at %s: %s", http_url, e)
                 raise _NoAnswer from e
             log.debug("the index did not answer yet: %s", e)
+            time.sleep(poll_s)  # an error answered at once would otherwise be asked again in a busy loop
 
 
 def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) -> bool:
@@ -88,7 +90,7 @@ def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) 
     http_url = http_url if "://" in http_url else f"http://{http_url}"
     deadline = time.monotonic() + timeout
     try:
-        busy = _ask(http_url, models, deadline)
+        busy = _ask(http_url, models, deadline, poll_s)
         if busy is None:
             log.debug("nothing listens at %s: nothing to drain", http_url)
             return True
@@ -102,7 +104,7 @@ def drain(http_url: str, timeout: float, models=ENSEMBLES, poll_s: float = 0.2) 
                 log.warning("the server refused to unload %s (started without --model-control-mode=explicit?)",
                             "; ".join(refused))
                 return False
-            busy = _ask(http_url, models, deadline)
+            busy = _ask(http_url, models, deadline, poll_s)
             if busy is None:  # it went away meanwhile
                 return False
     except _NoAnswer:
